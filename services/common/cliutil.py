@@ -1,0 +1,168 @@
+"""Helpers for the `stemlab` command line: addresses, stubs, following jobs, output, errors.
+
+Client modules (services/<svc>/cli.py) use only this, grpc and the generated contracts, so the
+command line starts fast and never imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+
+from services.common.config import DEFAULT_PORTS
+
+JOB_STATE_NAMES = {0: "UNSPECIFIED", 1: "QUEUED", 2: "RUNNING", 3: "SUCCEEDED", 4: "FAILED", 5: "CANCELLED"}
+TERMINAL_STATES = {3, 4, 5}
+
+
+class CliError(Exception):
+    """A failure reported as one line and exit code 2."""
+
+
+def default_address(service: str) -> str:
+    env = os.environ.get(f"STEMLAB_{service.upper()}_ADDRESS")
+    return env or f"localhost:{DEFAULT_PORTS[service]}"
+
+
+def add_common_args(parser: argparse.ArgumentParser, service: str | None = None) -> None:
+    if service is not None:
+        parser.add_argument("--address", default=None,
+                            help=f"{service} service host:port (default: $STEMLAB_{service.upper()}_ADDRESS "
+                                 f"or localhost:{DEFAULT_PORTS[service]})")
+        parser.set_defaults(service=service)
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def address(args: argparse.Namespace, service: str) -> str:
+    return getattr(args, "address", None) or default_address(service)
+
+
+def channel(addr: str) -> grpc.Channel:
+    mb = int(os.environ.get("STEMLAB_MAX_MESSAGE_MB", "64"))
+    return grpc.insecure_channel(addr, options=[("grpc.max_receive_message_length", mb << 20),
+                                                ("grpc.max_send_message_length", mb << 20)])
+
+
+def stub(args: argparse.Namespace, service: str, stub_class: type) -> Any:
+    return stub_class(channel(address(args, service)))
+
+
+def rpc_error_message(e: grpc.RpcError, addr: str | None = None) -> str:
+    code = e.code() if hasattr(e, "code") else None
+    if code == grpc.StatusCode.UNAVAILABLE:
+        where = f" at {addr}" if addr else ""
+        return f"service unreachable{where}: is it running? (make up)"
+    detail = e.details() if hasattr(e, "details") else str(e)
+    return f"{code.name.lower() if code else 'error'}: {detail}"
+
+
+def message_to_dict(msg: Any) -> dict:
+    return json_format.MessageToDict(msg, preserving_proto_field_name=True)
+
+
+def print_result(args: argparse.Namespace, obj: Any, text: str | None = None) -> None:
+    data = message_to_dict(obj) if hasattr(obj, "DESCRIPTOR") else obj
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=None, sort_keys=True))
+    elif text is not None:
+        print(text)
+    else:
+        print(json.dumps(data, indent=2, sort_keys=True))
+
+
+def job_line(job: Any) -> str:
+    state = JOB_STATE_NAMES.get(job.state, str(job.state))
+    p = job.progress
+    parts = [job.id, job.kind, state, f"{100 * p.fraction:5.1f}%"]
+    if p.total:
+        parts.append(f"{p.done:g}/{p.total:g}")
+    if p.message:
+        parts.append(p.message)
+    if job.error:
+        parts.append(f"error: {job.error}")
+    return "  ".join(parts)
+
+
+def _bar(job: Any, width: int) -> str:
+    p = job.progress
+    eta = f" eta {int(p.eta_seconds)}s" if p.eta_seconds >= 0 and job.state == 2 else ""
+    text = f" {100 * p.fraction:5.1f}%{eta} {p.message}"
+    bar_width = max(10, min(40, width - len(text) - 4))
+    filled = int(round(p.fraction * bar_width))
+    line = f"[{'#' * filled}{'.' * (bar_width - filled)}]{text}"
+    return line[: width - 1]
+
+
+def follow_job(jobs_stub: Any, job_id: str, json_output: bool = False, out=None) -> Any:
+    """Stream a job's progress until it ends; a bar on a terminal, plain lines otherwise."""
+    from stemlab.v1 import jobs_pb2
+
+    out = out or sys.stderr
+    tty = out.isatty() and not json_output
+    width = shutil.get_terminal_size((80, 20)).columns
+    last, last_line = None, ""
+    for job in jobs_stub.WatchJob(jobs_pb2.WatchJobRequest(id=job_id)):
+        last = job
+        if tty:
+            out.write("\r" + _bar(job, width).ljust(width - 1))
+            out.flush()
+        elif not json_output:
+            line = job_line(job)
+            if line != last_line:
+                print(line, file=out, flush=True)
+                last_line = line
+    if tty:
+        out.write("\n")
+    return last
+
+
+def start_and_follow(args: argparse.Namespace, service: str, job: Any, wait: bool = True) -> int:
+    """After a Start… call: follow the job (unless --no-wait), print it, return the exit code."""
+    from stemlab.v1 import jobs_pb2_grpc
+
+    if not wait or getattr(args, "no_wait", False):
+        print_result(args, job, text=job.id)
+        return 0
+    jobs = jobs_pb2_grpc.JobsStub(channel(address(args, service)))
+    final = follow_job(jobs, job.id, json_output=getattr(args, "json", False)) or job
+    if final.state not in TERMINAL_STATES:  # stream ended early (service went away)
+        raise CliError(f"lost the job {job.id} before it ended; see `stemlab jobs get {job.id}`")
+    print_result(args, final, text=_final_text(final))
+    return 0 if final.state == 3 else 1
+
+
+def _final_text(job: Any) -> str:
+    state = JOB_STATE_NAMES.get(job.state, str(job.state))
+    if job.state == 3:
+        result = message_to_dict(job).get("result", {})
+        return f"{job.id} {state}\n" + json.dumps(result, indent=2, sort_keys=True)
+    return f"{job.id} {state}" + (f": {job.error}" if job.error else "")
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.1) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+# Services whose jobs `stemlab jobs` can reach (job ids start with these names).
+GRPC_ROUTES = ("ingestion", "processing", "training", "evaluation")
+
+
+def get_group(subparsers, groups: dict, name: str, help_text: str):
+    """A shared command group (e.g. `dataset`, used by ingestion and processing)."""
+    if name not in groups:
+        parser = subparsers.add_parser(name, help=help_text)
+        groups[name] = parser.add_subparsers(dest=f"{name}_command", required=True)
+    return groups[name]

@@ -1,0 +1,147 @@
+"""The data-root layout and safe, atomic file writing.
+
+Every service finds its files through `DataRoot`, and every write goes to a temporary name in
+the same folder and is renamed into place, so a crash never leaves half a file where a reader
+looks. `safe_join` keeps names that come from metadata or requests inside the data root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+class PathError(ValueError):
+    """A path from metadata or a request would leave the folder it must stay in."""
+
+
+def safe_join(root: str | os.PathLike, *parts: str | os.PathLike) -> Path:
+    """Join `parts` under `root`, refusing absolute parts, `..` and symlinks that lead out."""
+    base = Path(root).resolve()
+    candidate = base
+    for part in parts:
+        text = os.fspath(part)
+        if not text or "\x00" in text:
+            raise PathError(f"empty or invalid path component {text!r}")
+        piece = Path(text)
+        if piece.is_absolute() or piece.drive:
+            raise PathError(f"absolute path {text!r} is not allowed here")
+        if any(p == ".." for p in piece.parts):
+            raise PathError(f"path {text!r} may not contain '..'")
+        candidate = candidate / piece
+    resolved = candidate.resolve()
+    if resolved != base and base not in resolved.parents:
+        raise PathError(f"path {candidate} leads outside {base}")
+    return candidate
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` if the block succeeds.
+
+    The temporary name keeps the file's suffix (writers pick the format from it) and starts
+    with a dot so folder scans skip it.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{target.name}.", suffix=suffix if suffix is not None else target.suffix, dir=target.parent
+    )
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside `path` that is renamed to `path` when the block succeeds.
+
+    The temporary name starts with ".tmp-", which TensorFlow Serving and our scans ignore.
+    `path` must not exist yet: published folders are immutable.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    try:
+        yield tmp
+        os.rename(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+class DataRoot:
+    """The folders under STEMLAB_DATA, as described in ARCHITECTURE.md."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).resolve()
+
+    @property
+    def library(self) -> Path:
+        return self.root / "library"
+
+    @property
+    def mixes(self) -> Path:
+        return self.root / "mixes"
+
+    @property
+    def datasets(self) -> Path:
+        return self.root / "datasets"
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def evaluations(self) -> Path:
+        return self.root / "evaluations"
+
+    @property
+    def jobs(self) -> Path:
+        return self.root / "jobs"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def downloads(self) -> Path:
+        return self.root / "downloads"
+
+    def ensure(self) -> DataRoot:
+        for p in (self.library, self.mixes, self.datasets, self.runs, self.models, self.evaluations,
+                  self.jobs, self.logs):
+            p.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def join(self, *parts: str | os.PathLike) -> Path:
+        return safe_join(self.root, *parts)
+
+    def relative(self, path: str | os.PathLike) -> str:
+        """The path as stored in manifests and track files: relative to the root, with '/'."""
+        return Path(path).resolve().relative_to(self.root).as_posix()

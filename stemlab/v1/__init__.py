@@ -1,0 +1,1 @@
+"""Generated gRPC contracts (make protos). Only this file is committed."""

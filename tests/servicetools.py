@@ -1,0 +1,122 @@
+"""Start real service processes for tests, and wait for their jobs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def health_status(address: str, service: str = "", timeout: float = 2.0):
+    with grpc.insecure_channel(address) as ch:
+        return health_pb2_grpc.HealthStub(ch).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=timeout).status
+
+
+class ServiceProcess:
+    """`python -m services.<name>.server` (or another module) as a subprocess on a free port."""
+
+    def __init__(self, name: str, data_root: str | Path, port: int | None = None,
+                 module: str | None = None, env: dict | None = None, startup_timeout: float = 60.0):
+        self.name = name
+        self.data_root = Path(data_root)
+        self.port = port or free_port()
+        self.module = module or f"services.{name}.server"
+        self.env = env or {}
+        self.startup_timeout = startup_timeout
+        self.proc: subprocess.Popen | None = None
+        self.log_path = self.data_root / f"{name}-{self.port}.log"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> ServiceProcess:
+        self.data_root.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "STEMLAB_DATA": str(self.data_root),
+               f"STEMLAB_{self.name.upper()}_PORT": str(self.port),
+               "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               **self.env}
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", self.module], cwd=REPO, env=env,
+                                     stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.time() + self.startup_timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if health_status(self.address, timeout=1.0) == health_pb2.HealthCheckResponse.SERVING:
+                    return self
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+        self.kill()
+        raise RuntimeError(f"{self.name} did not become healthy:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(self.address)
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def terminate(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode if self.proc else None
+
+    def __enter__(self) -> ServiceProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def wait_job(channel: grpc.Channel, job_id: str, timeout: float = 120.0):
+    """Poll until the job has ended; return the final Job message."""
+    from stemlab.v1 import jobs_pb2, jobs_pb2_grpc
+
+    stub = jobs_pb2_grpc.JobsStub(channel)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = stub.GetJob(jobs_pb2.GetJobRequest(id=job_id), timeout=10)
+        if job.state in (jobs_pb2.SUCCEEDED, jobs_pb2.FAILED, jobs_pb2.CANCELLED):
+            return job
+        time.sleep(0.1)
+    raise TimeoutError(f"job {job_id} did not end within {timeout}s")
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 300.0) -> subprocess.CompletedProcess:
+    """Run the `stemlab` command line in a subprocess (as a user would)."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                **(env or {})}
+    return subprocess.run([sys.executable, "-m", "stemlab.cli", *args], cwd=REPO, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)

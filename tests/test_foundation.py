@@ -1,0 +1,197 @@
+"""The service runtime every stemlab service stands on: health, jobs, restarts, shutdown."""
+
+import sqlite3
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+
+from stemlab.v1 import jobs_pb2, jobs_pb2_grpc
+from tests.fixtures.demo_service import submit
+from tests.servicetools import ServiceProcess, health_status, run_cli, wait_job
+
+DEMO = "tests.fixtures.demo_service"
+
+
+@pytest.fixture
+def service(tmp_path):
+    with ServiceProcess("ingestion", tmp_path / "data", module=DEMO,
+                        env={"STEMLAB_GRACE_SECONDS": "5"}) as svc:
+        yield svc
+
+
+def test_service_is_healthy_and_runs_a_job_while_a_watcher_sees_progress(service):
+    assert health_status(service.address) == health_pb2.HealthCheckResponse.SERVING
+    assert health_status(service.address, "stemlab.v1.Jobs") == health_pb2.HealthCheckResponse.SERVING
+    ch = service.channel()
+    job_id = submit(ch, "demo.count", steps=20, seconds_per_step=0.05)
+    assert job_id.startswith("ingestion-")
+    stub = jobs_pb2_grpc.JobsStub(ch)
+    seen = list(stub.WatchJob(jobs_pb2.WatchJobRequest(id=job_id), timeout=30))
+    assert seen[-1].state == jobs_pb2.SUCCEEDED
+    assert seen[-1].result["counted"] == 20
+    fractions = [j.progress.fraction for j in seen if j.state == jobs_pb2.RUNNING]
+    assert len(fractions) >= 10, "the watcher should see (nearly) every progress update"
+    assert fractions == sorted(fractions) and fractions[-1] > fractions[0]
+    assert seen[-1].started.seconds > 0 and seen[-1].finished.seconds > 0
+
+
+def test_several_watchers_at_once_all_see_the_end(service):
+    ch = service.channel()
+    job_id = submit(ch, "demo.count", steps=10, seconds_per_step=0.05)
+    stub = jobs_pb2_grpc.JobsStub(ch)
+    finals = []
+
+    def watch():
+        finals.append(list(stub.WatchJob(jobs_pb2.WatchJobRequest(id=job_id), timeout=30))[-1].state)
+
+    threads = [threading.Thread(target=watch) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert finals == [jobs_pb2.SUCCEEDED] * 4
+
+
+def test_cancel_reaches_a_running_job_within_two_seconds(service):
+    ch = service.channel()
+    job_id = submit(ch, "demo.count", steps=1000, seconds_per_step=0.1)
+    stub = jobs_pb2_grpc.JobsStub(ch)
+    deadline = time.time() + 10
+    while stub.GetJob(jobs_pb2.GetJobRequest(id=job_id)).state != jobs_pb2.RUNNING:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    t0 = time.time()
+    stub.CancelJob(jobs_pb2.CancelJobRequest(id=job_id))
+    job = wait_job(ch, job_id, timeout=5)
+    assert job.state == jobs_pb2.CANCELLED
+    assert time.time() - t0 < 2.0
+
+
+def test_a_failing_job_is_recorded_and_the_service_keeps_serving(service):
+    ch = service.channel()
+    job = wait_job(ch, submit(ch, "demo.fail"))
+    assert job.state == jobs_pb2.FAILED and "always fails" in job.error
+    assert wait_job(ch, submit(ch, "demo.count", steps=2)).state == jobs_pb2.SUCCEEDED
+
+
+def test_bad_requests_get_clear_status_codes_and_the_service_keeps_serving(service):
+    stub = jobs_pb2_grpc.JobsStub(service.channel())
+    with pytest.raises(grpc.RpcError) as e:
+        stub.GetJob(jobs_pb2.GetJobRequest(id="ingestion-doesnotexist"))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND and "doesnotexist" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        stub.ListJobs(jobs_pb2.ListJobsRequest(page_size=-1))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "page_size" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        stub.ListJobs(jobs_pb2.ListJobsRequest(states=[42]))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "state" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.WatchJob(jobs_pb2.WatchJobRequest(id="nope")))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as e:
+        stub.CancelJob(jobs_pb2.CancelJobRequest(id=""))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert health_status(service.address) == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_list_jobs_filters_and_pages(service):
+    ch = service.channel()
+    ids = [submit(ch, "demo.count", steps=1, seconds_per_step=0.0) for _ in range(5)]
+    failed = submit(ch, "demo.fail")
+    for i in [*ids, failed]:
+        wait_job(ch, i)
+    stub = jobs_pb2_grpc.JobsStub(ch)
+    got, token = [], ""
+    while True:
+        page = stub.ListJobs(jobs_pb2.ListJobsRequest(page_size=2, page_token=token, kind="demo.count"))
+        assert len(page.jobs) <= 2
+        got.extend(j.id for j in page.jobs)
+        token = page.next_page_token
+        if not token:
+            break
+    assert got == list(reversed(ids)), "newest first, every job exactly once"
+    failed_only = stub.ListJobs(jobs_pb2.ListJobsRequest(states=[jobs_pb2.FAILED])).jobs
+    assert [j.id for j in failed_only] == [failed]
+
+
+def test_kill_9_mid_job_then_restart_marks_it_interrupted_and_keeps_every_other_job(tmp_path):
+    data = tmp_path / "data"
+    svc = ServiceProcess("ingestion", data, module=DEMO).start()
+    ch = svc.channel()
+    done = [submit(ch, "demo.count", steps=2, seconds_per_step=0.0) for _ in range(3)]
+    for i in done:
+        wait_job(ch, i)
+    failed = submit(ch, "demo.fail")
+    wait_job(ch, failed)
+    running = submit(ch, "demo.count", steps=10000, seconds_per_step=0.1)
+    stub = jobs_pb2_grpc.JobsStub(ch)
+    while stub.GetJob(jobs_pb2.GetJobRequest(id=running)).state != jobs_pb2.RUNNING:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    svc.kill()
+    ch.close()
+
+    with ServiceProcess("ingestion", data, module=DEMO) as again:
+        stub = jobs_pb2_grpc.JobsStub(again.channel())
+        job = stub.GetJob(jobs_pb2.GetJobRequest(id=running))
+        assert job.state == jobs_pb2.FAILED and job.error == "interrupted"
+        states = {j.id: j.state for j in stub.ListJobs(jobs_pb2.ListJobsRequest()).jobs}
+        assert {i: states[i] for i in done} == {i: jobs_pb2.SUCCEEDED for i in done}
+        assert states[failed] == jobs_pb2.FAILED
+        assert len(states) == 5
+    rows = sqlite3.connect(data / "jobs" / "ingestion.sqlite").execute("SELECT count(*) FROM jobs").fetchone()
+    assert rows[0] == 5
+
+
+def test_sigterm_turns_health_not_serving_and_exits_cleanly(tmp_path):
+    svc = ServiceProcess("ingestion", tmp_path / "data", module=DEMO,
+                         env={"STEMLAB_GRACE_SECONDS": "3"}).start()
+    ch = svc.channel()
+    job_id = submit(ch, "demo.count", steps=10000, seconds_per_step=0.1)
+    time.sleep(0.5)
+    from grpc_health.v1 import health_pb2_grpc
+
+    health = health_pb2_grpc.HealthStub(ch)
+    statuses = []
+
+    def watch_health():
+        try:
+            for r in health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=10):
+                statuses.append(r.status)
+        except grpc.RpcError:
+            pass
+
+    t = threading.Thread(target=watch_health)
+    t.start()
+    time.sleep(0.3)
+    t0 = time.time()
+    svc.terminate()
+    rc = svc.proc.wait(10)
+    t.join(5)
+    assert rc == 0
+    assert time.time() - t0 < 3 + 3
+    assert health_pb2.HealthCheckResponse.NOT_SERVING in statuses
+    with ServiceProcess("ingestion", tmp_path / "data", module=DEMO) as again:
+        job = jobs_pb2_grpc.JobsStub(again.channel()).GetJob(jobs_pb2.GetJobRequest(id=job_id))
+        assert job.state == jobs_pb2.FAILED and job.error.startswith("interrupted")
+
+
+def test_cli_lists_gets_and_reports_errors_as_one_line(service):
+    ch = service.channel()
+    job_id = submit(ch, "demo.count", steps=2, seconds_per_step=0.0)
+    wait_job(ch, job_id)
+    env = {"STEMLAB_INGESTION_ADDRESS": service.address}
+    r = run_cli("jobs", "get", job_id, "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    assert '"SUCCEEDED"' in r.stdout
+    r = run_cli("jobs", "watch", job_id, env=env)
+    assert r.returncode == 0 and "SUCCEEDED" in r.stdout
+    r = run_cli("jobs", "list", "--service", "ingestion", env=env)
+    assert r.returncode == 0 and job_id in r.stdout
+    r = run_cli("jobs", "get", "ingestion-unknown", env=env)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not_found" in r.stderr
+    r = run_cli("jobs", "get", "ingestion-x", env={"STEMLAB_INGESTION_ADDRESS": "127.0.0.1:1"})
+    assert r.returncode == 2 and "unreachable" in r.stderr and r.stderr.count("\n") == 1
