@@ -167,11 +167,15 @@ def wait_healthy(progs: dict[str, dict], timeout: float) -> list[str]:
     return sorted(pending)
 
 
-def install_models(config) -> None:
-    """Serving needs a models.config and, on an empty data root, the shipped models."""
+def install_models(config, models_root: Path | None = None) -> None:
+    """Serving needs a models.config and, on an empty data root, the shipped models.
+
+    A model folder that already has a version is left alone: the shipped models only fill an
+    empty data root, they never replace what a user trained.
+    """
     serving_dir = config.data_root / "serving"
     serving_dir.mkdir(parents=True, exist_ok=True)
-    models_root = config.data_root / "models"
+    models_root = models_root or config.data_root / "models"
     pretrained = REPO / "model" / "pretrained"
     for name in ("guitar", "piano"):
         target = models_root / name
@@ -259,18 +263,23 @@ def compose(*args: str) -> int:
     gpu = REPO / "docker-compose.gpu.yml"
     if os.environ.get("STEMLAB_GPU") == "1" and gpu.exists():
         files += ["-f", str(gpu)]
-    return subprocess.run(["docker", "compose", *files, *args], cwd=REPO).returncode
+    return subprocess.run(["docker", "compose", "-p", "stemlab", *files, *args], cwd=REPO).returncode
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["up", "down", "status", "logs"])
+    parser.add_argument("command", choices=["up", "down", "status", "logs", "install-models"])
+    parser.add_argument("--models-root", type=Path, default=None,
+                        help="with install-models: where the model folders live (default DATA/models)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--docker", action="store_true", help="use Docker Compose")
     mode.add_argument("--local", action="store_true", help="use local processes")
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for health")
     args = parser.parse_args(argv)
     config = load_config()
+    if args.command == "install-models":
+        install_models(config, args.models_root)
+        return 0
     use_docker = args.docker or (not args.local and os.environ.get("STEMLAB_MODE") != "local"
                                  and docker_engine_available())
     if use_docker:

@@ -1,0 +1,125 @@
+"""The deployment files agree with each other: compose (validated by docker-compose itself),
+the GPU override, and the Kubernetes manifests (names, ports, volumes, environment)."""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from services.common.config import DEFAULT_PORTS
+
+REPO = Path(__file__).resolve().parent.parent
+K8S = REPO / "deploy" / "k8s"
+STEMLAB_SERVICES = ("ingestion", "processing", "training", "evaluation")
+
+
+def compose_config(*files: str) -> dict:
+    exe = shutil.which("docker-compose")
+    if exe is None:
+        pytest.fail("docker-compose is missing: `make install` installs Debian's docker-compose")
+    args = [exe]
+    for f in files:
+        args += ["-f", str(REPO / f)]
+    r = subprocess.run([*args, "config"], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    return yaml.safe_load(r.stdout)
+
+
+def k8s_documents() -> dict[tuple[str, str], dict]:
+    docs = {}
+    for path in sorted(K8S.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                docs[(doc["kind"], doc["metadata"]["name"])] = doc
+    return docs
+
+
+def test_compose_file_is_valid_and_has_every_service_with_health_and_restart():
+    config = compose_config("docker-compose.yml")
+    services = config["services"]
+    assert set(services) == {"init", *STEMLAB_SERVICES, "serving", "web"}
+    for name in (*STEMLAB_SERVICES, "serving", "web"):
+        assert "healthcheck" in services[name], name
+        assert services[name]["restart"] == "unless-stopped", name
+        volumes = [v if isinstance(v, str) else f"{v['source']}:{v['target']}"
+                   for v in services[name]["volumes"]]
+        assert any(v.startswith("stemlab-data:/data") for v in volumes), (name, volumes)
+    for name in STEMLAB_SERVICES:
+        assert services[name]["command"][-1] == f"services.{name}.server"
+        published = {int(p["published"]) if isinstance(p, dict) else int(str(p).split(":")[0])
+                     for p in services[name]["ports"]}
+        assert published == {DEFAULT_PORTS[name]}
+    assert services["serving"]["image"].startswith("tensorflow/serving:2.21")
+    assert "--model_config_file=/data/serving/models.config" in services["serving"]["command"]
+    assert services["web"]["depends_on"]["serving"]["condition"] == "service_healthy"
+    assert services["serving"]["depends_on"]["init"]["condition"] == "service_completed_successfully"
+    assert "stemlab-data" in config["volumes"]
+
+
+def test_serving_image_is_pinned_to_the_tensorflow_used_for_export():
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert '"tensorflow>=2.21,<2.22"' in pyproject
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    assert compose["services"]["serving"]["image"] == "tensorflow/serving:2.21.0"
+
+
+def test_gpu_override_reserves_nvidia_gpus_for_training_and_serving():
+    config = compose_config("docker-compose.yml", "docker-compose.gpu.yml")
+    for name in ("training", "serving"):
+        devices = config["services"][name]["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["driver"] == "nvidia" and devices[0]["capabilities"] == ["gpu"]
+    assert config["services"]["serving"]["image"] == "tensorflow/serving:2.21.0-gpu"
+    assert config["services"]["training"]["build"]["args"]["EXTRAS"] == "gpu"
+
+
+def test_kubernetes_manifests_match_compose():
+    docs = k8s_documents()
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    config_map = docs[("ConfigMap", "stemlab-config")]["data"]
+    compose_env = compose["x-stemlab"]["environment"]
+    assert {k: str(v) for k, v in compose_env.items()} == {k: v for k, v in config_map.items()
+                                                           if k in compose_env}
+    assert docs[("PersistentVolumeClaim", "stemlab-data")]["spec"]["accessModes"] == ["ReadWriteMany"]
+    for name in (*STEMLAB_SERVICES, "web"):
+        deploy = docs[("Deployment", name)]
+        container = deploy["spec"]["template"]["spec"]["containers"][0]
+        port = container["ports"][0]["containerPort"]
+        assert port == DEFAULT_PORTS[name]
+        assert docs[("Service", name)]["spec"]["ports"][0]["port"] == port
+        assert container["command"] == compose["services"][name]["command"]
+        assert container["volumeMounts"][0]["mountPath"] == "/data"
+        volumes = deploy["spec"]["template"]["spec"]["volumes"]
+        assert volumes[0]["persistentVolumeClaim"]["claimName"] == "stemlab-data"
+        assert "readinessProbe" in container
+        assert container["envFrom"][0]["configMapRef"]["name"] == "stemlab-config"
+    serving = docs[("Deployment", "serving")]
+    assert serving["spec"]["replicas"] >= 2 and docs[("Deployment", "web")]["spec"]["replicas"] >= 2
+    container = serving["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == compose["services"]["serving"]["image"]
+    assert set(container["args"]) >= {a for a in compose["services"]["serving"]["command"]
+                                      if a.startswith(("--port", "--rest_api_port", "--model_config_file="))}
+    assert {p["port"] for p in docs[("Service", "serving")]["spec"]["ports"]} == {8500, 8501}
+    assert container["readinessProbe"]["httpGet"]["port"] == 8501
+
+
+def test_training_jobs_exist_for_cpu_and_gpu():
+    docs = k8s_documents()
+    cpu, gpu = docs[("Job", "train")], docs[("Job", "train-gpu")]
+    for job in (cpu, gpu):
+        container = job["spec"]["template"]["spec"]["containers"][0]
+        assert container["command"][:3] == ["python", "-m", "services.training.run"]
+        assert job["spec"]["template"]["spec"]["restartPolicy"] == "OnFailure"
+    gpu_limits = gpu["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert gpu_limits["nvidia.com/gpu"] == 1
+
+
+def test_kustomization_lists_every_manifest_but_the_jobs():
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    listed = set(kustomization["resources"])
+    on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert on_disk - listed == {"training-job.yaml", "training-job-gpu.yaml"}
+    assert listed <= on_disk
