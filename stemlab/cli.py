@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 
 import grpc
@@ -21,6 +22,7 @@ from services.common.cliutil import (
     channel,
     follow_job,
     job_line,
+    message_to_dict,
     print_result,
     rpc_error_message,
 )
@@ -77,9 +79,6 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
             raise CliError(f"unknown state: {e}") from e
     rows.sort(key=lambda j: j.created.ToNanoseconds(), reverse=True)
     if args.json:
-        from services.common.cliutil import message_to_dict
-        import json
-
         print(json.dumps({"jobs": [message_to_dict(j) for j in rows], "unreachable": failures}))
     else:
         for j in rows:

@@ -237,7 +237,6 @@ def down_local(config) -> int:
         return 0
     supervisorctl(conf, "stop", "all")
     supervisorctl(conf, "shutdown")
-    pid_file = config.data_root / "run" / "supervisord.pid"
     deadline = time.time() + 60
     while supervisord_running(config) and time.time() < deadline:
         time.sleep(0.2)
