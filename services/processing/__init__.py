@@ -1,0 +1,1 @@
+"""Processing service: instrument/rest mixing, silence statistics and adjustment, dataset manifests."""

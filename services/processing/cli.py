@@ -1,0 +1,198 @@
+"""`stemlab mix`, `stemlab silence stats|adjust` and `stemlab dataset build`: clients of ProcessingService.
+
+Light at import time (argparse, grpc, the generated contracts): the command line must start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from services.common.cliutil import CliError, add_common_args, get_group, start_and_follow, stub
+
+SERVICE = "processing"
+INSTRUMENTS = ("guitar", "piano", "bass", "drums", "percussion", "vocals", "other")
+
+
+def _stub(args):
+    from stemlab.v1 import processing_pb2_grpc
+
+    return stub(args, SERVICE, processing_pb2_grpc.ProcessingServiceStub)
+
+
+def _ratio_pair(text: str) -> tuple[float, float]:
+    """"0.7:0.5" -> (0.7, 0.5)."""
+    try:
+        target, cutoff = (float(x) for x in text.split(":"))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected TARGET:CUTOFF like 0.7:0.5, got {text!r}") from e
+    return target, cutoff
+
+
+def _source_ratio(text: str) -> tuple[str, float]:
+    """"synthetic:3" -> ("synthetic", 3.0); a bare name weighs 1."""
+    name, _, ratio = text.partition(":")
+    try:
+        value = float(ratio) if ratio else 1.0
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected SOURCE:RATIO like synthetic:3, got {text!r}") from e
+    if not name or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected SOURCE:RATIO with a positive ratio, got {text!r}")
+    return name, value
+
+
+def _mix_set_args(p: argparse.ArgumentParser, rate_help: str = "sample rate of the mix set") -> None:
+    p.add_argument("--instrument", required=True, choices=INSTRUMENTS)
+    p.add_argument("--also", action="append", default=[], metavar="CLASS",
+                   help="a class mixed into the instrument file too (repeatable)")
+    p.add_argument("--rate", type=int, default=22050, help=rate_help)
+    p.add_argument("--stereo", action="store_true", help="the stereo set (default: mono)")
+
+
+def _mix_set(args):
+    from stemlab.v1 import processing_pb2
+
+    return processing_pb2.MixSetRef(instrument=args.instrument, also=args.also, rate_hz=args.rate, stereo=args.stereo)
+
+
+def _silence_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threshold-dbfs", type=float, default=None, help="silence is below this level (default -50)")
+    p.add_argument("--min-silence-seconds", type=float, default=None,
+                   help="silence lasts longer than this (default 1.0)")
+    p.add_argument("--hop-seconds", type=float, default=None, help="level frame length (default 0.01)")
+    p.add_argument("--level", choices=("rms", "peak"), default="", help="frame level measure (default rms)")
+
+
+def _silence(args):
+    from stemlab.v1 import processing_pb2
+
+    msg = processing_pb2.SilenceParams(level=args.level)
+    for name in ("threshold_dbfs", "min_silence_seconds", "hop_seconds"):
+        if getattr(args, name) is not None:
+            setattr(msg, name, getattr(args, name))
+    return msg
+
+
+# -- handlers -----------------------------------------------------------------------------------
+
+def cmd_mix(args) -> int:
+    from stemlab.v1 import processing_pb2
+
+    rates = args.rate or [22050]
+    job = _stub(args).StartMix(processing_pb2.MixRequest(
+        instrument=args.instrument, also=args.also, rates_hz=rates, stereo=args.stereo,
+        include_unchecked=args.include_unchecked, ignore_marks=args.ignore_marks, tracks=args.track,
+        force=args.force), timeout=30)
+    return start_and_follow(args, SERVICE, job)
+
+
+def cmd_silence_stats(args) -> int:
+    from stemlab.v1 import processing_pb2
+
+    target, cutoff = args.adjusted or (0.0, 0.0)
+    job = _stub(args).StartSilenceStats(processing_pb2.SilenceStatsRequest(
+        mix_set=_mix_set(args), silence=_silence(args), adjusted_target=target, adjusted_cutoff=cutoff), timeout=30)
+    return start_and_follow(args, SERVICE, job)
+
+
+def cmd_silence_adjust(args) -> int:
+    from stemlab.v1 import processing_pb2
+
+    req = processing_pb2.SilenceAdjustRequest(mix_set=_mix_set(args), silence=_silence(args),
+                                              crossfade_shape=args.crossfade_shape, force=args.force)
+    for name in ("target", "cutoff", "margin_seconds", "crossfade_seconds"):
+        if getattr(args, name) is not None:
+            setattr(req, name, getattr(args, name))
+    return start_and_follow(args, SERVICE, _stub(args).StartSilenceAdjust(req, timeout=30))
+
+
+def _read_validation_list(path: str) -> list[str]:
+    """Track ids, one per line; blank lines and '#' comments are ignored."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise CliError(f"cannot read the validation list {path}: {e.strerror or e}") from e
+    return [line.split("#", 1)[0].strip() for line in text.splitlines() if line.split("#", 1)[0].strip()]
+
+
+def cmd_dataset_build(args) -> int:
+    from stemlab.v1 import processing_pb2
+
+    sources = [processing_pb2.SourceRatio(source=s, ratio=r) for s, r in args.sources]
+    target, cutoff = args.silence_adjusted or (0.0, 0.0)
+    req = processing_pb2.DatasetBuildRequest(
+        name=args.name, mix_set=_mix_set(args), sources=sources, max_tracks=args.max_tracks or 0,
+        silence_target=target, silence_cutoff=cutoff, include_unchecked=args.include_unchecked,
+        ignore_marks=args.ignore_marks)
+    if args.validation_ratio is not None:
+        req.validation_ratio = args.validation_ratio
+    if args.validation_list:
+        req.validation_tracks.extend(_read_validation_list(args.validation_list))
+        req.use_validation_tracks = True
+    return start_and_follow(args, SERVICE, _stub(args).StartDatasetBuild(req, timeout=30))
+
+
+# -- registration -------------------------------------------------------------------------------
+
+def register_dataset_commands(dataset_subparsers) -> None:
+    """`stemlab dataset build` (the `dataset` group is shared with ingestion)."""
+    p = dataset_subparsers.add_parser("build", help="publish a versioned manifest of instrument/rest pairs")
+    p.add_argument("name", help="dataset name (letters, digits, '.', '_', '-')")
+    _mix_set_args(p)
+    p.add_argument("--from", dest="sources", action="append", type=_source_ratio, default=[],
+                   metavar="SOURCE:RATIO", help="take tracks of this source with this weight, e.g. synthetic:3 "
+                                                "(repeatable; default: every source)")
+    p.add_argument("--max-tracks", type=int, default=None, help="at most this many tracks, shared by the ratios")
+    p.add_argument("--silence-adjusted", type=_ratio_pair, default=None, metavar="TARGET:CUTOFF",
+                   help="use the silence-adjusted set made by `stemlab silence adjust`")
+    p.add_argument("--validation-ratio", type=float, default=None, help="share of tracks for validation (0.2)")
+    p.add_argument("--validation-list", default=None, metavar="FILE",
+                   help="file of track ids (one a line) that form the validation split")
+    p.add_argument("--include-unchecked", action="store_true")
+    p.add_argument("--ignore-marks", action="store_true")
+    p.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    add_common_args(p, SERVICE)
+    p.set_defaults(func=cmd_dataset_build)
+
+
+def register(subparsers, groups: dict | None = None) -> None:
+    p = subparsers.add_parser("mix", help="mix usable library tracks into instrument/rest pairs")
+    p.add_argument("--instrument", required=True, choices=INSTRUMENTS)
+    p.add_argument("--also", action="append", default=[], metavar="CLASS",
+                   help="a class mixed into the instrument file too (repeatable)")
+    p.add_argument("--rate", action="append", type=int, default=[], help="sample rate (repeatable; default 22050)")
+    p.add_argument("--stereo", action="store_true", help="keep two channels (default: mono, mean of channels)")
+    p.add_argument("--include-unchecked", action="store_true", help="also tracks never checked for the instrument")
+    p.add_argument("--ignore-marks", action="store_true", help="also tracks marked bleed, missing, …")
+    p.add_argument("--track", action="append", default=[], help="only this track (repeatable)")
+    p.add_argument("--force", action="store_true", help="re-mix even unchanged tracks")
+    p.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    add_common_args(p, SERVICE)
+    p.set_defaults(func=cmd_mix)
+
+    silence = subparsers.add_parser("silence", help="silence statistics and silence-adjusted sets")
+    sub = silence.add_subparsers(dest="silence_command", required=True)
+    p = sub.add_parser("stats", help="audible share per track and the histogram of silence")
+    _mix_set_args(p)
+    _silence_args(p)
+    p.add_argument("--adjusted", type=_ratio_pair, default=None, metavar="TARGET:CUTOFF",
+                   help="measure the silence-adjusted set instead")
+    p.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    add_common_args(p, SERVICE)
+    p.set_defaults(func=cmd_silence_stats)
+
+    p = sub.add_parser("adjust", help="cut silences until the audible share reaches the target")
+    _mix_set_args(p)
+    _silence_args(p)
+    p.add_argument("--target", type=float, default=None, help="audible share to reach (0.7)")
+    p.add_argument("--cutoff", type=float, default=None, help="discard tracks still under this share (0.5)")
+    p.add_argument("--margin-seconds", type=float, default=None, help="silence kept next to audio (0.1)")
+    p.add_argument("--crossfade-seconds", type=float, default=None, help="crossfade at each cut (0.02)")
+    p.add_argument("--crossfade-shape", choices=("equal_power", "linear"), default="")
+    p.add_argument("--force", action="store_true", help="redo even unchanged tracks")
+    p.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    add_common_args(p, SERVICE)
+    p.set_defaults(func=cmd_silence_adjust)
+
+    if groups is not None:
+        register_dataset_commands(get_group(subparsers, groups, "dataset", "track library and datasets"))

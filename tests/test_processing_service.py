@@ -1,0 +1,88 @@
+"""The processing service as a real process, through gRPC and the stemlab command line."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import numpy as np
+import pytest
+
+from stemlab.v1 import jobs_pb2, processing_pb2, processing_pb2_grpc
+from tests.servicetools import ServiceProcess, run_cli, wait_job
+from tests.test_processing_support import make_track
+
+RATE = 22050
+
+
+def _noise(seconds: float, seed: int) -> np.ndarray:
+    return (0.2 * np.random.default_rng(seed).standard_normal(int(seconds * RATE))).astype(np.float32)
+
+
+@pytest.fixture
+def service(tmp_path):
+    data = tmp_path / "data"
+    for i in range(3):
+        make_track(data, f"Song{i}", {"g.wav": ("guitar", _noise(0.5, i)), "d.wav": ("drums", _noise(0.5, 10 + i))},
+                   marks={"guitar": ["checked"]})
+    make_track(data, "Bleeds", {"g.wav": ("guitar", _noise(0.5, 20))}, marks={"guitar": ["checked", "bleed"]})
+    make_track(data, "Broken", {"g.wav": ("guitar", _noise(0.5, 21))}, marks={"guitar": ["checked"]})
+    (data / "library" / "Broken" / "stems" / "g.wav").write_bytes(b"garbage")
+    with ServiceProcess("processing", data, env={"STEMLAB_GRACE_SECONDS": "5"}) as svc:
+        yield svc
+
+
+def test_mix_job_over_grpc_then_stats_and_dataset_through_the_cli(service):
+    ch = service.channel()
+    stub = processing_pb2_grpc.ProcessingServiceStub(ch)
+    job = stub.StartMix(processing_pb2.MixRequest(instrument="guitar", rates_hz=[RATE]), timeout=10)
+    assert job.id.startswith("processing-") and job.kind == "processing.mix"
+    final = wait_job(ch, job.id, timeout=120)
+    # One broken track is reported in the result and does not fail the job.
+    assert final.state == jobs_pb2.SUCCEEDED, final.error
+    rows = {r["track"]: r for r in final.result["tracks"]}
+    assert set(rows) == {"Song0", "Song1", "Song2", "Broken"}
+    assert rows["Broken"]["status"] == "failed" and all(rows[f"Song{i}"]["status"] == "mixed" for i in range(3))
+    assert final.result["left_out"][0]["track"] == "Bleeds"
+    assert final.progress.total == 4 and final.progress.done == 4
+    assert (service.data_root / "mixes" / "guitar" / str(RATE) / "Song0" / "instrument.wav").is_file()
+
+    env = {"STEMLAB_PROCESSING_ADDRESS": service.address}
+    out = run_cli("silence", "stats", "--instrument", "guitar", "--rate", str(RATE), "--json", env=env)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)["result"]
+    assert sum(b["tracks"] for b in result["histogram"]) == 3
+    assert all(r["audible_share"] == 1.0 for r in result["tracks"])
+
+    out = run_cli("silence", "adjust", "--instrument", "guitar", "--rate", str(RATE), "--target", "0.8",
+                  "--cutoff", "0.6", "--json", env=env)
+    assert out.returncode == 0, out.stderr
+    adjusted = json.loads(out.stdout)["result"]
+    assert adjusted["counts"] == {"unchanged": 3} and adjusted["mix_set"] == f"mixes/guitar/{RATE}-silence-0.8-0.6"
+
+    out = run_cli("dataset", "build", "g22", "--instrument", "guitar", "--rate", str(RATE), "--json", env=env)
+    assert out.returncode == 0, out.stderr
+    built = json.loads(out.stdout)["result"]
+    assert built["pairs"] == 3 and built["version"] == 1 and built["created"]
+    assert (service.data_root / "datasets" / "g22" / "v1" / "manifest.yaml").is_file()
+    again = json.loads(run_cli("dataset", "build", "g22", "--instrument", "guitar", "--rate", str(RATE), "--json",
+                               env=env).stdout)["result"]
+    assert again["version"] == 1 and not again["created"]
+
+
+def test_bad_requests_get_clear_status_codes(service):
+    stub = processing_pb2_grpc.ProcessingServiceStub(service.channel())
+    with pytest.raises(grpc.RpcError) as e:
+        stub.StartMix(processing_pb2.MixRequest(instrument="kazoo"), timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "instrument must be one of" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        stub.StartSilenceAdjust(processing_pb2.SilenceAdjustRequest(
+            mix_set=processing_pb2.MixSetRef(instrument="piano", rate_hz=RATE)), timeout=10)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND and "stemlab mix" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        stub.StartSilenceAdjust(processing_pb2.SilenceAdjustRequest(
+            mix_set=processing_pb2.MixSetRef(instrument="guitar", rate_hz=RATE), target=0.5, cutoff=0.9), timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cutoff" in e.value.details()
+    out = run_cli("dataset", "build", "x", "--instrument", "guitar", "--json",
+                  env={"STEMLAB_PROCESSING_ADDRESS": service.address})
+    assert out.returncode == 2 and "stemlab mix" in out.stderr
