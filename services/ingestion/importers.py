@@ -1,0 +1,435 @@
+"""Importers: MedleyDB, Slakh2100 and plain stem folders into the track library.
+
+Each reader turns a dataset folder into `TrackSource`s (what a track would be: its stems,
+their instrument names and classes); `import_tracks` then writes them into DATA/library with
+stems hard-linked (or copied across file systems). Readers list folders sorted, so the order
+never depends on the file system, and resolve every file name from metadata with `safe_join`,
+so nothing outside the folder the user pointed at is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from services.common.audio import AudioError, audio_info
+from services.common.errors import InvalidArgumentError, NotFoundError
+from services.common.library import Library, Stem, Track, make_track_id
+from services.common.paths import PathError, atomic_dir, safe_join
+from services.ingestion.mapping import INSTRUMENT_SEPARATOR, Mapping
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".aif", ".aiff", ".m4a", ".opus")
+# Content fingerprint: size plus the first and last bytes (cheap on 100 GB datasets, and a
+# re-rendered or edited stem changes its size or its header/tail).
+_FINGERPRINT_BYTES = 1 << 16
+
+Progress = Callable[[float, float, str], None]
+ShouldStop = Callable[[], bool]
+
+
+class DatasetImportError(InvalidArgumentError):
+    """A dataset folder or its metadata cannot be imported."""
+
+
+@dataclass
+class StemSource:
+    path: Path                   # the file to import
+    name: str                    # file name inside the track's stems/ folder
+    raw_instrument: str = ""
+    cls: str | None = None
+    suggested: bool = False
+
+
+@dataclass
+class TrackSource:
+    name: str                    # becomes the track id (made folder-safe)
+    source: str                  # medleydb | slakh | stems | solo | synthetic
+    origin: str                  # where it came from; recognises a re-import
+    title: str = ""
+    artist: str = ""
+    genre: str | None = None
+    stems: list[StemSource] = field(default_factory=list)
+    suggestions: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class ImportReport:
+    added: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    errors: list[dict] = field(default_factory=list)      # {track, stem, reason}
+    unmapped: dict[str, int] = field(default_factory=dict)  # raw name -> number of stems
+    stopped: bool = False
+
+    def to_dict(self) -> dict:
+        return {"added": self.added, "updated": self.updated, "unchanged": self.unchanged,
+                "errors": self.errors, "unmapped": self.unmapped, "stopped": self.stopped,
+                "counts": {"added": len(self.added), "updated": len(self.updated),
+                           "unchanged": len(self.unchanged), "errors": len(self.errors)}}
+
+
+def sorted_dir(path: Path) -> list[Path]:
+    """Entries of a folder in name order, without hidden files."""
+    return sorted((p for p in path.iterdir() if not p.name.startswith(".")), key=lambda p: p.name)
+
+
+def is_audio(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in AUDIO_SUFFIXES
+
+
+def stem_file_name(original: str) -> str:
+    """A folder-safe file name that keeps the suffix ("Bass Guitar.WAV" -> "Bass_Guitar.wav")."""
+    p = Path(original)
+    return make_track_id(p.stem) + p.suffix.lower()
+
+
+def _require_dir(path: str | os.PathLike) -> Path:
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise NotFoundError(f"{root} is not a folder")
+    return root.resolve()
+
+
+def _load_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise DatasetImportError(f"{path}: cannot read metadata: {e}") from e
+    if not isinstance(data, dict):
+        raise DatasetImportError(f"{path}: metadata must be a mapping")
+    return data
+
+
+# --- MedleyDB -------------------------------------------------------------------------------
+
+def read_medleydb(root: str | os.PathLike, mapping: Mapping) -> Iterator[TrackSource | dict]:
+    """Tracks of a MedleyDB v1/v2 folder, sorted by song name.
+
+    A song is a folder <Song>/ holding <Song>_STEMS/ (and usually <Song>_MIX.wav); its
+    metadata <Song>_METADATA.yaml lies in the song folder or anywhere under `root` (the
+    separate "Metadata" folder of the official download). Yields an error dict
+    {track, stem, reason} instead of a track when a song cannot be read.
+    """
+    root = _require_dir(root)
+    metadata_files = {p.name: p for p in sorted(root.rglob("*_METADATA.yaml"))}
+    stems_dirs = sorted((p for p in root.rglob("*_STEMS") if p.is_dir()), key=lambda p: (p.name, str(p)))
+    for stems_dir in stems_dirs:
+        song = stems_dir.name[: -len("_STEMS")]
+        meta_path = metadata_files.get(f"{song}_METADATA.yaml")
+        if meta_path is None:
+            yield {"track": song, "stem": "", "reason": "no _METADATA.yaml found"}
+            continue
+        try:
+            yield _medleydb_track(stems_dir.parent, song, meta_path, mapping)
+        except (DatasetImportError, PathError) as e:
+            yield {"track": song, "stem": "", "reason": str(e)}
+
+
+def _medleydb_track(song_dir: Path, song: str, meta_path: Path,
+                    mapping: Mapping) -> TrackSource:
+    meta = _load_yaml(meta_path)
+    stem_dir = str(meta.get("stem_dir") or f"{song}_STEMS")
+    track = TrackSource(
+        name=song, source="medleydb", origin=str(song_dir / stem_dir),
+        title=str(meta.get("title") or song), artist=str(meta.get("artist") or ""),
+        genre=meta.get("genre"))
+    stems_meta = meta.get("stems") or {}
+    if not isinstance(stems_meta, dict):
+        raise DatasetImportError(f"{meta_path}: 'stems' must be a mapping")
+    for key in sorted(stems_meta, key=str):
+        entry = stems_meta[key] or {}
+        file_name = str(entry.get("filename") or f"{song}_STEM_{str(key)[1:]}.wav")
+        instruments = entry.get("instrument") or []
+        if isinstance(instruments, str):
+            instruments = [instruments]
+        instruments = [str(i) for i in instruments]
+        match = mapping.classify_instruments(instruments)
+        track.stems.append(StemSource(
+            path=safe_join(song_dir, stem_dir, file_name), name=stem_file_name(file_name),
+            raw_instrument=INSTRUMENT_SEPARATOR.join(instruments), cls=match.cls))
+    mix_name = str(meta.get("mix_filename") or f"{song}_MIX.wav")
+    mix_path = safe_join(song_dir, mix_name)
+    if mix_path.is_file():
+        track.stems.append(StemSource(path=mix_path, name=stem_file_name(mix_name),
+                                      raw_instrument="mix", cls="mix"))
+    if str(meta.get("has_bleed", "")).lower() in ("yes", "true"):
+        # MedleyDB says so itself; a person confirms per instrument.
+        for klass in sorted({s.cls for s in track.stems if s.cls not in (None, "mix")}):
+            track.suggestions.append({"check": "metadata", "instrument": klass, "mark": "bleed",
+                                      "stem": "", "evidence": {"has_bleed": True}})
+    return track
+
+
+# --- Slakh2100 ------------------------------------------------------------------------------
+
+def read_slakh(root: str | os.PathLike, mapping: Mapping, limit: int = 0) -> Iterator[TrackSource | dict]:
+    """Tracks of a Slakh2100 folder (any split layout), sorted by track folder name.
+
+    Each TrackNNNNN/ has metadata.yaml with stems SNN (program_num, is_drum, inst_class,
+    midi_program_name, audio_rendered) and stems/SNN.flac. Stems not rendered are skipped;
+    drum stems are drums whatever their program; otherwise the program name decides, then the
+    instrument class. `limit` > 0 stops after that many tracks.
+    """
+    root = _require_dir(root)
+    metas = sorted(root.rglob("metadata.yaml"), key=lambda p: (p.parent.name, str(p)))
+    count = 0
+    for meta_path in metas:
+        if limit and count >= limit:
+            return
+        track_dir = meta_path.parent
+        try:
+            yield _slakh_track(track_dir, meta_path, mapping)
+        except (DatasetImportError, PathError) as e:
+            yield {"track": track_dir.name, "stem": "", "reason": str(e)}
+        count += 1
+
+
+def _slakh_track(track_dir: Path, meta_path: Path, mapping: Mapping) -> TrackSource:
+    meta = _load_yaml(meta_path)
+    audio_dir = str(meta.get("audio_dir") or "stems")
+    track = TrackSource(name=track_dir.name, source="slakh", origin=str(track_dir), title=track_dir.name)
+    stems_meta = meta.get("stems") or {}
+    if not isinstance(stems_meta, dict):
+        raise DatasetImportError(f"{meta_path}: 'stems' must be a mapping")
+    for key in sorted(stems_meta, key=str):
+        entry = stems_meta[key] or {}
+        if entry.get("audio_rendered") is False:
+            continue
+        path = _first_existing(track_dir, audio_dir, str(key))
+        if path is None:
+            # Rendered per metadata but absent: reported by import_tracks as a bad stem.
+            path = safe_join(track_dir, audio_dir, f"{key}.flac")
+        program_name = str(entry.get("midi_program_name") or "")
+        inst_class = str(entry.get("inst_class") or "")
+        if entry.get("is_drum"):
+            klass, raw = "drums", program_name or inst_class or "drums"
+        else:
+            klass = mapping.lookup(program_name) if program_name else None
+            if klass is None and inst_class:
+                klass = mapping.lookup(inst_class)
+            raw = program_name or inst_class
+        track.stems.append(StemSource(path=path, name=stem_file_name(path.name), raw_instrument=raw,
+                                      cls=klass))
+    for mix_name in ("mix.flac", "mix.wav"):
+        mix_path = safe_join(track_dir, mix_name)
+        if mix_path.is_file():
+            track.stems.append(StemSource(path=mix_path, name=mix_name, raw_instrument="mix", cls="mix"))
+            break
+    return track
+
+
+def _first_existing(track_dir: Path, audio_dir: str, key: str) -> Path | None:
+    for suffix in (".flac", ".wav"):
+        p = safe_join(track_dir, audio_dir, key + suffix)
+        if p.is_file():
+            return p
+    return None
+
+
+# --- stem folders without metadata ------------------------------------------------------------
+
+def read_stem_folders(root: str | os.PathLike, mapping: Mapping) -> Iterator[TrackSource | dict]:
+    """Every folder under `root` that directly holds audio files is one track.
+
+    Classes are suggested from the file names (whole words, longest match; see
+    Mapping.suggest_from_filename) and stay `suggested` until a person confirms them.
+    Files that are symlinks leading out of `root` are refused.
+    """
+    root = _require_dir(root)
+    folders = [root] + sorted((p for p in root.rglob("*") if p.is_dir()
+                               and not any(part.startswith(".") for part in p.relative_to(root).parts)),
+                              key=lambda p: p.relative_to(root).as_posix())
+    for folder in folders:
+        files = [p for p in sorted_dir(folder) if is_audio(p)]
+        if not files:
+            continue
+        name = folder.name if folder != root else root.name
+        if folder != root:
+            name = "_".join(folder.relative_to(root).parts)
+        track = TrackSource(name=name, source="stems", origin=str(folder), title=folder.name)
+        try:
+            for f in files:
+                path = safe_join(root, f.relative_to(root))
+                match = mapping.suggest_from_filename(f.name)
+                track.stems.append(StemSource(path=path, name=stem_file_name(f.name),
+                                              raw_instrument=f.stem, cls=match.cls,
+                                              suggested=match.cls is not None))
+        except PathError as e:
+            yield {"track": name, "stem": "", "reason": str(e)}
+            continue
+        yield track
+
+
+# --- writing into the library -----------------------------------------------------------------
+
+def fingerprint(path: Path) -> str:
+    """Size plus hashes of the first and last 64 KiB: recognises the same file cheaply."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(_FINGERPRINT_BYTES))
+        if size > _FINGERPRINT_BYTES:
+            f.seek(max(size - _FINGERPRINT_BYTES, _FINGERPRINT_BYTES))
+            h.update(f.read())
+    return h.hexdigest()
+
+
+def _same_content(src: Path, dst: Path) -> bool:
+    try:
+        a, b = src.stat(), dst.stat()
+    except OSError:
+        return False
+    if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino):
+        return True
+    return a.st_size == b.st_size and fingerprint(src) == fingerprint(dst)
+
+
+def link_or_copy(src: Path, dst: Path, link: bool = True) -> None:
+    """Hard-link `src` to `dst` (same file system) or copy it; `dst` must not exist."""
+    if link:
+        try:
+            os.link(src, dst)
+            return
+        except OSError:
+            pass  # another file system, or links not allowed: copy instead
+    shutil.copyfile(src, dst)
+
+
+def _unique_names(stems: list[StemSource]) -> None:
+    seen: set[str] = set()
+    for s in stems:
+        name, n = s.name, 2
+        while name.lower() in seen:
+            p = Path(s.name)
+            name = f"{p.stem}_{n}{p.suffix}"
+            n += 1
+        s.name = name
+        seen.add(name.lower())
+
+
+def import_tracks(library: Library, sources: Iterable[TrackSource | dict], link: bool = True,
+                  progress: Progress | None = None, should_stop: ShouldStop | None = None,
+                  total: int = 0) -> ImportReport:
+    """Write tracks into the library; returns what was added, updated, unchanged or refused.
+
+    A track whose origin is already in the library is compared stem by stem (same names, same
+    content); if nothing changed it is left alone, otherwise its stems are replaced and its
+    marks kept. A stem whose audio cannot be read is reported and left out; a track left
+    without stems is reported and not written.
+    """
+    report = ImportReport()
+    by_origin = {t.origin: t for t in library.tracks() if t.origin}
+    done = 0
+    for item in sources:
+        if should_stop is not None and should_stop():
+            report.stopped = True
+            break
+        if isinstance(item, dict):
+            report.errors.append(item)
+        else:
+            _import_one(library, item, by_origin, link, report)
+        done += 1
+        if progress is not None:
+            progress(done, max(total, done), f"{done} tracks read")
+    return report
+
+
+def _import_one(library: Library, src: TrackSource, by_origin: dict[str, Track], link: bool,
+                report: ImportReport) -> None:
+    good: list[tuple[StemSource, tuple[int, int, int]]] = []
+    for stem in src.stems:
+        try:
+            good.append((stem, audio_info(stem.path)))
+        except AudioError as e:
+            report.errors.append({"track": src.name, "stem": stem.path.name, "reason": e.reason})
+    if not good:
+        report.errors.append({"track": src.name, "stem": "", "reason": "no readable stems"})
+        return
+    stems = [s for s, _ in good]
+    _unique_names(stems)
+    for s in stems:
+        if s.cls is None:
+            key = s.raw_instrument or s.name
+            report.unmapped[key] = report.unmapped.get(key, 0) + 1
+
+    existing = by_origin.get(src.origin)
+    if existing is not None:
+        # Fresh from disk: marks set while a long import ran must survive an update.
+        existing = library.load(existing.id)
+        old_dir = library.track_dir(existing.id)
+        if (sorted(st.file for st in existing.stems) == sorted(f"stems/{s.name}" for s in stems)
+                and all(_same_content(s.path, old_dir / "stems" / s.name) for s in stems)):
+            report.unchanged.append(existing.id)
+            return
+        track_id = existing.id
+    else:
+        track_id = _free_id(library, make_track_id(src.name))
+
+    infos = [i for _, i in good if i[0] > 0]
+    rate, channels, _ = infos[0]
+    track = Track(
+        id=track_id, source=src.source, title=src.title or src.name, artist=src.artist,
+        origin=src.origin, genre=src.genre, rate=rate, channels=max(i[1] for i in infos),
+        duration_seconds=round(max(i[2] / i[0] for i in infos), 3),
+        stems=[Stem(file=f"stems/{s.name}", raw_instrument=s.raw_instrument, cls=s.cls,
+                    suggested=s.suggested) for s in stems],
+        marks=dict(existing.marks) if existing else {},
+        suggestions=list(src.suggestions))
+    if existing is not None:
+        # Keep the classes a person confirmed for stems that are still there.
+        confirmed = {st.file: st for st in existing.stems if not st.suggested and st.cls}
+        for st in track.stems:
+            if st.file in confirmed and st.cls != confirmed[st.file].cls and st.suggested:
+                st.cls, st.suggested = confirmed[st.file].cls, False
+    _write_track(library, track, stems, link, replace=existing is not None)
+    by_origin[src.origin] = track
+    (report.updated if existing else report.added).append(track_id)
+
+
+def _free_id(library: Library, base: str) -> str:
+    candidate, n = base, 2
+    while library.track_dir(candidate).exists():
+        candidate = f"{base}_{n}"
+        n += 1
+    return candidate
+
+
+def _write_track(library: Library, track: Track, stems: list[StemSource], link: bool,
+                 replace: bool) -> None:
+    """Build the track folder beside its final place and rename it in (never half-written)."""
+    final = library.track_dir(track.id)
+    staging = final.with_name(f".new-{track.id}") if replace else final
+    if replace and staging.exists():
+        shutil.rmtree(staging)
+    with atomic_dir(staging) as tmp:
+        (tmp / "stems").mkdir()
+        for s in stems:
+            link_or_copy(s.path, tmp / "stems" / s.name, link)
+        text = yaml.safe_dump(track.to_dict(), sort_keys=False, allow_unicode=True)
+        (tmp / "track.yaml").write_text(text, encoding="utf-8")
+    if replace:
+        old = final.with_name(f".old-{track.id}")
+        if old.exists():
+            shutil.rmtree(old)
+        os.rename(final, old)
+        os.rename(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def count_candidates(kind: str, root: str | os.PathLike, limit: int = 0) -> int:
+    """Rough number of tracks a reader will yield (for progress totals)."""
+    root = Path(root)
+    if kind == "medleydb":
+        n = sum(1 for p in root.rglob("*_STEMS") if p.is_dir())
+    elif kind == "slakh":
+        n = sum(1 for _ in root.rglob("metadata.yaml"))
+    else:
+        n = sum(1 for p in [root, *root.rglob("*")] if p.is_dir() and any(is_audio(f) for f in p.iterdir()))
+    return min(n, limit) if limit else n
+

@@ -1,0 +1,164 @@
+"""The ingestion service's jobs: thin adapters from job params to the domain functions."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from services.common.errors import InvalidArgumentError
+from services.common.library import Library
+from services.common.paths import DataRoot, PathError, safe_join
+from services.ingestion import importers, labels, marks, quality, solo
+from services.ingestion.mapping import Mapping
+
+IMPORT_FORMATS = ("medleydb", "slakh", "stems", "solo", "tracklist")
+
+
+def _callbacks(ctx):
+    return (lambda done, total, message="": ctx.progress(done, total, message)), (lambda: ctx.cancelled)
+
+
+def resolve_local_path(data: DataRoot, text: str, allowed_roots: list[str] | None = None) -> Path:
+    """A path the user pointed at: absolute, or relative to the data root.
+
+    With `allowed_roots` (config: services.ingestion.options.import_roots) it must lie inside
+    one of them, so a shared service cannot be made to read arbitrary folders.
+    """
+    if not text:
+        raise InvalidArgumentError("a path is required")
+    path = Path(text).expanduser()
+    if not path.is_absolute():
+        try:
+            path = safe_join(data.root, text)
+        except PathError as e:
+            raise InvalidArgumentError(str(e)) from e
+    path = path.resolve()
+    if allowed_roots:
+        roots = [Path(r).expanduser().resolve() for r in allowed_roots]
+        if not any(path == r or r in path.parents for r in roots):
+            raise InvalidArgumentError(f"{path} is outside the folders imports may read from: "
+                                       f"{', '.join(map(str, roots))}")
+    return path
+
+
+def validate_import(params: dict) -> dict:
+    """Check an import request before it becomes a job (bad requests fail at once)."""
+    fmt = params.get("format", "")
+    if fmt not in IMPORT_FORMATS:
+        raise InvalidArgumentError(f"unknown import format {fmt!r}; use {', '.join(IMPORT_FORMATS)}")
+    if fmt == "solo":
+        if not params.get("instrument"):
+            raise InvalidArgumentError("a solo import needs the instrument (e.g. guitar)")
+        if params.get("url"):
+            solo.validate_url(params["url"])
+        elif not params.get("path"):
+            raise InvalidArgumentError("a solo import needs a URL or a path")
+    elif not params.get("path"):
+        raise InvalidArgumentError(f"a {fmt} import needs a path")
+    if int(params.get("limit") or 0) < 0:
+        raise InvalidArgumentError("limit must not be negative")
+    return params
+
+
+class IngestionJobs:
+    def __init__(self, data: DataRoot, import_roots: list[str] | None = None):
+        self.data = data
+        self.import_roots = import_roots
+
+    def kinds(self) -> dict:
+        return {"ingestion.import": self.run_import, "ingestion.generate": self.run_generate,
+                "ingestion.apply_mapping": self.run_apply_mapping, "ingestion.quality": self.run_quality}
+
+    def _path(self, text: str) -> Path:
+        return resolve_local_path(self.data, text, self.import_roots)
+
+    def run_import(self, ctx, params: dict) -> dict:
+        params = validate_import(dict(params))
+        progress, should_stop = _callbacks(ctx)
+        library = Library(self.data)
+        mapping = Mapping.load(self.data)
+        fmt = params["format"]
+        link = not params.get("copy", False)
+        if fmt == "solo":
+            target = params.get("url") or str(self._path(params["path"]))
+            report = solo.import_solo(
+                library, target, params["instrument"],
+                piece_seconds=float(params.get("piece_seconds") or 180.0),
+                min_piece_seconds=float(params.get("min_piece_seconds") or 30.0),
+                title=params.get("title", ""), progress=progress, should_stop=should_stop)
+            return report.to_dict()
+        path = self._path(params["path"])
+        limit = int(params.get("limit") or 0)
+        if fmt == "tracklist":
+            search = params.get("search_root")
+            sources = marks.read_track_list(path, mapping, root_map=list(params.get("root_map") or []),
+                                            search_root=self._path(search) if search else None,
+                                            source=params.get("source", ""))
+            total = 0
+        else:
+            reader = {"medleydb": importers.read_medleydb, "slakh": importers.read_slakh,
+                      "stems": importers.read_stem_folders}[fmt]
+            sources = reader(path, mapping, limit=limit) if fmt == "slakh" else reader(path, mapping)
+            total = importers.count_candidates(fmt, path, limit)
+        ctx.progress(0, total, f"importing {fmt} from {path}")
+        report = importers.import_tracks(library, sources, link=link, progress=progress,
+                                         should_stop=should_stop, total=total)
+        return report.to_dict()
+
+    def run_generate(self, ctx, params: dict) -> dict:
+        from services.ingestion.synth import generate_songs  # FluidSynth rendering; load on use
+
+        progress, should_stop = _callbacks(ctx)
+        out_dir = resolve_generate_dir(self.data, params.get("out_dir", ""))
+        layout = params.get("layout") or "medleydb"
+        summary = generate_songs(out_dir, int(params.get("songs") or 0), float(params.get("seconds") or 0),
+                                 int(params.get("seed") or 0), layout=layout,
+                                 soundfont=params.get("soundfont") or None,
+                                 rate=int(params.get("rate") or 44100), progress=progress,
+                                 should_stop=should_stop)
+        result = {"generated": summary}
+        if params.get("import_after") and not summary.get("stopped"):
+            mapping = Mapping.load(self.data)
+            reader = importers.read_medleydb(out_dir, mapping) if layout == "medleydb" \
+                else importers.read_slakh(out_dir, mapping)
+            library = Library(self.data)
+            report = importers.import_tracks(library, _as_synthetic(reader), should_stop=should_stop)
+            result["import"] = report.to_dict()
+        return result
+
+    def run_apply_mapping(self, ctx, params: dict) -> dict:
+        progress, should_stop = _callbacks(ctx)
+        return labels.apply_mapping(Library(self.data), Mapping.load(self.data),
+                                    include_suggested=bool(params.get("include_suggested", True)),
+                                    progress=progress, should_stop=should_stop)
+
+    def run_quality(self, ctx, params: dict) -> dict:
+        progress, should_stop = _callbacks(ctx)
+        result = quality.check_library(Library(self.data), track_id=params.get("track_id", ""),
+                                       progress=progress, should_stop=should_stop)
+        # JSON-able for the job store (tuples become lists).
+        result["thresholds"] = {k: list(v) if isinstance(v, tuple) else v
+                                for k, v in result["thresholds"].items()}
+        return result
+
+
+def resolve_generate_dir(data: DataRoot, text: str) -> Path:
+    """Generated datasets go under the data root (relative paths; "synthetic/<name>")."""
+    if not text:
+        raise InvalidArgumentError("out_dir is required")
+    try:
+        if os.path.isabs(text):
+            path = Path(text).resolve()
+            if data.root not in path.parents:
+                raise InvalidArgumentError(f"out_dir {text} must lie inside the data root {data.root}")
+            return path
+        return safe_join(data.root, text)
+    except PathError as e:
+        raise InvalidArgumentError(str(e)) from e
+
+
+def _as_synthetic(sources):
+    for item in sources:
+        if isinstance(item, importers.TrackSource):
+            item.source = "synthetic"
+        yield item

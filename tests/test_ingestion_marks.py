@@ -1,0 +1,111 @@
+"""Marks in the thesis' YAML form and as CSV; the thesis' track lists re-rooted."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from services.common.library import Library
+from services.common.paths import DataRoot
+from services.ingestion.importers import import_tracks, read_medleydb
+from services.ingestion.mapping import Mapping
+from services.ingestion.marks import MarksError, export_marks, import_marks, read_track_list
+from tests.ingestion_data import make_medleydb, tone, write
+
+
+@pytest.fixture
+def library(tmp_path) -> Library:
+    lib = Library(DataRoot(tmp_path / "data").ensure())
+    import_tracks(lib, read_medleydb(make_medleydb(tmp_path / "mdb", songs=2, seconds=1.0), Mapping.defaults()))
+    return lib
+
+
+def test_marks_round_trip_through_the_thesis_yaml(library, tmp_path):
+    t = library.load("Artist1_Song1")
+    t.set_mark("guitar", "checked")
+    t.set_mark("guitar", "bleed")
+    library.save(t)
+    text = export_marks(library, "guitar", "yaml")
+    data = yaml.safe_load(text)
+    assert data["Artist1_Song1"] == {"audible": False, "bad_quality": False, "bleed": True, "checked": True,
+                                     "detailed": False, "inaudible": False, "mislabeled": False, "missing": False}
+    assert data["Artist2_Song2"]["checked"] is False
+    # Into a fresh library with the same tracks: the same marks come back.
+    other = Library(DataRoot(tmp_path / "other").ensure())
+    import_tracks(other, read_medleydb(tmp_path / "mdb", Mapping.defaults()))
+    result = import_marks(other, text, "guitar", "yaml")
+    assert result["updated"] == ["Artist1_Song1"] and result["ignored"] == ["audible"]
+    assert set(other.load("Artist1_Song1").marks["guitar"]) == {"checked", "bleed"}
+    assert export_marks(other, "guitar", "yaml") == text
+    # False clears a mark.
+    data["Artist1_Song1"]["bleed"] = False
+    import_marks(other, yaml.safe_dump(data), "guitar")
+    assert set(other.load("Artist1_Song1").marks["guitar"]) == {"checked"}
+    assert other.load("Artist1_Song1").usable_for("guitar")
+
+
+def test_marks_round_trip_through_csv_and_thesis_names(library, tmp_path):
+    t = library.load("Artist2_Song2")
+    t.set_mark("piano", "missing")
+    library.save(t)
+    csv_text = export_marks(library, "piano", "csv")
+    assert csv_text.splitlines()[0] == "track,instrument,missing,bleed,bad_quality,inaudible,mislabeled,detailed,checked"
+    assert "Artist2_Song2,piano,1,0,0,0,0,0,0" in csv_text
+    t.clear_mark("piano", "missing")
+    library.save(t)
+    assert not library.load("Artist2_Song2").marks
+    result = import_marks(library, csv_text, "piano", "csv")
+    assert result["updated"] == ["Artist2_Song2"]
+    assert library.load("Artist2_Song2").has_mark("piano", "missing")
+    # Unknown tracks are reported, not guessed; titles match too.
+    res = import_marks(library, yaml.safe_dump({"Song 1": {"checked": True}, "NoSuchSong": {"checked": True}}),
+                       "drums")
+    assert res == {"updated": ["Artist1_Song1"], "unchanged": [], "unmatched": ["NoSuchSong"], "ignored": []}
+
+
+def test_bad_marks_files_are_refused_before_anything_changes(library):
+    with pytest.raises(MarksError):
+        import_marks(library, "Artist1_Song1: {checked: maybe}", "guitar")
+    with pytest.raises(MarksError):
+        import_marks(library, "Artist1_Song1: {checked: true}", "kazoo")
+    assert not library.load("Artist1_Song1").marks
+
+
+def _thesis_list(tmp_path, audio_root):
+    entries = [{"name": "SongX", "instruments": ["guitar", "drums"], "stems": {
+        "SongX_guitar.wav": {"instrument": "distorted_guitar", "path": "/mnt/data/multitracks/SongX/SongX_guitar.wav"},
+        "SongX_drums.wav": {"instrument": "drums", "path": "/mnt/data/multitracks/SongX/SongX_drums.wav"},
+    }}]
+    write(audio_root / "SongX" / "SongX_guitar.wav", tone(1.0, 200))
+    write(audio_root / "SongX" / "SongX_drums.wav", tone(1.0, 100))
+    path = tmp_path / "tracks-stems.yaml"
+    path.write_text(yaml.safe_dump(entries))
+    return path
+
+
+def test_track_list_rerooted_by_prefix_and_by_search(tmp_path):
+    audio = tmp_path / "my audio"
+    lst = _thesis_list(tmp_path, audio)
+    mapping = Mapping.defaults()
+    lib = Library(DataRoot(tmp_path / "d1").ensure())
+    rep = import_tracks(lib, read_track_list(lst, mapping, root_map=[f"/mnt/data/multitracks={audio}"]))
+    assert rep.added == ["SongX"] and not rep.errors
+    t = lib.load("SongX")
+    assert t.source == "stems"
+    assert {s.file: s.cls for s in t.stems} == {"stems/SongX_guitar.wav": "guitar", "stems/SongX_drums.wav": "drums"}
+    lib2 = Library(DataRoot(tmp_path / "d2").ensure())
+    rep2 = import_tracks(lib2, read_track_list(lst, mapping, search_root=audio))
+    assert rep2.added == ["SongX"]
+    assert import_tracks(lib2, read_track_list(lst, mapping, search_root=audio)).unchanged == ["SongX"]
+
+
+def test_track_list_paths_cannot_escape_the_new_root(tmp_path):
+    audio = tmp_path / "audio"
+    write(tmp_path / "secret.wav", tone(1.0, 100))
+    audio.mkdir()
+    lst = tmp_path / "tracks-stems.yaml"
+    lst.write_text(yaml.safe_dump([{"name": "Evil", "stems": {
+        "secret.wav": {"instrument": "guitar", "path": "/mnt/data/../../secret.wav"}}}]))
+    lib = Library(DataRoot(tmp_path / "d").ensure())
+    rep = import_tracks(lib, read_track_list(lst, Mapping.defaults(), root_map=[f"/mnt/data={audio}"]))
+    assert rep.added == [] and "may not contain '..'" in rep.errors[0]["reason"]
