@@ -15,6 +15,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp/mkdtemp create private (0600/0700) entries; published files get the usual modes.
+_FILE_MODE = 0o666 & ~_umask()
+_DIR_MODE = 0o777 & ~_umask()
+
+
 class PathError(ValueError):
     """A path from metadata or a request would leave the folder it must stay in."""
 
@@ -53,6 +64,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     )
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, _FILE_MODE)
     try:
         yield tmp
         os.replace(tmp, target)
@@ -83,6 +95,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    os.chmod(tmp, _DIR_MODE)
     try:
         yield tmp
         os.rename(tmp, target)
