@@ -104,6 +104,11 @@ def test_kubernetes_manifests_match_compose():
                                       if a.startswith(("--port", "--rest_api_port", "--model_config_file="))}
     assert {p["port"] for p in docs[("Service", "serving")]["spec"]["ports"]} == {8500, 8501}
     assert container["readinessProbe"]["httpGet"]["port"] == 8501
+    # Web replicas must not share one separation queue (it lives in the process).
+    web = docs[("Deployment", "web")]["spec"]["template"]["spec"]
+    web_mounts = {m["mountPath"]: m["name"] for m in web["containers"][0]["volumeMounts"]}
+    assert {v["name"]: v for v in web["volumes"]}[web_mounts["/data/web"]].get("emptyDir") is not None
+    assert docs[("Service", "web")]["spec"]["sessionAffinity"] == "ClientIP"
 
 
 def test_training_jobs_exist_for_cpu_and_gpu():

@@ -1,0 +1,160 @@
+"""Songs given as links: checking a URL before anything is fetched, and downloading it with yt-dlp.
+
+yt-dlp handles every site it has an extractor for, and plain audio URLs through its generic
+extractor. Links must be http(s) and, unless the settings allow the host, must not lead to
+loopback, private, link-local or otherwise internal addresses (the web server must not become
+a way into the network it runs in).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from services.common.errors import InvalidArgumentError
+
+MAX_URL_LENGTH = 2048
+
+
+class LinkError(InvalidArgumentError):
+    """The link is refused or could not be downloaded; the message is for the person who gave it."""
+
+
+class _Stop(Exception):
+    """Raised inside yt-dlp's progress hook to abort a download."""
+
+
+def _allowed(address: ipaddress._BaseAddress, allow: Iterable[str]) -> bool:
+    return any(address in ipaddress.ip_network(entry, strict=False) for entry in allow)
+
+
+def is_internal(address: ipaddress._BaseAddress) -> bool:
+    """Whether an address is one a public link must not lead to."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return (address.is_private or address.is_loopback or address.is_link_local or address.is_multicast
+            or address.is_reserved or address.is_unspecified)
+
+
+def resolve_host(host: str) -> list[ipaddress._BaseAddress]:
+    """Every address `host` resolves to (an IP literal resolves to itself)."""
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError) as error:
+        raise LinkError(f"cannot resolve the host {host!r} of the link") from error
+    return sorted({ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos}, key=str)
+
+
+def check_url(url: str, allow_hosts: Iterable[str] = (),
+              resolve: Callable[[str], list] = resolve_host) -> str:
+    """Validate a link given by a user; returns it stripped, raises LinkError saying what is wrong."""
+    url = (url or "").strip()
+    if not url:
+        raise LinkError("the link is empty")
+    if len(url) > MAX_URL_LENGTH:
+        raise LinkError(f"the link is longer than {MAX_URL_LENGTH} characters")
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https"):
+        raise LinkError(f"only http and https links are accepted, not {parts.scheme or 'a link without scheme'!r}")
+    host = parts.hostname
+    if not host:
+        raise LinkError("the link has no host name")
+    if parts.username or parts.password:
+        raise LinkError("links with a user name or password are not accepted")
+    allow = list(allow_hosts)
+    for address in resolve(host):
+        if is_internal(address) and not _allowed(address, allow):
+            raise LinkError(f"the link leads to a private or local address ({address}), which is not allowed")
+    return url
+
+
+def download(url: str, folder: Path, max_bytes: int, max_seconds_audio: float, timeout_seconds: float,
+             allow_hosts: Iterable[str] = (), progress: Callable[[float, float, str], None] | None = None,
+             should_stop: Callable[[], bool] | None = None) -> Path:
+    """Fetch the audio behind `url` into `folder` with yt-dlp; returns the downloaded file.
+
+    Refuses (LinkError) media longer than `max_seconds_audio` or larger than `max_bytes` (before
+    downloading when the site says so, else while downloading), downloads taking longer than
+    `timeout_seconds`, and media whose actual URL leads to an internal address.
+    """
+    import yt_dlp  # heavy; only the worker thread needs it
+
+    allow = list(allow_hosts)
+    check_url(url, allow)
+    folder.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+
+    def hook(status: dict) -> None:
+        if should_stop is not None and should_stop():
+            raise _Stop("cancelled")
+        if time.monotonic() - started > timeout_seconds:
+            raise _Stop(f"the download took longer than {timeout_seconds:g} s")
+        done = float(status.get("downloaded_bytes") or 0)
+        if done > max_bytes:
+            raise _Stop(f"the download is larger than {max_bytes / 1e6:.0f} MB")
+        if progress is not None and status.get("status") == "downloading":
+            total = float(status.get("total_bytes") or status.get("total_bytes_estimate") or 0)
+            progress(done, total, f"downloading: {done / 1e6:.1f} MB")
+
+    options = {
+        "format": "bestaudio/best",
+        "outtmpl": str(folder / "download.%(ext)s"),
+        "noplaylist": True,
+        "playlist_items": "1",
+        "max_filesize": max_bytes,
+        "socket_timeout": min(30.0, timeout_seconds),
+        "quiet": True,
+        "no_warnings": True,
+        "noprogress": True,
+        "progress_hooks": [hook],
+        "restrictfilenames": True,
+        "overwrites": True,
+        "cachedir": False,
+        "retries": 1,
+        "fragment_retries": 1,
+    }
+    try:
+        with yt_dlp.YoutubeDL(options) as ydl:
+            info = ydl.extract_info(url, download=False)
+            if info is None:
+                raise LinkError("no audio was found behind the link")
+            if info.get("_type") in ("playlist", "multi_video"):
+                entries = [entry for entry in info.get("entries") or [] if entry]
+                if not entries:
+                    raise LinkError("the link is an empty playlist")
+                info = entries[0]
+            duration = info.get("duration")
+            if duration and float(duration) > max_seconds_audio:
+                raise LinkError(f"the song is {float(duration):.0f} s long; at most {max_seconds_audio:.0f} s are accepted")
+            size = info.get("filesize") or info.get("filesize_approx")
+            if size and float(size) > max_bytes:
+                raise LinkError(f"the file is {float(size) / 1e6:.0f} MB; at most {max_bytes / 1e6:.0f} MB are accepted")
+            media_url = info.get("url")
+            if media_url:
+                # The media may live on another host than the page; it must pass the same check.
+                check_url(media_url, allow)
+            info = ydl.process_ie_result(info, download=True)
+    except LinkError:
+        raise
+    except _Stop as stop:
+        raise LinkError(str(stop)) from None
+    except yt_dlp.utils.DownloadError as error:
+        if isinstance(getattr(error, "exc_info", (None, None))[1], _Stop):
+            raise LinkError(str(error.exc_info[1])) from None
+        message = str(error).replace("ERROR: ", "", 1).strip()
+        raise LinkError(f"the link could not be downloaded: {message[:300]}") from None
+    except Exception as error:  # yt-dlp raises many kinds; the user gets a message, never a trace
+        cause = error
+        while cause.__context__ is not None and not isinstance(cause, _Stop):
+            cause = cause.__context__
+        if isinstance(cause, _Stop):
+            raise LinkError(str(cause)) from None
+        raise LinkError(f"the link could not be downloaded: {str(error)[:300]}") from None
+    files = sorted(p for p in folder.glob("download.*") if p.is_file() and not p.name.endswith((".part", ".ytdl")))
+    if not files:
+        raise LinkError("the download produced no file (it was larger than allowed, or empty)")
+    return files[0]

@@ -1,0 +1,73 @@
+"""The review page: listen to each stem of one instrument in five parts and set quality marks.
+
+As in the thesis' tool, every stem is trimmed of leading and trailing silence and played in
+five equal parts; one button (and one key) per mark. Tracks, parts and marks all come from the
+ingestion service over gRPC; the automatic checks' suggestions are shown beside the buttons.
+"""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, current_app, jsonify, render_template, request
+
+from services.common.errors import InvalidArgumentError
+from services.common.library import CLASSES
+from services.frontend.backends import BackendUnavailable
+from services.frontend.ingestion import MARK_KEYS, MARKS, IngestionClient
+
+bp = Blueprint("review", __name__)
+
+# Classes a person reviews stems of (mix and excluded stems are never mixed, so never reviewed).
+REVIEWED_CLASSES = tuple(c for c in CLASSES if c not in ("mix", "excluded"))
+
+
+def _client() -> IngestionClient:
+    client = current_app.extensions.get("stemlab_ingestion")
+    if client is None:
+        client = IngestionClient(current_app.extensions["stemlab_settings"].ingestion_address)
+        current_app.extensions["stemlab_ingestion"] = client
+    return client
+
+
+def _instrument() -> str:
+    instrument = (request.args.get("instrument") or "guitar").strip()
+    if instrument not in REVIEWED_CLASSES:
+        raise InvalidArgumentError(f"unknown instrument {instrument!r}; choose one of {', '.join(REVIEWED_CLASSES)}")
+    return instrument
+
+
+@bp.get("/review")
+def page():
+    instrument = _instrument()
+    try:
+        tracks = _client().list_tracks(instrument)
+        error = ""
+    except BackendUnavailable as unavailable:
+        tracks, error = [], str(unavailable)
+    return render_template("review.html", instrument=instrument, tracks=tracks, error=error,
+                           marks=MARKS, keys=MARK_KEYS, instruments=REVIEWED_CLASSES)
+
+
+@bp.get("/api/review/tracks")
+def tracks():
+    return jsonify(tracks=_client().list_tracks(_instrument()))
+
+
+@bp.get("/api/review/tracks/<track_id>")
+def track(track_id: str):
+    return jsonify(_client().track_review(track_id, _instrument()))
+
+
+@bp.get("/api/review/tracks/<track_id>/parts/<int:part>.wav")
+def part_audio(track_id: str, part: int):
+    data = _client().part_audio(track_id, _instrument(), part)
+    return Response(data, mimetype="audio/wav", headers={"Cache-Control": "max-age=600"})
+
+
+@bp.route("/api/review/tracks/<track_id>/marks/<mark>", methods=["PUT", "DELETE"])
+def mark(track_id: str, mark: str):
+    client = _client()
+    if request.method == "PUT":
+        track = client.set_mark(track_id, _instrument(), mark)
+    else:
+        track = client.clear_mark(track_id, _instrument(), mark)
+    return jsonify(track)

@@ -1,0 +1,331 @@
+"""Separations of the web demo: the job that separates one song, and the bounded queue around it.
+
+A separation's files live in DATA/web/separations/<folder>/ (the uploaded or downloaded song
+while it runs, then instrument/rest as WAV, FLAC and MP3 and a waveform picture). Job states
+are kept by the common job store in DATA/web/separations.sqlite, so a page reload or a later
+visit finds the job, and a job that was running when the server died reads as failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from services.common import jobs as jobstore
+from services.common.audio import MP3_RATES_HZ, AudioError, audio_info, read_audio, resample, write_audio
+from services.common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from services.common.paths import PathError, safe_join
+from services.frontend import links
+from services.frontend.pictures import draw_waveforms
+from services.frontend.settings import WebSettings
+
+log = logging.getLogger(__name__)
+
+JOB_KIND = "web.separate"
+STEMS = ("instrument", "rest")
+FORMATS = ("wav", "flac", "mp3")
+EAGER_FORMATS = ("wav", "flac")
+SUBTYPES = {"wav": "FLOAT", "flac": "PCM_24", "mp3": None}
+PICTURE = "waveforms.png"
+MP3_FALLBACK_RATE_HZ = 44100
+_FOLDER = re.compile(r"^[a-f0-9]{32}$")
+
+Progress = Callable[[float, float, str], None]
+
+
+class SeparationFailed(Exception):
+    """Why a separation failed, in words for the person who asked for it."""
+
+
+class SongRefused(InvalidArgumentError):
+    """The song itself is refused: not audio, too long."""
+
+
+class QueueFull(FailedPreconditionError):
+    """Too many separations are waiting; the person should try again later."""
+
+
+class SeparationNotFound(NotFoundError):
+    pass
+
+
+@dataclass(frozen=True)
+class SongInfo:
+    rate: int
+    channels: int
+    seconds: float
+
+
+def check_song(path: Path, max_seconds: float, decode: bool = True) -> SongInfo:
+    """Decode `path` (formats are judged by decoding, not by name) and check its length.
+
+    Raises SongRefused with the reason when the file is not audio or is longer than allowed.
+    The header is read first, so an hour-long file is refused without decoding it.
+    """
+    try:
+        rate, channels, frames = audio_info(path)
+        if frames / rate > max_seconds + 0.5:
+            raise SongRefused(f"the song is {frames / rate:.0f} s long; at most {max_seconds:.0f} s are accepted")
+        if decode:
+            audio, rate = read_audio(path)
+            channels, frames = audio.shape
+    except AudioError as error:
+        raise SongRefused(f"this file cannot be read as audio ({error.reason})") from None
+    seconds = frames / rate
+    if seconds > max_seconds:
+        raise SongRefused(f"the song is {seconds:.0f} s long; at most {max_seconds:.0f} s are accepted")
+    return SongInfo(rate=int(rate), channels=int(channels), seconds=float(seconds))
+
+
+def write_stems(folder: Path, instrument: np.ndarray, rest: np.ndarray, rate: int) -> dict[str, dict[str, str]]:
+    """Write instrument and rest (channels, samples) at `rate` as WAV and FLAC into `folder`.
+
+    Both keep the song's rate and channels. MP3 is made on first request (`ensure_mp3`): its
+    encoder is the slowest step by far (~10 s for a 3-minute stereo stem here), and most people
+    never ask for it. Returns {stem: {format: file name}}.
+    """
+    names: dict[str, dict[str, str]] = {}
+    for stem, audio in (("instrument", instrument), ("rest", rest)):
+        names[stem] = {}
+        for fmt in EAGER_FORMATS:
+            write_audio(folder / f"{stem}.{fmt}", audio, rate, SUBTYPES[fmt])
+            names[stem][fmt] = f"{stem}.{fmt}"
+    return names
+
+
+_mp3_locks: dict[Path, threading.Lock] = {}
+_mp3_locks_guard = threading.Lock()
+
+
+def ensure_mp3(folder: Path, stem: str) -> Path:
+    """`folder`/<stem>.mp3, encoded from the stem's WAV the first time it is asked for.
+
+    MP3 only knows some rates: other rates are resampled to 44.1 kHz for the MP3 alone.
+    Concurrent requests for the same file wait for one encoder instead of starting their own.
+    """
+    target = folder / f"{stem}.mp3"
+    with _mp3_locks_guard:
+        lock = _mp3_locks.setdefault(target, threading.Lock())
+    with lock:
+        if not target.is_file():
+            audio, rate = read_audio(folder / f"{stem}.wav")
+            if rate not in MP3_RATES_HZ:
+                audio, rate = resample(audio, rate, MP3_FALLBACK_RATE_HZ), MP3_FALLBACK_RATE_HZ
+            write_audio(target, audio, rate)
+    with _mp3_locks_guard:
+        _mp3_locks.pop(target, None)
+    return target
+
+
+def separate_song(song: Path, folder: Path, model: str, settings: WebSettings,
+                  progress: Progress | None = None, should_stop: Callable[[], bool] | None = None,
+                  progress_start: float = 0.0) -> dict:
+    """Separate the song at `song` with the served `model`; the results land in `folder`.
+
+    progress(done, total, message) runs from `progress_start` to 1 (total is 1). Returns the
+    job result {model, version, rate, channels, seconds}. Raises SongRefused, or the serving
+    client's ServingError / SeparationCancelled.
+    """
+    from services.serving.client import ServedModel, separate_array  # imports tensorflow protos
+
+    def report(fraction: float, message: str) -> None:
+        if progress is not None:
+            progress(progress_start + (1 - progress_start) * fraction, 1.0, message)
+
+    report(0.0, "reading the song")
+    check_song(song, settings.max_song_seconds, decode=False)
+    try:
+        audio, rate = read_audio(song)
+    except AudioError as error:
+        raise SongRefused(f"this file cannot be read as audio ({error.reason})") from None
+    seconds = audio.shape[1] / rate
+    if seconds > settings.max_song_seconds:
+        raise SongRefused(f"the song is {seconds:.0f} s long; at most {settings.max_song_seconds:.0f} s are accepted")
+    with ServedModel(model, settings.serving_address if settings.serving_protocol == "grpc"
+                     else settings.serving_rest_address, settings.serving_protocol,
+                     timeout_seconds=settings.serving_timeout_seconds) as served:
+        instrument, rest = separate_array(
+            audio, rate, model, segment_seconds=settings.segment_seconds, served_model=served,
+            progress=lambda done, total, message: report(0.05 + 0.8 * done / max(total, 1e-9), message),
+            should_stop=should_stop)
+        version = served.served_version
+    report(0.86, "writing WAV and FLAC")
+    write_stems(folder, instrument, rest, rate)
+    report(0.96, "drawing the waveforms")
+    draw_waveforms(folder / PICTURE, [("mix", audio), ("instrument", instrument), ("rest", rest)], rate)
+    report(1.0, "done")
+    return {"model": model, "version": version, "rate": int(rate), "channels": int(audio.shape[0]),
+            "seconds": round(float(seconds), 3)}
+
+
+def user_message(error: str) -> str:
+    """The stored error of a failed job, as shown to a person."""
+    if error.startswith(jobstore.INTERRUPTED):
+        return "the web server restarted while this separation ran; please start it again"
+    return re.sub(r"^[A-Za-z_.]*(Failed|Error|Cancelled)[A-Za-z_]*: ", "", error, count=1) or "the separation failed"
+
+
+class SeparationQueue:
+    """A bounded pool of worker threads separating songs, with states in SQLite and files on disk."""
+
+    def __init__(self, settings: WebSettings):
+        self.settings = settings
+        self.root = settings.web_root / "separations"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.store = jobstore.JobStore(settings.web_root / "separations.sqlite")
+        self.runner = jobstore.JobRunner(self.store, "web", workers=settings.workers)
+        self.runner.register(JOB_KIND, self._job)
+        self._submit_lock = threading.Lock()
+        self._sweeper: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._started = False
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        self._started = True
+        self.runner.start()
+        self._sweeper = threading.Thread(target=self._sweep_forever, name="web-sweep", daemon=True)
+        self._sweeper.start()
+
+    def stop(self, grace_seconds: float = 5.0) -> None:
+        """Ask running separations to stop; what still runs after `grace_seconds` is marked failed."""
+        self._stopping.set()
+        if self._started:
+            self._started = False
+            self.runner.shutdown(grace_seconds)
+
+    # -- folders --------------------------------------------------------------------------
+    def new_folder(self) -> tuple[str, Path]:
+        name = secrets.token_hex(16)
+        folder = self.root / name
+        folder.mkdir(parents=True)
+        return name, folder
+
+    def folder(self, job: jobstore.JobRecord) -> Path:
+        name = str(job.params.get("folder", ""))
+        if not _FOLDER.match(name):
+            raise SeparationNotFound(f"separation {job.id} has no result folder")
+        try:
+            return safe_join(self.root, name)
+        except PathError as error:
+            raise SeparationNotFound(str(error)) from None
+
+    # -- requests -------------------------------------------------------------------------
+    def submit(self, params: dict) -> jobstore.JobRecord:
+        """Queue a separation; raises QueueFull when `max_queued` are already waiting or running."""
+        with self._submit_lock:
+            active, _ = self.store.list(states=(jobstore.QUEUED, jobstore.RUNNING),
+                                        page_size=self.settings.max_queued + 1)
+            if len(active) >= self.settings.max_queued:
+                raise QueueFull(f"{len(active)} separations are already waiting; please try again in a few minutes")
+            return self.runner.submit(JOB_KIND, params)
+
+    def get(self, job_id: str) -> jobstore.JobRecord:
+        if not re.fullmatch(r"web-[a-f0-9]{12}", job_id or ""):
+            raise SeparationNotFound(f"no separation {job_id!r}")
+        try:
+            job = self.runner.get(job_id)
+        except jobstore.JobNotFoundError:
+            raise SeparationNotFound(f"no separation {job_id!r}") from None
+        if job.kind != JOB_KIND:
+            raise SeparationNotFound(f"no separation {job_id!r}")
+        return job
+
+    def queue_position(self, job: jobstore.JobRecord) -> int:
+        """How many queued separations were submitted before this queued one (0: next)."""
+        if job.state != jobstore.QUEUED:
+            return 0
+        queued, _ = self.store.list(states=(jobstore.QUEUED,), page_size=self.settings.max_queued + 1)
+        return sum(1 for other in queued if other.seq < job.seq)
+
+    # -- the job --------------------------------------------------------------------------
+    def _job(self, ctx: jobstore.JobContext, params: dict) -> dict:
+        folder = safe_join(self.root, params["folder"])
+        progress = lambda done, total, message="": ctx.progress(done, total, message)  # noqa: E731
+        should_stop = lambda: ctx.cancelled  # noqa: E731
+        try:
+            from services.serving.client import SeparationCancelled, ServingError
+
+            if params.get("url"):
+                progress(0, 1, "downloading the song")
+                song = links.download(
+                    params["url"], folder / "download", self.settings.download_max_bytes,
+                    self.settings.max_song_seconds, self.settings.download_timeout_seconds,
+                    self.settings.allow_hosts,
+                    progress=lambda done, total, message: progress(0.2 * done / total if total else 0.0, 1, message),
+                    should_stop=should_stop)
+                start = 0.2
+            else:
+                song = safe_join(folder, params["input"])
+                start = 0.0
+            result = separate_song(song, folder, params["model"], self.settings, progress, should_stop, start)
+            result["title"] = params.get("title", "")
+        except (SongRefused, links.LinkError) as error:
+            raise SeparationFailed(str(error)) from None
+        except SeparationCancelled:
+            raise jobstore.JobCancelled("cancelled") from None
+        except ServingError as error:
+            raise SeparationFailed(f"the model could not be reached or refused the song: {error}") from None
+        except jobstore.JobCancelled:
+            raise
+        except Exception:
+            log.exception("separation %s failed", ctx.job_id)
+            raise SeparationFailed("the separation failed because of an internal error (see the server log)") from None
+        finally:
+            # The song is not kept: instrument + rest add back up to it.
+            for leftover in ("download",):
+                shutil.rmtree(folder / leftover, ignore_errors=True)
+            if params.get("input"):
+                (folder / params["input"]).unlink(missing_ok=True)
+        return result
+
+    # -- cleanup --------------------------------------------------------------------------
+    def sweep(self, now: float | None = None) -> list[str]:
+        """Delete result folders older than the configured time; returns the deleted folder names.
+
+        A folder goes once its job ended more than `result_ttl_hours` ago; a folder no job
+        refers to (a refused upload) once it is that old itself.
+        """
+        now = time.time() if now is None else now
+        cutoff = now - self.settings.result_ttl_hours * 3600
+        owners: dict[str, jobstore.JobRecord] = {}
+        cursor = None
+        while True:
+            page, cursor = self.store.list(page_size=500, before_seq=cursor)
+            for job in page:
+                owners[str(job.params.get("folder", ""))] = job
+            if cursor is None:
+                break
+        deleted = []
+        for folder in sorted(self.root.iterdir()):
+            if not folder.is_dir():
+                continue
+            job = owners.get(folder.name)
+            if job is not None:
+                expired = job.ended and (job.finished or job.created) < cutoff
+            else:
+                expired = folder.stat().st_mtime < cutoff
+            if expired:
+                shutil.rmtree(folder, ignore_errors=True)
+                deleted.append(folder.name)
+        if deleted:
+            log.info("cleanup: deleted %d expired separation folders", len(deleted))
+        return deleted
+
+    def _sweep_forever(self) -> None:
+        while True:
+            try:
+                self.sweep()
+            except Exception:  # the sweep must never stop for good
+                log.exception("cleanup sweep failed")
+            if self._stopping.wait(self.settings.sweep_seconds):
+                return

@@ -1,0 +1,111 @@
+// Review page: open a track, play its five parts one after the other, toggle marks by button or key.
+(function () {
+  const panel = document.getElementById("review-panel");
+  if (!panel) return;
+  const instrument = panel.dataset.instrument;
+  const player = document.getElementById("part-player");
+  const errorBox = document.getElementById("review-error");
+  const rows = Array.from(document.querySelectorAll("#tracks tbody tr"));
+  let current = null;  // the open track (JSON from the API)
+  let part = 0;
+
+  function api(path, options) {
+    return fetch(path + (path.includes("?") ? "&" : "?") + "instrument=" + encodeURIComponent(instrument), options)
+      .then(function (r) {
+        return r.json().then(function (body) {
+          if (!r.ok) throw new Error(body.error || ("the server answered " + r.status));
+          return body;
+        });
+      });
+  }
+  function showError(error) { errorBox.textContent = error.message; errorBox.hidden = false; }
+  function trackUrl(id) { return "/api/review/tracks/" + encodeURIComponent(id); }
+
+  function showMarks(track) {
+    document.querySelectorAll("button.mark").forEach(function (button) {
+      button.setAttribute("aria-pressed", String(track.marks.includes(button.dataset.mark)));
+      const suggested = track.suggestions.some(function (s) { return s.mark === button.dataset.mark; });
+      button.classList.toggle("suggested", suggested);
+    });
+    const row = rows.find(function (r) { return r.dataset.track === track.id; });
+    if (row) row.querySelector(".track-marks").textContent = track.marks.join(", ");
+  }
+
+  function playPart(index, autoplay) {
+    if (!current || !current.parts.length) return;
+    part = Math.max(0, Math.min(index, current.parts.length - 1));
+    const p = current.parts[part];
+    player.src = trackUrl(current.id) + "/parts/" + part + ".wav?instrument=" + encodeURIComponent(instrument);
+    document.getElementById("part-label").textContent =
+      "part " + (part + 1) + " of " + current.parts.length + " (" + p.start_seconds.toFixed(1) + "–" + p.end_seconds.toFixed(1) + " s)";
+    if (autoplay) player.play().catch(function () {});
+  }
+  player.addEventListener("ended", function () {
+    if (current && part + 1 < current.parts.length) playPart(part + 1, true);
+  });
+
+  function open(id) {
+    errorBox.hidden = true;
+    api(trackUrl(id)).then(function (track) {
+      current = track;
+      panel.hidden = false;
+      panel.dataset.track = track.id;
+      document.getElementById("review-title").textContent = track.title;
+      document.getElementById("review-stems").textContent =
+        (track.stems.join(", ") || "no stem") + (track.audible ? "" : " — all below −50 dBFS");
+      const list = document.getElementById("suggestions");
+      list.innerHTML = "";
+      track.suggestions.forEach(function (s) {
+        const item = document.createElement("li");
+        const evidence = Object.entries(s.evidence || {}).map(function (e) { return e[0] + " " + e[1]; }).join(", ");
+        item.textContent = "suggested: " + s.mark + (s.stem ? " for " + s.stem : "") + " (" + s.check + (evidence ? ": " + evidence : "") + ")";
+        list.appendChild(item);
+      });
+      rows.forEach(function (r) { r.classList.toggle("open", r.dataset.track === track.id); });
+      showMarks(track);
+      playPart(0, false);
+    }).catch(showError);
+  }
+
+  function toggle(mark) {
+    if (!current) return;
+    const on = current.marks.includes(mark);
+    api(trackUrl(current.id) + "/marks/" + mark, {method: on ? "DELETE" : "PUT"})
+      .then(function (track) { current.marks = track.marks; showMarks(current); })
+      .catch(showError);
+  }
+
+  function step(delta) {
+    if (!rows.length) return;
+    const index = current ? rows.findIndex(function (r) { return r.dataset.track === current.id; }) : -1;
+    const next = rows[Math.max(0, Math.min(rows.length - 1, index + delta))];
+    open(next.dataset.track);
+  }
+
+  document.querySelectorAll(".open-track").forEach(function (link) {
+    link.addEventListener("click", function (e) { e.preventDefault(); open(link.dataset.track); });
+  });
+  document.querySelectorAll("button.mark").forEach(function (button) {
+    button.addEventListener("click", function () { toggle(button.dataset.mark); });
+  });
+  document.querySelectorAll("button.part").forEach(function (button) {
+    button.addEventListener("click", function () { playPart(Number(button.dataset.part), true); });
+  });
+  document.getElementById("next-part").addEventListener("click", function () { playPart(part + 1, true); });
+
+  const keys = {};
+  document.querySelectorAll("button.mark").forEach(function (b) { keys[b.dataset.key] = b.dataset.mark; });
+  document.addEventListener("keydown", function (e) {
+    if (e.target.tagName === "INPUT" || e.ctrlKey || e.metaKey || e.altKey) return;
+    if (keys[e.key]) { toggle(keys[e.key]); }
+    else if (e.key === "n") { playPart(part + 1, true); }
+    else if (e.key === "j") { step(1); }
+    else if (e.key === "k") { step(-1); }
+    else if (e.key === " ") { e.preventDefault(); if (player.paused) player.play().catch(function () {}); else player.pause(); }
+    else return;
+  });
+
+  const start = decodeURIComponent(window.location.hash.slice(1));
+  if (start && rows.some(function (r) { return r.dataset.track === start; })) open(start);
+  else if (rows.length) open(rows[0].dataset.track);
+})();

@@ -1,0 +1,156 @@
+"""Process entry point of the TF-Serving-compatible model server (flags as tensorflow_model_server).
+
+    python -m services.serving.server --port 8500 --rest_api_port 8501 \
+        --model_config_file deploy/serving/models.config \
+        --model_base_path_prefix "$STEMLAB_DATA/models" --file_system_poll_wait_seconds 1
+
+``--model_base_path_prefix`` (ours; TF Serving has no such flag) re-roots every ``base_path`` of
+the config to ``<prefix>/<last component>``, so the compose config (``/models/guitar``) also
+serves ``$STEMLAB_DATA/models/guitar`` locally. ``--model_name``/``--model_base_path`` serve a
+single model without a config file, as in TF Serving.
+"""
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
+from werkzeug.serving import make_server
+
+from services.serving.config import ConfigError, ModelSpec, load_model_config, rebase
+from services.serving.grpc_api import ModelServicer, PredictionServicer
+from services.serving.registry import ModelRegistry
+from services.serving.rest_api import create_rest_app
+
+log = logging.getLogger("services.serving")
+
+# TF Serving accepts messages up to INT32_MAX bytes; keep that as the default.
+DEFAULT_MAX_MESSAGE_MB = 2047
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m services.serving.server", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--port", type=int, default=8500, help="gRPC port (0: do not serve gRPC)")
+    parser.add_argument("--rest_api_port", type=int, default=8501, help="REST port (0: do not serve REST)")
+    parser.add_argument("--host", default="0.0.0.0", help="address to bind both ports to")
+    parser.add_argument("--model_config_file", help="ModelServerConfig text proto (model_config_list)")
+    parser.add_argument("--model_base_path_prefix", help="re-root every base_path to PREFIX/<last component>")
+    parser.add_argument("--model_name", default="default", help="single model name (without a config file)")
+    parser.add_argument("--model_base_path", help="single model base path (without a config file)")
+    parser.add_argument("--file_system_poll_wait_seconds", type=float, default=1.0,
+                        help="seconds between scans for new versions (0: scan once at startup)")
+    parser.add_argument("--grpc_max_message_mb", type=int, default=DEFAULT_MAX_MESSAGE_MB,
+                        help="largest gRPC request/response in MiB")
+    parser.add_argument("--grpc_max_threads", type=int, default=16, help="concurrent gRPC requests")
+    parser.add_argument("--rest_api_max_request_mb", type=int, default=1024, help="largest REST body in MiB")
+    parser.add_argument("--log_level", default="INFO")
+    args = parser.parse_args(argv)
+    if not args.model_config_file and not args.model_base_path:
+        parser.error("give --model_config_file or --model_base_path")
+    if args.port == 0 and args.rest_api_port == 0:
+        parser.error("both --port and --rest_api_port are 0: nothing to serve")
+    return args
+
+
+def model_specs(args: argparse.Namespace) -> list[ModelSpec]:
+    if args.model_config_file:
+        return load_model_config(args.model_config_file, args.model_base_path_prefix)
+    return [ModelSpec(name=args.model_name, base_path=rebase(args.model_base_path, args.model_base_path_prefix))]
+
+
+class ModelServer:
+    """The registry, its poller, the gRPC server and the REST server of one process."""
+
+    def __init__(self, args: argparse.Namespace, specs: list[ModelSpec]):
+        self.args = args
+        self.registry = ModelRegistry(specs)
+        self.stopping = threading.Event()
+        self.grpc_server = None
+        self.rest_server = None
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        # Like tensorflow_model_server: load what is there before opening the ports.
+        self.registry.poll()
+        args = self.args
+        if args.port:
+            max_bytes = args.grpc_max_message_mb * 1024 * 1024
+            options = [("grpc.max_receive_message_length", max_bytes), ("grpc.max_send_message_length", max_bytes)]
+            self.grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=args.grpc_max_threads), options=options)
+            prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+                PredictionServicer(self.registry), self.grpc_server)
+            model_service_pb2_grpc.add_ModelServiceServicer_to_server(
+                ModelServicer(self.registry, args.model_base_path_prefix), self.grpc_server)
+            health_servicer = health.HealthServicer()
+            health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self.grpc_server)
+            reflection.enable_server_reflection([
+                "tensorflow.serving.PredictionService", "tensorflow.serving.ModelService",
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME,
+            ], self.grpc_server)
+            try:
+                bound = self.grpc_server.add_insecure_port(f"{args.host}:{args.port}")
+            except RuntimeError as error:  # newer grpcio raises instead of returning 0
+                raise OSError(f"cannot bind gRPC port {args.port}: {error}") from error
+            if bound == 0:
+                raise OSError(f"cannot bind gRPC port {args.port}")
+            self.grpc_server.start()
+            for service in ("", "tensorflow.serving.PredictionService", "tensorflow.serving.ModelService"):
+                health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+            log.info("gRPC serving on %s:%d", args.host, args.port)
+        if args.rest_api_port:
+            app = create_rest_app(self.registry, args.rest_api_max_request_mb * 1024 * 1024)
+            self.rest_server = make_server(args.host, args.rest_api_port, app, threaded=True)
+            self._spawn(self.rest_server.serve_forever, "rest")
+            log.info("REST serving on %s:%d", args.host, args.rest_api_port)
+        if args.file_system_poll_wait_seconds > 0:
+            self._spawn(self._poll_forever, "poll")
+
+    def _spawn(self, target, name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _poll_forever(self) -> None:
+        while not self.stopping.wait(self.args.file_system_poll_wait_seconds):
+            self.registry.poll()
+
+    def stop(self, grace_seconds: float = 5.0) -> None:
+        self.stopping.set()
+        if self.rest_server is not None:
+            self.rest_server.shutdown()
+        if self.grpc_server is not None:
+            self.grpc_server.stop(grace_seconds).wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        specs = model_specs(args)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    server = ModelServer(args, specs)
+    try:
+        server.start()
+    except OSError as error:
+        print(f"error: {error}", file=sys.stderr)
+        server.stop(0)
+        return 1
+    done = threading.Event()
+    for signal_number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signal_number, lambda *_: done.set())
+    done.wait()
+    log.info("shutting down")
+    server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

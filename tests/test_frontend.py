@@ -1,0 +1,481 @@
+"""The web demo through Flask's test client, against a real compatible serving process.
+
+The served model is a fixed-gain "separator" (instrument = 0.5 x mix at 22050 Hz), so every
+result can be checked exactly: instrument is half the song, rest the other half, at the
+song's own rate and channel count.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import io
+import ipaddress
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from services.common import jobs as jobstore
+from services.common.audio import read_audio
+from services.frontend import links
+from services.frontend.app import create_app
+from services.frontend.pictures import envelope
+from tests.frontendtools import GAIN, ServingProcess, build_models, song
+
+
+@pytest.fixture(scope="module")
+def serving(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serving")
+    with ServingProcess(build_models(root), root / "serving.log") as process:
+        yield process
+
+
+@pytest.fixture
+def make_app(tmp_path, serving):
+    apps = []
+
+    def make(**overrides):
+        config = {"data_root": str(tmp_path / "data"), "serving_address": serving.grpc_address,
+                  "serving_rest_address": serving.rest_address, "model_status_cache_seconds": 0,
+                  "max_song_seconds": 20, "allow_hosts": ["127.0.0.1"], **overrides}
+        app = create_app(config)
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        app.extensions["stemlab_queue"].stop(2)
+
+
+@pytest.fixture
+def client(make_app):
+    return make_app().test_client()
+
+
+def wav_bytes(audio: np.ndarray, rate: int, fmt: str = "WAV") -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, audio.T, rate, format=fmt, subtype="FLOAT" if fmt == "WAV" else None)
+    return buffer.getvalue()
+
+
+def upload(client, data: bytes, name: str = "song.wav", model: str = "guitar", **extra):
+    return client.post("/api/separations", data={"model": model, "file": (io.BytesIO(data), name), **extra},
+                       content_type="multipart/form-data")
+
+
+def wait_done(client, job_id: str, timeout: float = 60.0) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = client.get(f"/api/separations/{job_id}").get_json()
+        if job["state"] not in ("queued", "running"):
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"separation {job_id} did not finish: {job}")
+
+
+def decode(client, url: str, tmp_path: Path) -> tuple[np.ndarray, int]:
+    reply = client.get(url)
+    assert reply.status_code == 200, reply.get_json()
+    path = tmp_path / Path(url).name
+    path.write_bytes(reply.data)
+    return read_audio(path)
+
+
+# -- the happy path -------------------------------------------------------------------------
+
+
+def test_models_lists_what_serving_has_available(client):
+    reply = client.get("/api/models")
+    assert reply.status_code == 200
+    models = {m["name"]: m for m in reply.get_json()["models"]}
+    assert models["guitar"]["available"] and models["guitar"]["versions"] == [1]
+    assert not models["piano"]["available"]  # configured, but no version folder
+
+
+def test_home_page_offers_only_available_models(client):
+    page = client.get("/").get_data(as_text=True)
+    assert 'value="guitar"' in page
+    guitar = page[page.index('value="guitar"') - 80:page.index('value="guitar"') + 120]
+    piano = page[page.index('value="piano"'):page.index('value="piano"') + 120]
+    assert "disabled" not in guitar and "disabled" in piano
+
+
+def test_uploaded_stereo_song_is_separated_at_its_own_rate(client, tmp_path):
+    mix = song(3.0, rate=44100, channels=2, noise=0.0)
+    reply = upload(client, wav_bytes(mix, 44100), "My Song.wav")
+    assert reply.status_code == 202, reply.get_json()
+    body = reply.get_json()
+    assert body["state"] in ("queued", "running") and body["links"]["page"] == f"/separations/{body['id']}"
+    assert reply.headers["Location"] == body["links"]["self"]
+
+    job = wait_done(client, body["id"])
+    assert job["state"] == "succeeded", job
+    assert job["progress"] == 1.0
+    assert job["result"]["rate"] == 44100 and job["result"]["channels"] == 2
+    assert job["result"]["seconds"] == pytest.approx(3.0)
+
+    instrument, rate = decode(client, job["links"]["instrument"]["wav"], tmp_path)
+    rest, _ = decode(client, job["links"]["rest"]["wav"], tmp_path)
+    assert rate == 44100 and instrument.shape == mix.shape
+    # The gain model keeps half of the chord (all below the 11 kHz the model's rate can carry).
+    inner = slice(2205, -2205)  # the resampler's edges ring a little
+    assert np.abs(instrument - GAIN * mix)[:, inner].max() < 0.01
+    np.testing.assert_allclose(instrument + rest, mix, atol=1e-6)
+    for stem in ("instrument", "rest"):
+        flac, flac_rate = decode(client, job["links"][stem]["flac"], tmp_path)
+        mp3, mp3_rate = decode(client, job["links"][stem]["mp3"], tmp_path)
+        assert flac_rate == mp3_rate == 44100 and flac.shape == mix.shape and mp3.shape[0] == 2
+    picture = client.get(job["links"]["picture"])
+    assert picture.status_code == 200 and picture.data.startswith(b"\x89PNG")
+
+
+def test_mono_song_at_an_odd_rate_stays_mono_and_mp3_still_works(client, tmp_path):
+    mix = song(2.0, rate=37800, channels=1)
+    job = wait_done(client, upload(client, wav_bytes(mix, 37800, "FLAC"), "mono.flac").get_json()["id"])
+    assert job["state"] == "succeeded", job
+    instrument, rate = decode(client, job["links"]["instrument"]["flac"], tmp_path)
+    assert rate == 37800 and instrument.shape == (1, mix.shape[1])
+    mp3, mp3_rate = decode(client, job["links"]["instrument"]["mp3"], tmp_path)
+    assert mp3_rate == 44100 and mp3.shape[0] == 1  # MP3 has no 37.8 kHz
+
+
+def test_stems_answer_range_requests_and_downloads(client):
+    job = wait_done(client, upload(client, wav_bytes(song(1.0), 44100)).get_json()["id"])
+    url = job["links"]["instrument"]["wav"]
+    whole = client.get(url)
+    part = client.get(url, headers={"Range": "bytes=100-199"})
+    assert part.status_code == 206
+    assert part.data == whole.data[100:200]
+    assert part.headers["Content-Range"] == f"bytes 100-199/{len(whole.data)}"
+    download = client.get(url + "?download=1")
+    assert "attachment" in download.headers["Content-Disposition"]
+    assert "guitar-instrument.wav" in download.headers["Content-Disposition"]
+    assert client.get(job["links"]["rest"]["mp3"]).mimetype == "audio/mpeg"
+
+
+def test_result_page_has_players_mixer_picture_and_downloads(client):
+    job = wait_done(client, upload(client, wav_bytes(song(1.0), 44100)).get_json()["id"])
+    page = client.get(job["links"]["page"]).get_data(as_text=True)
+    for needle in ('id="player-instrument"', 'id="player-rest"', 'id="volume-instrument"', 'id="solo-rest"',
+                   job["links"]["picture"], job["links"]["rest"]["flac"], job["links"]["instrument"]["mp3"],
+                   'id="another"'):
+        assert needle in page
+
+
+def test_progress_page_while_queued_and_cancel(make_app):
+    client = make_app(start_workers=False).test_client()
+    job = upload(client, wav_bytes(song(1.0), 44100)).get_json()
+    page = client.get(job["links"]["page"]).get_data(as_text=True)
+    assert 'id="progress"' in page and "waiting for a free worker" in page
+    cancelled = client.post(job["links"]["cancel"]).get_json()
+    assert cancelled["state"] == "cancelled" and cancelled["error"]
+
+
+def test_link_is_downloaded_with_yt_dlp_and_separated(client, make_app, tmp_path):
+    served = tmp_path / "www"
+    served.mkdir()
+    (served / "song.wav").write_bytes(wav_bytes(song(2.0, rate=22050, channels=2), 22050))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        reply = client.post("/api/separations", json={"url": f"http://127.0.0.1:{port}/song.wav", "model": "guitar"})
+        assert reply.status_code == 202, reply.get_json()
+        job = wait_done(client, reply.get_json()["id"])
+        assert job["state"] == "succeeded", job
+        assert job["result"]["rate"] == 22050 and job["result"]["seconds"] == pytest.approx(2.0)
+        # A link that leads nowhere fails with a message, and the worker lives on.
+        missing = client.post("/api/separations", data={"url": f"http://127.0.0.1:{port}/nothing.mp3", "model": "guitar"})
+        failed = wait_done(client, missing.get_json()["id"])
+        assert failed["state"] == "failed" and "could not be downloaded" in failed["error"]
+        assert "Traceback" not in failed["error"]
+        again = client.post("/api/separations", data={"url": f"http://127.0.0.1:{port}/song.wav", "model": "guitar"})
+        assert wait_done(client, again.get_json()["id"])["state"] == "succeeded"
+        # Downloads obey their own limits: size, and the song length once decoded.
+        for limits, words in (({"download_max_mb": 0.05}, "larger than"), ({"max_song_seconds": 1.0}, "at most 1 s")):
+            limited = make_app(**limits).test_client()
+            reply = limited.post("/api/separations", data={"url": f"http://127.0.0.1:{port}/song.wav", "model": "guitar"})
+            refused = wait_done(limited, reply.get_json()["id"])
+            assert refused["state"] == "failed" and words in refused["error"], refused
+    finally:
+        server.shutdown()
+
+
+def test_job_survives_a_restart_of_the_web_process(make_app):
+    first = make_app()
+    job = wait_done(first.test_client(), upload(first.test_client(), wav_bytes(song(1.0), 44100)).get_json()["id"])
+    first.extensions["stemlab_queue"].stop(1)
+    later = make_app().test_client()
+    again = later.get(f"/api/separations/{job['id']}").get_json()
+    assert again["state"] == "succeeded" and again["links"]["instrument"] == job["links"]["instrument"]
+    assert later.get(job["links"]["rest"]["wav"]).status_code == 200
+
+
+def test_separation_running_when_the_server_died_reads_as_failed(make_app, tmp_path):
+    store = jobstore.JobStore(tmp_path / "data" / "web" / "separations.sqlite")
+    store.create("web-0123456789ab", "web.separate", {"folder": "a" * 32, "model": "guitar"})
+    store.update("web-0123456789ab", state=jobstore.RUNNING, started=time.time())
+    store.close()
+    client = make_app().test_client()
+    job = client.get("/api/separations/web-0123456789ab").get_json()
+    assert job["state"] == "failed" and "restarted" in job["error"]
+
+
+def test_cleanup_sweep_deletes_old_results(make_app):
+    app = make_app(result_ttl_hours=1)
+    client = app.test_client()
+    job = wait_done(client, upload(client, wav_bytes(song(1.0), 44100)).get_json()["id"])
+    queue = app.extensions["stemlab_queue"]
+    assert queue.sweep() == []  # young results stay
+    assert len(queue.sweep(now=time.time() + 3601)) == 1
+    after = client.get(f"/api/separations/{job['id']}").get_json()
+    assert after["expired"] and "deleted" in after["error"] and "instrument" not in after["links"]
+    gone = client.get(job["links"]["instrument"]["wav"])
+    assert gone.status_code == 410 and "deleted" in gone.get_json()["error"]
+
+
+def test_form_without_javascript_redirects_to_the_job_page(client):
+    reply = client.post("/", data={"model": "guitar", "file": (io.BytesIO(wav_bytes(song(1.0), 44100)), "a.wav")},
+                        content_type="multipart/form-data")
+    assert reply.status_code == 303 and reply.headers["Location"].startswith("/separations/web-")
+    refused = client.post("/", data={"model": "guitar"}, content_type="multipart/form-data")
+    assert refused.status_code == 400
+    assert "give a file to upload or a link" in refused.get_data(as_text=True)
+
+
+def test_healthz(client):
+    reply = client.get("/healthz")
+    assert reply.status_code == 200 and reply.get_json()["status"] == "ok"
+
+
+# -- refusals -------------------------------------------------------------------------------
+
+
+def assert_refused(reply, status: int, words: str):
+    assert reply.status_code == status, (reply.status_code, reply.get_data(as_text=True)[:300])
+    body = reply.get_json()
+    assert words in body["error"], body
+    assert "Traceback" not in reply.get_data(as_text=True)
+
+
+def test_upload_too_big_is_refused(make_app):
+    client = make_app(max_upload_mb=0.1).test_client()
+    assert_refused(upload(client, wav_bytes(song(2.0), 44100)), 413, "larger than 0.1 MB")
+
+
+def test_song_too_long_is_refused(make_app):
+    client = make_app(max_song_seconds=1.5).test_client()
+    assert_refused(upload(client, wav_bytes(song(3.0), 44100)), 400, "at most 2 s")
+
+
+def test_file_that_does_not_decode_is_refused_whatever_its_name(client, tmp_path):
+    assert_refused(upload(client, b"this is not audio at all" * 100, "song.mp3"), 400, "cannot be read as audio")
+    assert_refused(upload(client, b"RIFF\x00\x00\x00\x00WAVEjunk" * 10, "song.wav"), 400, "cannot be read as audio")
+    # Refused uploads leave nothing behind.
+    assert list((tmp_path / "data" / "web" / "separations").iterdir()) == []
+
+
+def test_ogg_upload_is_accepted_by_content_not_name(client):
+    reply = upload(client, wav_bytes(song(1.0), 44100, "OGG"), "no-extension")
+    assert reply.status_code == 202, reply.get_json()
+    assert wait_done(client, reply.get_json()["id"])["state"] == "succeeded"
+
+
+def test_both_or_neither_file_and_link_are_refused(client):
+    assert_refused(upload(client, wav_bytes(song(1.0), 44100), url="http://127.0.0.1/a.mp3"), 400, "not both")
+    assert_refused(client.post("/api/separations", data={"model": "guitar"}), 400, "give a file")
+    assert_refused(client.post("/api/separations", json={"model": "guitar", "url": "  "}), 400, "give a file")
+
+
+@pytest.mark.parametrize("url", ["ftp://example.com/song.mp3", "file:///etc/passwd", "javascript:alert(1)", "example.com/a.mp3"])
+def test_links_other_than_http_are_refused(client, url):
+    assert_refused(client.post("/api/separations", json={"model": "guitar", "url": url}), 400, "only http and https")
+
+
+@pytest.mark.parametrize("url", ["http://10.1.2.3/song.mp3", "http://192.168.0.7:8080/a", "http://[::1]/a",
+                                 "http://169.254.169.254/latest/meta-data", "http://0.0.0.0/a"])
+def test_private_addresses_are_refused(client, url):
+    assert_refused(client.post("/api/separations", json={"model": "guitar", "url": url}), 400, "private or local")
+
+
+def test_loopback_is_refused_unless_allowed(make_app):
+    client = make_app(allow_hosts=[]).test_client()
+    assert_refused(client.post("/api/separations", data={"model": "guitar", "url": "http://localhost:9/a.mp3"}),
+                   400, "private or local address (127.0.0.1)")
+
+
+def test_public_address_passes_the_link_check():
+    public = lambda host: [ipaddress.ip_address("93.184.216.34")]  # noqa: E731
+    assert links.check_url(" https://example.com/watch?v=1 ", resolve=public) == "https://example.com/watch?v=1"
+    with pytest.raises(links.LinkError, match="user name"):
+        links.check_url("https://user:pw@example.com/", resolve=public)
+
+
+def test_unknown_and_unavailable_models_are_refused(client):
+    data = wav_bytes(song(1.0), 44100)
+    assert_refused(upload(client, data, model="drums"), 400, "unknown model 'drums'")
+    assert_refused(upload(client, data, model="piano"), 400, "not available")
+    assert_refused(upload(client, data, model=""), 400, "choose a model")
+
+
+def test_unknown_ids_and_files_are_404(client):
+    assert_refused(client.get("/api/separations/web-000000000000"), 404, "no separation")
+    assert_refused(client.get("/api/separations/../../etc"), 404, "")
+    assert_refused(client.get("/api/separations/web-000000000000/instrument.wav"), 404, "no separation")
+    assert client.get("/api/separations/web-000000000000/instrument.exe").status_code == 404
+    assert client.get("/separations/nope").status_code == 404
+    assert "no separation" in client.get("/separations/nope").get_data(as_text=True)
+
+
+def test_results_of_an_unfinished_job_are_409(make_app):
+    client = make_app(start_workers=False).test_client()
+    job = upload(client, wav_bytes(song(1.0), 44100)).get_json()
+    assert_refused(client.get(f"/api/separations/{job['id']}/instrument.wav"), 409, "is queued")
+
+
+def test_full_queue_is_refused_until_a_place_frees(make_app):
+    client = make_app(start_workers=False, max_queued=2).test_client()
+    data = wav_bytes(song(1.0), 44100)
+    first = upload(client, data).get_json()
+    assert upload(client, data).status_code == 202
+    assert_refused(upload(client, data), 503, "try again")
+    client.post(first["links"]["cancel"])
+    assert upload(client, data).status_code == 202
+
+
+def test_serving_down_is_a_message_not_a_crash(make_app):
+    client = make_app(serving_rest_address="127.0.0.1:9", serving_address="127.0.0.1:9").test_client()
+    assert_refused(client.get("/api/models"), 503, "serving is not reachable")
+    assert_refused(upload(client, wav_bytes(song(1.0), 44100)), 503, "serving is not reachable")
+    page = client.get("/")
+    assert page.status_code == 200 and "No model can be used right now" in page.get_data(as_text=True)
+
+
+def test_wrong_method_and_unknown_route_are_json_errors(client):
+    assert_refused(client.delete("/api/models"), 405, "")
+    assert_refused(client.get("/api/nothing"), 404, "")
+
+
+def test_settings_come_from_the_environment_and_are_validated(monkeypatch, tmp_path):
+    from services.common.config import ConfigError
+    from services.frontend.settings import load_settings
+
+    monkeypatch.setenv("STEMLAB_DATA", str(tmp_path))
+    monkeypatch.setenv("STEMLAB_WEB_MAX_UPLOAD_MB", "3")
+    monkeypatch.setenv("STEMLAB_WEB_ALLOW_HOSTS", "127.0.0.1, 10.0.0.0/8")
+    monkeypatch.setenv("STEMLAB_WEB_WORKERS", "3")
+    monkeypatch.setenv("STEMLAB_SERVING_ADDRESS", "serving.example:9000")
+    settings = load_settings({"max_song_seconds": 30})
+    assert settings.max_upload_bytes == 3 * 1024 * 1024 and settings.max_song_seconds == 30
+    assert settings.allow_hosts == ["127.0.0.1", "10.0.0.0/8"] and settings.workers == 3
+    assert settings.serving_address == "serving.example:9000" and settings.web_root == tmp_path.resolve() / "web"
+    monkeypatch.setenv("STEMLAB_WEB_MAX_UPLOAD_MB", "lots")
+    with pytest.raises(ConfigError, match="max_upload_mb"):
+        load_settings()
+    monkeypatch.setenv("STEMLAB_WEB_MAX_UPLOAD_MB", "3")
+    with pytest.raises(ConfigError, match="allow_hosts"):
+        load_settings({"allow_hosts": "intranet.local"})
+
+
+# -- pure parts -----------------------------------------------------------------------------
+
+
+def test_envelope_keeps_peaks_of_every_stretch():
+    audio = np.zeros((2, 1000), np.float32)
+    audio[0, 10] = 0.9
+    audio[1, 990] = -0.7
+    lows, highs = envelope(audio, 10)
+    assert lows.shape == highs.shape == (10,)
+    assert highs[0] == pytest.approx(0.9) and lows[-1] == pytest.approx(-0.7)
+    assert highs[1:].max() == 0 and lows[:-1].min() == 0
+
+
+# -- the review page, against a real ingestion service ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ingestion(tmp_path_factory):
+    from services.common.library import Library, Stem, Track
+    from tests.servicetools import ServiceProcess
+
+    data = tmp_path_factory.mktemp("ingestion-data")
+    library = Library(data)
+    rate = 22050
+    for index in (1, 2):
+        track = Track(id=f"Synth_Song00{index}", source="synthetic", title=f"Synth Song 00{index}", rate=rate,
+                      channels=1, duration_seconds=6.0)
+        folder = library.track_dir(track.id) / "stems"
+        folder.mkdir(parents=True)
+        audio = np.zeros(6 * rate, np.float32)
+        audio[rate:5 * rate] = song(4.0, rate=rate, channels=1, seed=index)[0]  # 1 s of silence each side
+        sf.write(folder / "S01.wav", audio, rate)
+        sf.write(folder / "S02.wav", 0.5 * audio, rate)
+        track.stems = [Stem("stems/S01.wav", "clean electric guitar", "guitar"),
+                       Stem("stems/S02.wav", "electric bass", "bass")]
+        if index == 2:
+            track.suggestions = [{"check": "bleed", "instrument": "guitar", "mark": "bleed", "stem": "stems/S01.wav",
+                                  "evidence": {"correlation": 0.91}}]
+        library.save(track)
+    with ServiceProcess("ingestion", data) as process:
+        yield process, library
+
+
+@pytest.fixture
+def review_client(tmp_path, ingestion):
+    process, _ = ingestion
+    app = create_app({"data_root": str(tmp_path / "data"), "ingestion_address": process.address,
+                      "start_workers": False})
+    return app.test_client()
+
+
+def test_review_page_lists_tracks_with_their_suggestions(review_client):
+    page = review_client.get("/review?instrument=guitar").get_data(as_text=True)
+    assert "Synth Song 001" in page and "Synth Song 002" in page
+    assert "bleed (stems/S01.wav)" in page  # the check's suggestion beside the track
+    for mark in ("missing", "bleed", "bad_quality", "inaudible", "mislabeled", "detailed", "checked"):
+        assert f'data-mark="{mark}"' in page
+    assert "Synth Song" not in review_client.get("/review?instrument=piano").get_data(as_text=True)
+
+
+def test_review_track_has_five_parts_of_the_trimmed_stem(review_client):
+    track = review_client.get("/api/review/tracks/Synth_Song001?instrument=guitar").get_json()
+    assert track["stems"] == ["stems/S01.wav"]
+    assert len(track["parts"]) == 5
+    # The silence at both ends is trimmed: the parts cover about 1 s .. 5 s.
+    assert track["parts"][0]["start_seconds"] == pytest.approx(1.0, abs=0.15)
+    assert track["parts"][-1]["end_seconds"] == pytest.approx(5.0, abs=0.15)
+    reply = review_client.get("/api/review/tracks/Synth_Song001/parts/2.wav?instrument=guitar")
+    assert reply.status_code == 200 and reply.mimetype == "audio/wav"
+    audio, rate = sf.read(io.BytesIO(reply.data))
+    assert rate == 22050 and len(audio) / rate == pytest.approx(0.8, abs=0.1)
+    assert np.abs(audio).max() > 0.1
+
+
+def test_marks_are_saved_through_the_ingestion_service(review_client, ingestion):
+    _, library = ingestion
+    reply = review_client.put("/api/review/tracks/Synth_Song002/marks/bleed?instrument=guitar")
+    assert reply.status_code == 200 and reply.get_json()["marks"] == ["bleed"]
+    assert library.load("Synth_Song002").has_mark("guitar", "bleed")
+    reply = review_client.delete("/api/review/tracks/Synth_Song002/marks/bleed?instrument=guitar")
+    assert reply.get_json()["marks"] == []
+    assert not library.load("Synth_Song002").has_mark("guitar", "bleed")
+
+
+def test_review_refusals(review_client):
+    assert_refused(review_client.put("/api/review/tracks/Synth_Song001/marks/audible?instrument=guitar"), 400, "unknown mark")
+    assert_refused(review_client.put("/api/review/tracks/Nope/marks/checked?instrument=guitar"), 404, "Nope")
+    assert_refused(review_client.get("/api/review/tracks?instrument=kazoo"), 400, "unknown instrument")
+    assert_refused(review_client.get("/api/review/tracks/Synth_Song001/parts/7.wav?instrument=guitar"), 400, "part")
+    assert_refused(review_client.get("/api/review/tracks/Synth_Song001?instrument=piano"), 404, "no piano stems")
+
+
+def test_review_page_says_when_ingestion_is_down(tmp_path):
+    app = create_app({"data_root": str(tmp_path / "data"), "ingestion_address": "127.0.0.1:9", "start_workers": False})
+    page = app.test_client().get("/review")
+    assert page.status_code == 200 and "not reachable" in page.get_data(as_text=True)
+    assert_refused(app.test_client().get("/api/review/tracks"), 503, "not reachable")
