@@ -1,0 +1,300 @@
+"""Where a model's estimates come from: a served model, an exported SavedModel, a training run, a folder.
+
+Every source answers `separate(mix, rate_hz, track) -> (instrument, rest)` on mono arrays at the
+dataset's rate, so the evaluation loop does not care which it is. TensorFlow and the serving
+client are imported only by the sources that need them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from services.common.audio import AudioError, read_audio, resample
+from services.common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from services.common.paths import DataRoot, PathError, safe_join
+
+# Names of a served model: "guitar" or "guitar:3".
+_MODEL_REF = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]{0,63})(?::(\d+))?$")
+# An estimate may be this much longer or shorter than the mix (codec padding) and is trimmed/padded.
+LENGTH_TOLERANCE_SECONDS = 0.1
+
+
+class MissingEstimateError(NotFoundError):
+    """No estimate for this one track; the track is skipped, the evaluation goes on."""
+
+
+class UnusableEstimateError(InvalidArgumentError):
+    """An estimate file of one track cannot be scored (wrong length); the track is skipped."""
+
+
+class ModelSource:
+    """Base of all estimate sources."""
+
+    kind = ""
+
+    def provenance(self) -> dict:
+        raise NotImplementedError
+
+    def model_config(self) -> dict | None:
+        """The model's config (model/config.py fields) when known, for the oracle's STFT settings."""
+        return None
+
+    def separate(self, mix: np.ndarray, rate_hz: int, track: str) -> tuple[np.ndarray, np.ndarray]:
+        """mix: (samples,) float32 mono at rate_hz. Returns (instrument, rest), (samples,) each."""
+        raise NotImplementedError
+
+    def verify(self) -> None:
+        """Check that the model can be reached (cheaply; before a job is queued)."""
+
+    def close(self) -> None:
+        pass
+
+
+def parse_model_ref(text: str) -> tuple[str, int | None]:
+    """"guitar" -> ("guitar", None); "guitar:3" -> ("guitar", 3)."""
+    match = _MODEL_REF.match(text or "")
+    if not match:
+        raise InvalidArgumentError(f"invalid model {text!r}: use NAME or NAME:VERSION (e.g. guitar:3)")
+    return match.group(1), int(match.group(2)) if match.group(2) else None
+
+
+def fit_length(signal: np.ndarray, samples: int) -> np.ndarray:
+    """Trim or zero-pad a (samples',) estimate to exactly `samples`."""
+    signal = np.asarray(signal, np.float32).reshape(-1)
+    return signal[:samples] if len(signal) >= samples else np.pad(signal, (0, samples - len(signal)))
+
+
+def _check_length(signal: np.ndarray, samples: int, rate_hz: int, what: str) -> None:
+    if abs(signal.shape[-1] - samples) > LENGTH_TOLERANCE_SECONDS * rate_hz:
+        raise UnusableEstimateError(
+            f"{what} has {signal.shape[-1]} samples but the mix has {samples} (at {rate_hz} Hz): "
+            "estimates must cover the whole track")
+
+
+class EstimatesFolderSource(ModelSource):
+    """Precomputed estimates: <root>/<track>/instrument.wav and optionally rest.wav (else mix - instrument)."""
+
+    kind = "estimates"
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise NotFoundError(f"estimates folder {self.root} does not exist")
+
+    def provenance(self) -> dict:
+        return {"kind": self.kind, "estimates_dir": str(self.root.resolve())}
+
+    def separate(self, mix, rate_hz, track):
+        try:
+            folder = safe_join(self.root, track)
+        except PathError as e:
+            raise MissingEstimateError(str(e)) from e
+        instrument_path = _find_audio(folder, "instrument")
+        if instrument_path is None:
+            raise MissingEstimateError(f"no instrument estimate for track {track} in {folder}")
+        try:
+            instrument = read_audio(instrument_path, rate=rate_hz, mono=True)[0][0]
+            _check_length(instrument, len(mix), rate_hz, str(instrument_path))
+            instrument = fit_length(instrument, len(mix))
+            rest_path = _find_audio(folder, "rest")
+            if rest_path is None:
+                rest = mix - instrument
+            else:
+                rest = read_audio(rest_path, rate=rate_hz, mono=True)[0][0]
+                _check_length(rest, len(mix), rate_hz, str(rest_path))
+                rest = fit_length(rest, len(mix))
+        except AudioError as e:
+            raise MissingEstimateError(f"unreadable estimate for track {track}: {e}") from e
+        return instrument, rest
+
+
+def _find_audio(folder: Path, stem: str) -> Path | None:
+    for suffix in (".wav", ".flac", ".mp3"):
+        if (folder / f"{stem}{suffix}").is_file():
+            return folder / f"{stem}{suffix}"
+    return None
+
+
+class _WaveformModelSource(ModelSource):
+    """A model that maps (batch, samples) waveforms at its own rate to instrument and rest."""
+
+    model_rate_hz: int | None = None
+
+    def _run(self, waveform: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def separate(self, mix, rate_hz, track):
+        model_rate = self.model_rate_hz or rate_hz
+        audio = np.asarray(mix, np.float32)[np.newaxis]
+        if model_rate != rate_hz:
+            audio = resample(audio, rate_hz, model_rate)
+        instrument, _ = self._run(audio)
+        instrument = np.asarray(instrument, np.float32).reshape(1, -1)
+        if model_rate != rate_hz:
+            instrument = resample(instrument, model_rate, rate_hz)
+        instrument = fit_length(instrument[0], len(mix))
+        # rest = mix - instrument holds for our models by construction; computing it here keeps it
+        # exact after resampling too.
+        return instrument, np.asarray(mix, np.float32) - instrument
+
+
+class SavedModelSource(_WaveformModelSource):
+    """An exported SavedModel folder (models/<name>/<version>/ layout), run in this process."""
+
+    kind = "saved_model"
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not (self.path / "saved_model.pb").is_file():
+            raise NotFoundError(f"{self.path} is not a SavedModel folder (no saved_model.pb)")
+        self.info = _export_info(self.path)
+        self.model_rate_hz = int(self.info["rate_hz"]) if self.info.get("rate_hz") else None
+        self._signature = None
+
+    def provenance(self) -> dict:
+        extra = {k: v for k, v in self.info.items() if k != "config"}
+        return {"kind": self.kind, "saved_model": str(self.path.resolve()), "rate_hz": self.model_rate_hz,
+                "export_info": extra}
+
+    def model_config(self):
+        return self.info.get("config")
+
+    def _run(self, waveform):
+        import tensorflow as tf
+
+        if self._signature is None:
+            loaded = tf.saved_model.load(str(self.path))
+            if "serving_default" not in loaded.signatures:
+                raise FailedPreconditionError(f"{self.path} has no serving_default signature")
+            self._loaded = loaded  # the signature needs its object kept alive
+            self._signature = loaded.signatures["serving_default"]
+        outputs = self._signature(waveform=tf.constant(waveform, tf.float32))
+        if "instrument" not in outputs:
+            raise FailedPreconditionError(f"{self.path}: serving_default has no 'instrument' output")
+        return outputs["instrument"].numpy(), outputs.get("rest")
+
+
+def _export_info(version_dir: Path) -> dict:
+    path = version_dir / "assets.extra" / "stemlab.json"
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise FailedPreconditionError(f"{path} is not valid JSON: {e}") from e
+    return info if isinstance(info, dict) else {}
+
+
+class ServedModelSource(ModelSource):
+    """A model behind TF Serving (or our compatible server), through the serving room's client."""
+
+    kind = "served_model"
+
+    def __init__(self, name: str, version: int | None, address: str):
+        self.name, self.version, self.address = name, version, address
+        try:
+            from services.serving import client
+        except ImportError as e:
+            raise FailedPreconditionError(f"the serving client is not available: {e}") from e
+        self._client = client
+        # One connection for all tracks; it also learns which version answered.
+        self._served = client.ServedModel(name, address=address, version=version)
+
+    def verify(self) -> None:
+        try:
+            _ = self._served.sample_rate_hz  # asks the server: model known, rate sane
+        except self._client.ServingError as e:
+            raise FailedPreconditionError(f"served model {self.name} at {self.address}: {e}") from e
+
+    def provenance(self) -> dict:
+        try:
+            rate_hz = self._served.sample_rate_hz  # cached after the first track
+        except self._client.ServingError:
+            rate_hz = None
+        return {"kind": self.kind, "model": self.name, "version": self.version,
+                "served_version": self._served.served_version, "address": self.address, "rate_hz": rate_hz}
+
+    def separate(self, mix, rate_hz, track):
+        # The client resamples, splits long audio and overlap-adds; it answers at the rate it was given.
+        instrument, _ = self._client.separate_array(
+            np.asarray(mix, np.float32)[np.newaxis], rate_hz, model=self.name, address=self.address,
+            version=self.version, served_model=self._served)
+        instrument = fit_length(np.asarray(instrument).reshape(-1), len(mix))
+        return instrument, np.asarray(mix, np.float32) - instrument
+
+    def close(self) -> None:
+        self._served.close()
+
+
+class RunSource(_WaveformModelSource):
+    """A training run, DATA/runs/<run>/: its best weights (best.weights.h5) rebuilt from run.yaml's config.
+
+    The run folder's format belongs to the training room (services/training/trainer.py); this reads
+    only the two files it documents, with the shared model/ code, because services do not import
+    each other.
+    """
+
+    kind = "run"
+
+    def __init__(self, data: DataRoot, run: str):
+        try:
+            self.folder = safe_join(data.runs, run)
+        except PathError as e:
+            raise InvalidArgumentError(str(e)) from e
+        if not (self.folder / "run.yaml").is_file():
+            raise NotFoundError(f"no training run {run!r} under {data.runs}")
+        if not (self.folder / "best.weights.h5").is_file():
+            raise FailedPreconditionError(f"run {run!r} has no best weights yet (no epoch finished)")
+        self.run = run
+        try:
+            self.info = yaml.safe_load((self.folder / "run.yaml").read_text(encoding="utf-8")) or {}
+            self.config_dict = dict(self.info["config"])
+        except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as e:
+            raise FailedPreconditionError(f"run {run!r}: unreadable run.yaml ({e})") from e
+        self.model_rate_hz = int(self.config_dict.get("rate_hz") or 0) or None
+        self._network = None
+
+    def provenance(self) -> dict:
+        return {"kind": self.kind, "run": self.run, "weights": "best.weights.h5",
+                "best_epoch": self.info.get("best_epoch"), "best_val_loss": self.info.get("best_val_loss"),
+                "preset": self.info.get("preset"), "rate_hz": self.model_rate_hz}
+
+    def model_config(self):
+        return self.config_dict
+
+    def _run(self, waveform):
+        import tensorflow as tf
+
+        from model.config import config_from_dict
+        from model.network import build_network
+        from model.separate import separate_waveform
+
+        if self._network is None:
+            self._config = config_from_dict(self.config_dict)
+            self._network = build_network(self._config)
+            self._network.load_weights(str(self.folder / "best.weights.h5"))
+        instrument, rest = separate_waveform(self._network, tf.constant(waveform, tf.float32), self._config)
+        return instrument.numpy(), rest.numpy()
+
+
+def open_source(data: DataRoot, *, model: str = "", run: str = "", estimates_dir: str = "",
+                saved_model_dir: str = "", serving_address: str = "localhost:8500") -> ModelSource:
+    """The one source a request names (exactly one of model, run, estimates_dir, saved_model_dir)."""
+    given = [k for k, v in (("model", model), ("run", run), ("estimates_dir", estimates_dir),
+                            ("saved_model_dir", saved_model_dir)) if v]
+    if len(given) != 1:
+        raise InvalidArgumentError(
+            f"name exactly one of model, run, estimates_dir, saved_model_dir (got {given or 'none'})")
+    if model:
+        name, version = parse_model_ref(model)
+        return ServedModelSource(name, version, serving_address)
+    if run:
+        return RunSource(data, run)
+    if estimates_dir:
+        return EstimatesFolderSource(estimates_dir)
+    return SavedModelSource(saved_model_dir)
