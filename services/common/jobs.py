@@ -231,6 +231,7 @@ class JobRunner:
         self._live: dict[str, JobRecord] = {}
         self._last_write: dict[str, float] = {}
         self._accepting = True
+        self._enqueued: set[str] = set()
         self.interrupted = store.mark_interrupted()
         for job in self.interrupted:
             log.warning("job %s (%s) was running when the service stopped: marked failed", job.id, job.kind)
@@ -249,7 +250,7 @@ class JobRunner:
             if cursor is None:
                 break
         for job in reversed(queued):
-            self._queue.put(job.id)
+            self._enqueue(job.id)
         for t in self._threads:
             t.start()
 
@@ -263,7 +264,7 @@ class JobRunner:
         if not _jsonable(params):
             raise InvalidArgumentError("job parameters must be JSON data")
         job = self.store.create(f"{self.service}-{uuid.uuid4().hex[:12]}", kind, params)
-        self._queue.put(job.id)
+        self._enqueue(job.id)
         self._notify(job)
         return job
 
@@ -325,6 +326,15 @@ class JobRunner:
                                   finished=time.time())
 
     # -- internals -----------------------------------------------------------------------
+    def _enqueue(self, job_id: str) -> None:
+        # A job submitted before start() (e.g. a resume after a crash) is also QUEUED in the
+        # store; start() must not queue it a second time.
+        with self._changed:
+            if job_id in self._enqueued:
+                return
+            self._enqueued.add(job_id)
+        self._queue.put(job_id)
+
     def _notify(self, job: JobRecord) -> None:
         with self._changed:
             self._versions[job.id] = self._versions.get(job.id, 0) + 1

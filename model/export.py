@@ -1,0 +1,105 @@
+"""Export a network as a TF-Serving SavedModel under models/<name>/<version>/, published atomically.
+
+Signatures:
+  serving_default: waveform float32 [batch, samples] at the model's rate
+                   -> instrument, rest float32 [batch, samples]
+  sample_rate:     x float32 [batch] (ignored) -> sample_rate int32 [batch]
+The version folder is built under a name starting with ".tmp-" (TF Serving loads only all-digit
+folder names) and renamed into place in one step, so a server polling the folder never loads half
+a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from model.config import ModelConfig, config_to_dict
+from model.separate import separate_waveform
+
+STEMLAB_ASSET = "stemlab.json"
+
+
+class ExportError(RuntimeError):
+    """The model could not be exported or published."""
+
+
+class _Separator(tf.Module):
+    """What the SavedModel holds: the network's weights and the two serving functions."""
+
+    def __init__(self, network: keras.Model, config: ModelConfig):
+        super().__init__(name="stemlab_separator")
+        self.network = network
+        self._config = config
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.float32, name="waveform")])
+    def separate(self, waveform):
+        instrument, rest = separate_waveform(self.network, waveform, self._config)
+        return {"instrument": instrument, "rest": rest}
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.float32, name="x")])
+    def sample_rate(self, x):
+        return {"sample_rate": tf.fill(tf.shape(x), tf.constant(self._config.rate_hz, tf.int32))}
+
+
+def versions(model_dir: str | os.PathLike) -> list[int]:
+    """Published integer versions under models/<name>/, ascending."""
+    root = Path(model_dir)
+    if not root.is_dir():
+        return []
+    return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and re.fullmatch(r"\d+", p.name))
+
+
+def export_saved_model(
+    network: keras.Model, config: ModelConfig, out_dir: str | os.PathLike, metadata: dict[str, Any] | None = None
+) -> int:
+    """Write the SavedModel as the next version under `out_dir` (models/<name>/); returns the version.
+
+    `metadata` (e.g. preset, source run) goes into assets.extra/stemlab.json with the config and rate.
+    """
+    model_dir = Path(out_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    tmp = model_dir / f".tmp-{uuid.uuid4().hex}"
+    try:
+        module = _Separator(network, config)
+        signatures = {
+            "serving_default": module.separate.get_concrete_function(),
+            "sample_rate": module.sample_rate.get_concrete_function(),
+        }
+        tf.saved_model.save(module, str(tmp), signatures=signatures)
+        info = {"config": config_to_dict(config), "rate_hz": config.rate_hz, **(metadata or {})}
+        (tmp / "assets.extra").mkdir(exist_ok=True)
+        (tmp / "assets.extra" / STEMLAB_ASSET).write_text(json.dumps(info, indent=2, sort_keys=True))
+        # Another export may publish the same number between our listing and rename: try the next.
+        for _ in range(100):
+            version = (versions(model_dir) or [0])[-1] + 1
+            try:
+                os.rename(tmp, model_dir / str(version))
+                return version
+            except OSError:
+                if not (model_dir / str(version)).exists():
+                    raise
+        raise ExportError(f"could not find a free version number under {model_dir}")
+    except Exception as e:
+        if isinstance(e, ExportError):
+            raise
+        raise ExportError(f"export to {model_dir} failed: {e}") from e
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_export_info(version_dir: str | os.PathLike) -> dict[str, Any]:
+    """assets.extra/stemlab.json of an exported version."""
+    path = Path(version_dir) / "assets.extra" / STEMLAB_ASSET
+    if not path.is_file():
+        raise ExportError(f"{version_dir} has no assets.extra/{STEMLAB_ASSET}")
+    return json.loads(path.read_text())

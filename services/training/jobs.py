@@ -1,0 +1,151 @@
+"""The training job kinds: job parameters (plain JSON) -> the trainer's domain functions.
+
+Parameters are checked by `validate_*` when a request arrives (bad requests are refused at once)
+and again by the job functions, since queued jobs survive restarts. Runs live in DATA/runs/<run_id>/.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from services.common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from services.common.jobs import INTERRUPTED, QUEUED, RUNNING, JobStore
+from services.common.manifest import ManifestError, find_manifest
+from services.common.paths import DataRoot, PathError, safe_join
+from services.training import trainer
+
+TRAIN = "training.train"
+RESUME = "training.resume"
+EXPORT = "training.export"
+TRAINING_KINDS = (TRAIN, RESUME)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+DEFAULTS = {"preset": "thesis", "epochs": 36, "patience": 10, "seed": 0, "batch_size": 4, "steps_per_epoch": 1000}
+
+
+def validate_name(name: str, what: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise InvalidArgumentError(f"invalid {what} {name!r}: use letters, digits, '.', '_' and '-'")
+    return name
+
+
+def run_dir(data: DataRoot, run_id: str) -> Path:
+    try:
+        return safe_join(data.runs, validate_name(run_id, "run id"))
+    except PathError as e:
+        raise InvalidArgumentError(str(e)) from e
+
+
+def existing_run(data: DataRoot, run_id: str) -> Path:
+    path = run_dir(data, run_id)
+    if not (path / trainer.RUN_FILE).is_file():
+        raise NotFoundError(f"no training run {run_id!r}")
+    return path
+
+
+def new_run_id(dataset: str, preset: str) -> str:
+    """<dataset>-<preset>-<UTC time>-<4 hex>: readable, sorted by time, unique within a second."""
+    return f"{dataset}-{preset}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+
+
+def _manifest(data: DataRoot, params: dict) -> Path:
+    try:
+        return find_manifest(data, params["dataset"], params.get("dataset_version") or None)
+    except ManifestError as e:
+        raise NotFoundError(str(e)) from e
+
+
+def validate_train(data: DataRoot, params: dict) -> dict:
+    """Complete `params` with defaults and check them; returns the parameters a job will use."""
+    params = {**DEFAULTS, **{k: v for k, v in params.items() if v not in (None, "", 0) or k == "seed"}}
+    validate_name(params.get("dataset", ""), "dataset name")
+    params.setdefault("run_id", new_run_id(params["dataset"], params["preset"]))
+    if (run_dir(data, params["run_id"]) / trainer.RUN_FILE).exists():
+        raise FailedPreconditionError(f"run {params['run_id']} exists already; resume it or pick another id")
+    for key in ("epochs", "patience", "batch_size", "steps_per_epoch"):
+        if int(params[key]) < 1:
+            raise InvalidArgumentError(f"{key} must be positive, got {params[key]}")
+    trainer.split_overrides(params["preset"], params.get("overrides"))
+    _manifest(data, params)
+    return params
+
+
+def validate_resume(data: DataRoot, params: dict) -> dict:
+    existing_run(data, params.get("run_id", ""))
+    for key in ("epochs", "patience"):
+        if int(params.get(key) or 0) < 0:
+            raise InvalidArgumentError(f"{key} must not be negative")
+    return params
+
+
+def validate_export(data: DataRoot, params: dict) -> dict:
+    path = existing_run(data, params.get("run_id", ""))
+    validate_name(params.get("model_name", ""), "model name")
+    if not (path / trainer.BEST_WEIGHTS).is_file():
+        raise FailedPreconditionError(f"run {params['run_id']} has no finished epoch to export yet")
+    return params
+
+
+def resumable_runs(store: JobStore, data: DataRoot) -> list[str]:
+    """Runs whose latest training job was interrupted (service died or shut down) and are unfinished.
+
+    Scans every training job, newest first; a run whose newest job is still queued needs nothing.
+    """
+    latest: dict[str, Any] = {}
+    cursor = None
+    while True:
+        page, cursor = store.list(page_size=500, before_seq=cursor)
+        for job in page:
+            if job.kind in TRAINING_KINDS and job.params.get("run_id") and job.params["run_id"] not in latest:
+                latest[job.params["run_id"]] = job
+        if cursor is None:
+            break
+    runs = []
+    for run_id, job in latest.items():
+        if job.state in (QUEUED, RUNNING) or not job.error.startswith(INTERRUPTED):
+            continue
+        try:
+            state = trainer.read_run(run_dir(data, run_id)).get("state")
+        except (NotFoundError, InvalidArgumentError):
+            continue
+        if state in ("running", "cancelled", "created"):
+            runs.append(run_id)
+    return sorted(runs)
+
+
+class TrainingJobs:
+    def __init__(self, data: DataRoot):
+        self.data = data
+
+    @staticmethod
+    def _callbacks(ctx: Any) -> dict:
+        return {"progress": ctx.progress, "should_stop": lambda: ctx.cancelled}
+
+    def train(self, ctx: Any, params: dict) -> dict:
+        params = validate_train(self.data, params)
+        result = trainer.train_run(
+            run_dir(self.data, params["run_id"]), _manifest(self.data, params), self.data.root,
+            preset=params["preset"], overrides=params.get("overrides"), epochs=int(params["epochs"]),
+            patience=int(params["patience"]), seed=int(params["seed"]), steps_per_epoch=int(params["steps_per_epoch"]),
+            batch_size=int(params["batch_size"]), **self._callbacks(ctx))
+        return {k: v for k, v in result.items() if k != "history"}
+
+    def resume(self, ctx: Any, params: dict) -> dict:
+        validate_resume(self.data, params)
+        result = trainer.resume_run(existing_run(self.data, params["run_id"]), epochs=params.get("epochs") or None,
+                                    patience=params.get("patience") or None, **self._callbacks(ctx))
+        return {k: v for k, v in result.items() if k != "history"}
+
+    def export(self, ctx: Any, params: dict) -> dict:
+        validate_export(self.data, params)
+        ctx.progress(0, 1, f"exporting {params['run_id']} as {params['model_name']}")
+        version = trainer.export_run(existing_run(self.data, params["run_id"]), self.data.models, params["model_name"])
+        ctx.progress(1, 1, f"published {params['model_name']} version {version}")
+        return {"model": params["model_name"], "version": version,
+                "path": str(self.data.models / params["model_name"] / str(version))}
+
+    def kinds(self) -> dict:
+        return {TRAIN: self.train, RESUME: self.resume, EXPORT: self.export}

@@ -1,0 +1,483 @@
+"""Training runs: a custom loop over the mask network with checkpoints, resume, early stopping and export.
+
+A run lives in one folder (runs/<run>/):
+    run.yaml             what defines the run (config, dataset checksum, code version) and its state
+    checkpoints/         the latest epochs (model, optimizer, epoch, step, best so far, history)
+    best.weights.h5      weights of the epoch with the lowest validation loss (what gets exported)
+    history.csv          one row per epoch
+    logs/                TensorBoard scalars
+    cache/               decoded audio (.npy), so audio is decoded once per run
+Calling `train_run` again on the same folder continues from its last checkpoint. The loop is
+hand-written (tf.GradientTape) because that is what runs under MultiWorkerMirroredStrategy with
+Keras 3; the same loop serves the default strategy (CPU or one GPU) and MirroredStrategy.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from tensorflow.core.framework import summary_pb2
+
+from model.config import ConfigError, ModelConfig, config_from_dict, config_to_dict, make_config
+from model.export import export_saved_model
+from model.loss import masked_l1_per_chunk
+from model.network import build_network
+from services.common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from services.common.manifest import load_manifest
+from services.common.paths import PathError, atomic_write_text, safe_join
+from services.training import data
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[..., None]
+ShouldStop = Callable[[], bool]
+
+RUN_FILE = "run.yaml"
+BEST_WEIGHTS = "best.weights.h5"
+HISTORY_FILE = "history.csv"
+HISTORY_FIELDS = ("epoch", "loss", "val_loss", "seconds", "steps_per_second")
+
+
+class TrainingOptions(BaseModel):
+    """Training knobs that are not part of the network (overridable like the model config)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    augment_gain_db: float = Field(6.0, ge=0.0, le=40.0)
+    remix_probability: float = Field(0.25, ge=0.0, le=1.0)
+    validation_chunks_per_track: int = Field(8, ge=1)
+    checkpoints_kept: int = Field(2, ge=1)
+
+
+def split_overrides(preset: str, overrides: dict[str, Any] | None) -> tuple[ModelConfig, TrainingOptions]:
+    """Model config and training options from a preset and one dict of overrides.
+
+    Keys of either kind may be mixed; any other key is an error naming the known ones.
+    """
+    overrides = dict(overrides or {})
+    training_keys = set(TrainingOptions.model_fields)
+    model_over = {k: v for k, v in overrides.items() if k not in training_keys}
+    training_over = {k: v for k, v in overrides.items() if k in training_keys}
+    unknown = sorted(set(model_over) - set(ModelConfig.model_fields))
+    if unknown:
+        raise InvalidArgumentError(
+            f"unknown overrides {unknown}; model keys: {sorted(ModelConfig.model_fields)}, "
+            f"training keys: {sorted(training_keys)}")
+    try:
+        config = make_config(preset, model_over)
+        options = TrainingOptions(**training_over)
+    except ConfigError as e:
+        raise InvalidArgumentError(str(e)) from e
+    except ValidationError as e:
+        raise InvalidArgumentError(f"invalid training options: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}") from e
+    return config, options
+
+
+def choose_strategy() -> tf.distribute.Strategy:
+    """MultiWorkerMirrored with TF_CONFIG, Mirrored with several GPUs, else the default (GPU if any)."""
+    if os.environ.get("TF_CONFIG"):
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if len(tf.config.list_physical_devices("GPU")) > 1:
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def _is_chief(strategy: tf.distribute.Strategy) -> bool:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    cluster = resolver.cluster_spec().as_dict()
+    if "chief" in cluster:
+        return resolver.task_type == "chief"
+    return resolver.task_type == "worker" and resolver.task_id == 0
+
+
+def code_version() -> str:
+    """`git describe` of the source tree when it is a git checkout with commits, else the package version."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty", "--tags"],
+                             capture_output=True, text=True, timeout=5, check=False)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        from importlib.metadata import version
+
+        return version("stemlab")
+    except Exception:  # noqa: BLE001 - not installed as a distribution
+        return "unknown"
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def read_run(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """run.yaml of a run folder."""
+    path = Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        raise NotFoundError(f"no training run at {run_dir}")
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def _write_run(run_dir: Path, info: dict[str, Any]) -> None:
+    atomic_write_text(run_dir / RUN_FILE, yaml.safe_dump(info, sort_keys=False))
+
+
+def read_history(run_dir: str | os.PathLike) -> list[dict[str, float]]:
+    """Rows of history.csv as dicts of numbers (epoch as int)."""
+    path = Path(run_dir) / HISTORY_FILE
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _write_history(run_dir: Path, history: list[dict[str, float]]) -> None:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=HISTORY_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: row[k] for k in HISTORY_FIELDS})
+    atomic_write_text(run_dir / HISTORY_FILE, out.getvalue())
+
+
+class _RunLock:
+    """An exclusive lock on a run folder (flock: the kernel drops it when the process dies, even by kill -9)."""
+
+    def __init__(self, run_dir: Path):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(run_dir / ".lock", "a+")  # noqa: SIM115 - held for the whole run
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.close()
+            raise FailedPreconditionError(f"run {run_dir.name} is being trained by another process") from None
+
+    def release(self) -> None:
+        fcntl.flock(self._file, fcntl.LOCK_UN)
+        self._file.close()
+
+
+class _State:
+    """Everything a checkpoint holds besides the model and optimizer, as tf.Variables."""
+
+    def __init__(self):
+        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False)  # completed epochs
+        self.step_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False)  # of the epoch after `epoch`
+        self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.loss_sum = tf.Variable(0.0, dtype=tf.float64, trainable=False)  # of the unfinished epoch
+        self.best_val_loss = tf.Variable(np.inf, dtype=tf.float64, trainable=False)
+        self.best_epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.history = tf.Variable("[]", dtype=tf.string, trainable=False)
+
+    def trackables(self) -> dict[str, tf.Variable]:
+        return dict(vars(self))
+
+    def history_rows(self) -> list[dict[str, float]]:
+        return json.loads(self.history.numpy().decode())
+
+
+def train_run(
+    run_dir: str | os.PathLike,
+    manifest_path: str | os.PathLike,
+    data_root: str | os.PathLike,
+    preset: str = "thesis",
+    overrides: dict[str, Any] | None = None,
+    epochs: int = 36,
+    patience: int = 10,
+    seed: int = 0,
+    steps_per_epoch: int = 1000,
+    batch_size: int = 4,
+    progress: Progress | None = None,
+    should_stop: ShouldStop | None = None,
+) -> dict[str, Any]:
+    """Train (or continue) the run in `run_dir`; returns a summary of where it stands.
+
+    A folder that already holds a run continues it from its last checkpoint: its own config, seed
+    and dataset are kept (the dataset must be unchanged); `epochs` and `patience` may grow.
+    `progress(done_steps, total_steps, message, **metrics)` gets epoch, step, loss, val_loss,
+    steps_per_second and eta_seconds. `should_stop()` returning true checkpoints and stops within a
+    step. The result's "state" is "completed", "early_stopped" or "cancelled".
+    """
+    if epochs < 1 or patience < 1 or steps_per_epoch < 1 or batch_size < 1:
+        raise InvalidArgumentError("epochs, patience, steps_per_epoch and batch_size must be positive")
+    strategy = choose_strategy()  # first: MultiWorkerMirroredStrategy must exist before other TF work
+    chief = _is_chief(strategy)
+    run_dir = Path(run_dir)
+    manifest_path, data_root = Path(manifest_path), Path(data_root)
+    manifest = load_manifest(manifest_path)
+    checksum = manifest.checksum or _file_sha256(manifest_path)
+
+    existing = (run_dir / RUN_FILE).is_file()
+    if existing:
+        info = read_run(run_dir)
+        info.pop("error", None)
+        if info.get("manifest", {}).get("checksum") != checksum:
+            raise FailedPreconditionError(f"run {run_dir.name} was trained on another version of the dataset "
+                                          f"(checksum {info.get('manifest', {}).get('checksum')}); start a new run")
+        config = config_from_dict(info["config"])
+        options = TrainingOptions(**info.get("options", {}))
+        seed, batch_size = int(info["seed"]), int(info["batch_size"])
+        steps_per_epoch = int(info["steps_per_epoch"])
+    else:
+        config, options = split_overrides(preset, overrides)
+        info = {
+            "run_id": run_dir.name, "state": "created", "created": _now(), "preset": preset,
+            "overrides": dict(overrides or {}), "config": config_to_dict(config), "options": options.model_dump(),
+            "manifest": {"path": str(manifest_path.resolve()), "name": manifest.name,
+                         "version": manifest.version, "checksum": checksum},
+            "data_root": str(data_root.resolve()), "seed": seed, "batch_size": batch_size,
+            "steps_per_epoch": steps_per_epoch, "code_version": code_version(),
+        }
+    info.update(epochs=epochs, patience=patience)
+    if batch_size % strategy.num_replicas_in_sync:
+        raise InvalidArgumentError(f"batch_size {batch_size} must be a multiple of the "
+                                   f"{strategy.num_replicas_in_sync} replicas")
+    lock = _RunLock(run_dir) if chief else None  # one trainer per run folder, or checkpoints clash
+    try:
+        if chief:
+            _write_run(run_dir, {**info, "state": "running", "updated": _now()})
+        try:
+            tracks = data.load_tracks(
+                manifest, data_root, config,
+                run_dir / "cache" if chief else Path(tempfile.mkdtemp(prefix="stemlab-cache-")),
+                progress=lambda done, total, message: progress and progress(0, epochs * steps_per_epoch, message),
+                should_stop=should_stop)
+        except data.LoadingStopped:
+            if chief:
+                _write_run(run_dir, {**info, "state": "cancelled", "updated": _now()})
+            return {"run_id": run_dir.name, "run_dir": str(run_dir), "state": "cancelled",
+                    "epochs_completed": int(info.get("epochs_completed") or 0), "global_step": None,
+                    "best_epoch": int(info.get("best_epoch") or 0), "best_val_loss": info.get("best_val_loss"),
+                    "history": read_history(run_dir) if chief else []}
+        augmentation = data.Augmentation(options.augment_gain_db, options.remix_probability)
+        sampler = data.ChunkSampler(tracks["train"], manifest.sources, config.segment_samples, augmentation)
+        validation = data.validation_dataset(
+            data.validation_segments(tracks["validation"], config.segment_samples, options.validation_chunks_per_track),
+            config, batch_size)
+
+        keras.utils.set_random_seed(seed)
+        with strategy.scope():
+            network = build_network(config)
+            optimizer = keras.optimizers.Adam(config.learning_rate)
+            optimizer.build(network.trainable_variables)
+        state = _State()
+        checkpoint = tf.train.Checkpoint(model=network, optimizer=optimizer, **state.trackables())
+        # Every worker must write a checkpoint (the writes synchronise); only the chief's is kept.
+        checkpoint_dir = run_dir / "checkpoints" if chief else Path(tempfile.mkdtemp(prefix="stemlab-ckpt-"))
+        manager = tf.train.CheckpointManager(checkpoint, str(checkpoint_dir), max_to_keep=options.checkpoints_kept)
+        if manager.latest_checkpoint:
+            checkpoint.restore(manager.latest_checkpoint).expect_partial()
+            log.info("resumed %s from %s (epoch %d, step %d)", run_dir.name, manager.latest_checkpoint,
+                     int(state.epoch.numpy()), int(state.step_in_epoch.numpy()))
+
+        @tf.function
+        def train_step(iterator):
+            def step_fn(mix_rows, instrument_rows):
+                with tf.GradientTape() as tape:
+                    mask = network(mix_rows, training=True)
+                    per_chunk = masked_l1_per_chunk(mix_rows, instrument_rows, mask, config.normalise_eps)
+                    loss = tf.nn.compute_average_loss(per_chunk, global_batch_size=batch_size)
+                gradients = tape.gradient(loss, network.trainable_variables)
+                optimizer.apply_gradients(zip(gradients, network.trainable_variables, strict=True))
+                return loss
+
+            per_replica = strategy.run(step_fn, args=next(iterator))
+            return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+        @tf.function
+        def validation_step(mix_rows, instrument_rows):
+            mask = network(mix_rows, training=False)
+            per_chunk = masked_l1_per_chunk(mix_rows, instrument_rows, mask, config.normalise_eps)
+            return tf.reduce_sum(per_chunk), tf.cast(tf.shape(per_chunk)[0], tf.float32)
+
+        writer = tf.summary.create_file_writer(str(run_dir / "logs")) if chief else tf.summary.create_noop_writer()
+        history = state.history_rows()
+        total_steps = epochs * steps_per_epoch
+        rate_start = (time.monotonic(), int(state.global_step.numpy()))
+        result_state = "completed"
+
+        def report(message: str, **metrics: Any) -> None:
+            if not progress:
+                return
+            done = int(state.global_step.numpy())
+            elapsed, steps_done = time.monotonic() - rate_start[0], done - rate_start[1]
+            speed = steps_done / elapsed if elapsed > 0 and steps_done > 0 else 0.0
+            eta = (total_steps - done) / speed if speed > 0 else -1.0
+            progress(done, total_steps, message, steps_per_second=round(speed, 3), eta_seconds=round(eta, 1), **metrics)
+
+        def stop_requested() -> bool:
+            return bool(should_stop and should_stop())
+
+        def save_checkpoint() -> None:
+            manager.save(checkpoint_number=int(state.global_step.numpy()))
+
+        stopped_early = bool(history) and int(state.epoch.numpy()) - int(state.best_epoch.numpy()) >= patience
+        while int(state.epoch.numpy()) < epochs and not stopped_early:
+            epoch = int(state.epoch.numpy()) + 1
+            skip = int(state.step_in_epoch.numpy())
+            epoch_start = time.monotonic()
+
+            def dataset_fn(context: tf.distribute.InputContext, epoch=epoch, skip=skip):
+                per_replica = context.get_per_replica_batch_size(batch_size)
+                return data.training_dataset(sampler, config, seed, epoch, steps_per_epoch, per_replica,
+                                             worker=context.input_pipeline_id, skip_steps=skip)
+
+            iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
+            cancelled = False
+            for step in range(skip + 1, steps_per_epoch + 1):
+                if stop_requested():
+                    cancelled = True
+                    break
+                loss = float(train_step(iterator).numpy())
+                state.step_in_epoch.assign(step)
+                state.global_step.assign_add(1)
+                state.loss_sum.assign_add(loss)
+                report(f"epoch {epoch}/{epochs} step {step}/{steps_per_epoch} loss {loss:.4f}",
+                       epoch=epoch, step=step, loss=round(loss, 6),
+                       val_loss=history[-1]["val_loss"] if history else None)
+            if cancelled or stop_requested():
+                save_checkpoint()
+                result_state = "cancelled"
+                break
+
+            val_sum, val_count = 0.0, 0.0
+            for mix_rows, instrument_rows in validation:
+                s, c = validation_step(mix_rows, instrument_rows)
+                val_sum, val_count = val_sum + float(s), val_count + float(c)
+            val_loss = val_sum / max(val_count, 1.0)
+            train_loss = float(state.loss_sum.numpy()) / steps_per_epoch
+            seconds = time.monotonic() - epoch_start
+            history.append({"epoch": epoch, "loss": round(train_loss, 6), "val_loss": round(val_loss, 6),
+                            "seconds": round(seconds, 3), "steps_per_second": round((steps_per_epoch - skip) / seconds, 3)})
+            if val_loss < float(state.best_val_loss.numpy()):
+                state.best_val_loss.assign(val_loss)
+                state.best_epoch.assign(epoch)
+                if chief:
+                    _save_best_weights(network, run_dir)
+            state.epoch.assign(epoch)
+            state.step_in_epoch.assign(0)
+            state.loss_sum.assign(0.0)
+            state.history.assign(json.dumps(history))
+            save_checkpoint()
+            if chief:
+                _write_history(run_dir, history)
+                with writer.as_default(step=epoch):
+                    _scalar_summary("loss", train_loss)
+                    _scalar_summary("val_loss", val_loss)
+                writer.flush()
+            report(f"epoch {epoch}/{epochs} done: loss {train_loss:.4f} val_loss {val_loss:.4f}",
+                   epoch=epoch, step=steps_per_epoch, loss=round(train_loss, 6), val_loss=round(val_loss, 6))
+            stopped_early = epoch - int(state.best_epoch.numpy()) >= patience
+        if stopped_early:
+            result_state = "early_stopped"
+
+        summary = {
+            "run_id": run_dir.name, "run_dir": str(run_dir), "state": result_state,
+            "epochs_completed": int(state.epoch.numpy()), "global_step": int(state.global_step.numpy()),
+            "best_epoch": int(state.best_epoch.numpy()),
+            "best_val_loss": float(state.best_val_loss.numpy()) if history else None,
+            "history": history,
+        }
+        if chief:
+            _write_run(run_dir, {**info, "state": result_state, "updated": _now(),
+                                 "epochs_completed": summary["epochs_completed"], "best_epoch": summary["best_epoch"],
+                                 "best_val_loss": summary["best_val_loss"]})
+        else:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        return summary
+    except Exception as e:
+        if chief:
+            _write_run(run_dir, {**info, "state": "failed", "error": f"{type(e).__name__}: {e}", "updated": _now()})
+        raise
+    finally:
+        if lock:
+            lock.release()
+
+
+def _scalar_summary(tag: str, value: float) -> None:
+    """A TensorBoard scalar, written with core TF ops (tf.summary.scalar needs the tensorboard package)."""
+    metadata = summary_pb2.SummaryMetadata()
+    metadata.plugin_data.plugin_name = "scalars"
+    tf.summary.write(tag, tf.constant(value, tf.float32), metadata=metadata.SerializeToString())
+
+
+def _save_best_weights(network: keras.Model, run_dir: Path) -> None:
+    # Keras insists on the .weights.h5 suffix, so the temporary name keeps it.
+    tmp = run_dir / f".{BEST_WEIGHTS}.tmp.weights.h5"
+    network.save_weights(str(tmp))
+    os.replace(tmp, run_dir / BEST_WEIGHTS)
+
+
+def resume_run(run_dir: str | os.PathLike, epochs: int | None = None, patience: int | None = None,
+               progress: Progress | None = None, should_stop: ShouldStop | None = None) -> dict[str, Any]:
+    """Continue a run with what its run.yaml recorded (dataset, data root, epochs, patience)."""
+    info = read_run(run_dir)
+    return train_run(run_dir, info["manifest"]["path"], info["data_root"], info["preset"], info.get("overrides"),
+                     epochs=epochs or int(info["epochs"]), patience=patience or int(info["patience"]),
+                     seed=int(info["seed"]), steps_per_epoch=int(info["steps_per_epoch"]),
+                     batch_size=int(info["batch_size"]), progress=progress, should_stop=should_stop)
+
+
+def load_best_network(run_dir: str | os.PathLike) -> tuple[keras.Model, ModelConfig]:
+    """The run's network with its best (lowest validation loss) weights."""
+    run_dir = Path(run_dir)
+    info = read_run(run_dir)
+    if not (run_dir / BEST_WEIGHTS).is_file():
+        raise FailedPreconditionError(f"run {run_dir.name} has no best weights yet (no epoch finished)")
+    config = config_from_dict(info["config"])
+    network = build_network(config)
+    network.load_weights(str(run_dir / BEST_WEIGHTS))
+    return network, config
+
+
+def export_run(run_dir: str | os.PathLike, models_root: str | os.PathLike, model_name: str) -> int:
+    """Export the run's best weights as the next version of models/<model_name>/; returns the version."""
+    run_dir = Path(run_dir)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", model_name or ""):
+        raise InvalidArgumentError(f"invalid model name {model_name!r}: use letters, digits, '.', '_' and '-'")
+    try:
+        model_dir = safe_join(models_root, model_name)
+    except PathError as e:
+        raise InvalidArgumentError(str(e)) from e
+    info = read_run(run_dir)
+    network, config = load_best_network(run_dir)
+    metadata = {"preset": info.get("preset"), "source_run": info.get("run_id", run_dir.name),
+                "best_epoch": info.get("best_epoch"), "best_val_loss": info.get("best_val_loss"),
+                "dataset": info.get("manifest", {}), "instrument": _instrument_of(info),
+                "code_version": code_version(), "exported": _now()}
+    return export_saved_model(network, config, model_dir, metadata)
+
+
+def _instrument_of(info: dict[str, Any]) -> str | None:
+    try:
+        return load_manifest(info["manifest"]["path"]).instrument
+    except Exception:  # noqa: BLE001 - the dataset may have been moved since training; not needed to export
+        return None

@@ -1,0 +1,173 @@
+"""The model package: config presets, spectral front end, network, loss, separation and export."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import librosa
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from model.config import ConfigError, config_from_dict, config_to_dict, make_config
+from model.export import export_saved_model, read_export_info, versions
+from model.loss import masked_l1
+from model.network import build_network, trainable_parameter_count
+from model.separate import separate_waveform, spectrogram_mask
+from model.spectral import from_network_rows, istft, magnitude, stft, to_network_rows
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    config = make_config("tiny")
+    keras.utils.set_random_seed(1)
+    return config, build_network(config)
+
+
+def _noise(shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32) * 0.3
+
+
+@pytest.mark.parametrize("filters, expected", [(192, 7_713_857), (256, 12_546_689), (92, 2_671_757)])
+def test_thesis_preset_has_the_thesis_parameter_counts(filters, expected):
+    network = build_network(make_config("thesis", {"hourglass_filters": filters}))
+    assert trainable_parameter_count(network) == expected
+
+
+def test_thesis_preset_matches_the_published_parameters():
+    config = make_config("thesis")
+    assert (config.rate_hz, config.n_fft, config.hop_length, config.chunk_frames) == (22050, 1536, 384, 64)
+    assert config.freq_rows == 768 and config.hourglass_depth == 6 and config.hourglass_filters == 192
+
+
+def test_unknown_or_impossible_overrides_are_rejected():
+    with pytest.raises(ConfigError, match="unknown config keys"):
+        make_config("tiny", {"filterz": 3})
+    with pytest.raises(ConfigError, match="divisible"):
+        make_config("thesis", {"hourglass_depth": 7})  # 64 frames cannot halve 7 times
+    with pytest.raises(ConfigError, match="unknown preset"):
+        make_config("huge")
+    config = make_config("cpu", {"hourglass_filters": 24})
+    assert config_from_dict(json.loads(json.dumps(config_to_dict(config)))) == config
+
+
+def test_stft_matches_librosa_and_inverse_returns_exact_length_and_signal():
+    config = make_config("thesis")
+    for samples in (769, 1000, 22050, 22050 + 383):
+        x = _noise((2, samples), seed=samples)
+        spectrum = stft(x, config).numpy()
+        reference = librosa.stft(x[1], n_fft=1536, hop_length=384, window="hann", center=True, pad_mode="reflect")
+        assert spectrum.shape == (2, 1 + samples // 384, 769)
+        np.testing.assert_allclose(spectrum[1].T, reference, atol=1e-4)
+        back = istft(spectrum, config, samples).numpy()
+        assert back.shape == (2, samples)
+        # Edges included: the overlap is normalised where frames actually overlap.
+        np.testing.assert_allclose(back, x, atol=1e-5)
+
+
+def test_network_rows_drop_dc_and_the_mask_puts_zero_there():
+    config = make_config("tiny")
+    mags = magnitude(stft(_noise((1, 4000)), config))
+    rows = to_network_rows(mags)
+    assert rows.shape == (1, config.freq_rows, mags.shape[1], 1)
+    np.testing.assert_array_equal(rows[0, :, :, 0].numpy().T, mags[0, :, 1:].numpy())
+    back = from_network_rows(rows).numpy()
+    assert np.all(back[..., 0] == 0) and np.array_equal(back[..., 1:], mags.numpy()[..., 1:])
+
+
+def test_mask_is_bounded_to_zero_one_for_any_input(tiny):
+    config, network = tiny
+    shape = (3, config.freq_rows, config.chunk_frames, 1)
+    for data in (np.zeros(shape), np.full(shape, 1e6), np.abs(_noise(shape)) * 1e-9, np.abs(_noise(shape)) * 50):
+        mask = network(tf.constant(data, tf.float32), training=True).numpy()
+        assert mask.shape == shape and np.all(np.isfinite(mask))
+        assert mask.min() >= 0.0 and mask.max() <= 1.0
+
+
+def test_network_output_does_not_depend_on_the_chunk_level(tiny):
+    """Normalisation is inside the model: a chunk 100x louder gets the same mask."""
+    config, network = tiny
+    chunk = np.abs(_noise((1, config.freq_rows, config.chunk_frames, 1)))
+    quiet = network(tf.constant(chunk), training=False).numpy()
+    loud = network(tf.constant(chunk * 100), training=False).numpy()
+    np.testing.assert_allclose(quiet, loud, atol=1e-5)
+
+
+def test_loss_is_zero_for_the_ideal_mask_and_grows_with_error():
+    mix = tf.constant(np.abs(_noise((2, 8, 4, 1))) + 0.1)
+    ideal = tf.constant(np.random.default_rng(3).uniform(0, 1, (2, 8, 4, 1)).astype(np.float32))
+    target = ideal * mix
+    assert float(masked_l1(mix, target, ideal, 1e-6)) == pytest.approx(0.0, abs=1e-7)
+    assert float(masked_l1(mix, target, tf.zeros_like(ideal), 1e-6)) > float(masked_l1(mix, target, ideal * 0.9, 1e-6)) > 0
+
+
+def test_separation_keeps_length_and_instrument_plus_rest_is_the_mix(tiny):
+    config, network = tiny
+    for samples in (0, 50, 300, 7001):
+        mix = _noise((2, samples), seed=samples)
+        instrument, rest = separate_waveform(network, mix, config)
+        assert instrument.shape == rest.shape == (2, samples)
+        np.testing.assert_allclose(instrument.numpy() + rest.numpy(), mix, atol=1e-6)
+
+
+class _ChunkMean(keras.Model):
+    """A stand-in network whose mask is one number per chunk: its mean normalised level."""
+
+    def call(self, rows, training=False):
+        level = tf.reduce_mean(rows, axis=[1, 2, 3], keepdims=True) / (tf.reduce_max(rows) + 1e-6)
+        return tf.ones_like(rows) * level
+
+
+def test_overlapping_chunks_cross_fade_the_mask_instead_of_jumping():
+    # A mix that grows louder over time: every chunk gets a different constant mask.
+    frames = 400
+    ramp = np.linspace(0.05, 1.0, frames, dtype=np.float32)
+    mags = tf.constant(np.tile(ramp[None, :, None], (1, 1, 129)))
+    jumps = {}
+    for overlap in (0.0, 0.5):
+        config = make_config("tiny", {"chunk_overlap": overlap})
+        mask = spectrogram_mask(_ChunkMean(), mags, config).numpy()[0, :, 5]
+        assert mask.shape == (frames,)
+        jumps[overlap] = np.abs(np.diff(mask)).max()
+    # Without overlap the mask steps at each border; blended, the largest step is much smaller.
+    assert jumps[0.5] < jumps[0.0] / 2
+
+
+def test_export_writes_versions_with_both_signatures_and_matches_eager_separation(tiny, tmp_path):
+    config, network = tiny
+    model_dir = tmp_path / "models" / "guitar"
+    assert export_saved_model(network, config, model_dir, {"preset": "tiny", "source_run": "r1"}) == 1
+    assert export_saved_model(network, config, model_dir, {"preset": "tiny"}) == 2
+    assert versions(model_dir) == [1, 2]
+    assert sorted(p.name for p in model_dir.iterdir()) == ["1", "2"]  # no temporary folder left behind
+    info = read_export_info(model_dir / "1")
+    assert info["rate_hz"] == 22050 and info["source_run"] == "r1" and info["config"]["n_fft"] == config.n_fft
+
+    loaded = tf.saved_model.load(str(model_dir / "1"))
+    serve = loaded.signatures["serving_default"]
+    assert set(serve.structured_input_signature[1]) == {"waveform"}
+    assert set(serve.structured_outputs) == {"instrument", "rest"}
+    mix = _noise((2, 9000), seed=7)
+    out = serve(waveform=tf.constant(mix))
+    instrument, _ = separate_waveform(network, mix, config)
+    # Same graph and weights; only float summation order may differ.
+    np.testing.assert_allclose(out["instrument"].numpy(), instrument.numpy(), atol=1e-5)
+    np.testing.assert_allclose(out["instrument"].numpy() + out["rest"].numpy(), mix, atol=1e-6)
+    rate = loaded.signatures["sample_rate"](x=tf.zeros([3]))["sample_rate"]
+    assert rate.dtype == tf.int32 and rate.numpy().tolist() == [22050] * 3
+
+
+def test_saved_model_cli_lists_the_signatures(tiny, tmp_path):
+    config, network = tiny
+    version = export_saved_model(network, config, tmp_path / "m")
+    cli = Path(sys.executable).parent / "saved_model_cli"
+    if not cli.exists():
+        pytest.skip("saved_model_cli is not installed beside this Python")
+    out = subprocess.run([str(cli), "show", "--dir", str(tmp_path / "m" / str(version)), "--all"],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    assert "signature_def['serving_default']" in out and "signature_def['sample_rate']" in out
+    assert "inputs['waveform']" in out and "outputs['instrument']" in out and "outputs['rest']" in out

@@ -1,0 +1,403 @@
+"""Training domain: input pipeline, the training loop, cancel, resume after kill -9, export, multi-worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import tensorflow as tf
+import yaml
+
+from model.config import make_config
+from model.separate import separate_waveform
+from services.common.errors import InvalidArgumentError
+from services.common.manifest import Manifest, Pair
+from services.training import data
+from services.training.trainer import (
+    export_run,
+    load_best_network,
+    read_history,
+    read_run,
+    resume_run,
+    split_overrides,
+    train_run,
+)
+
+RATE = 22050
+ROOT = Path(__file__).resolve().parents[1]
+# Small and quick: 8 steps of 8 chunks per epoch with the tiny preset.
+FAST = {"preset": "tiny", "steps_per_epoch": 8, "batch_size": 8, "seed": 3, "patience": 20}
+
+
+def _instrument(rng, seconds):
+    """A harmonic 'instrument': notes of random pitch with 5 harmonics, changing every 0.25 s."""
+    t = np.arange(int(seconds * RATE)) / RATE
+    out = np.zeros_like(t)
+    note = int(0.25 * RATE)
+    for start in range(0, t.size, note):
+        f0 = rng.uniform(200, 800)
+        seg = t[start : start + note]
+        out[start : start + note] = sum(np.sin(2 * np.pi * f0 * k * seg) / k for k in range(1, 6))
+    return (0.2 * out).astype(np.float32)
+
+
+def _rest(rng, seconds):
+    """A noisy, drum-like 'rest': decaying noise bursts every 0.2 s."""
+    n = int(seconds * RATE)
+    out = np.zeros(n)
+    for start in range(0, n, int(0.2 * RATE)):
+        burst = rng.standard_normal(min(3000, n - start)) * np.exp(-np.arange(min(3000, n - start)) / 600)
+        out[start : start + burst.size] += burst
+    return (0.2 * out).astype(np.float32)
+
+
+def make_dataset(root: Path, tracks=8, validation=2, seconds=3.0, sources=None) -> Path:
+    """A data root with tracks written as wav and a manifest naming them; returns the manifest path."""
+    rng = np.random.default_rng(11)
+    pairs = []
+    for i in range(tracks):
+        name = f"Synth_{i:02d}"
+        folder = root / "mixes" / "guitar" / str(RATE) / name
+        folder.mkdir(parents=True, exist_ok=True)
+        sf.write(folder / "instrument.wav", _instrument(rng, seconds), RATE, subtype="FLOAT")
+        sf.write(folder / "rest.wav", _rest(rng, seconds), RATE, subtype="FLOAT")
+        source = "synthetic" if i % 2 == 0 else "solo"
+        pairs.append(Pair(track=name, source=source, split="validation" if i < validation else "train",
+                          instrument=f"mixes/guitar/{RATE}/{name}/instrument.wav",
+                          rest=f"mixes/guitar/{RATE}/{name}/rest.wav", seconds=seconds))
+    manifest = Manifest(name="synth", version=1, instrument="guitar", rate=RATE, channels=1, created="",
+                        code_version="test", params={}, sources=sources or {"synthetic": 1.0, "solo": 1.0}, pairs=pairs)
+    manifest.checksum = manifest.compute_checksum()
+    path = root / "datasets" / "synth" / "v1" / "manifest.yaml"
+    path.parent.mkdir(parents=True)
+    path.write_text(manifest.to_yaml())
+    return path
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    return root, make_dataset(root)
+
+
+@pytest.fixture(scope="module")
+def trained(dataset, tmp_path_factory):
+    """One tiny run of 4 epochs, shared by the tests that only read it."""
+    root, manifest = dataset
+    run_dir = tmp_path_factory.mktemp("runs") / "run-a"
+    updates = []
+    result = train_run(run_dir, manifest, root, epochs=4, progress=lambda *a, **kw: updates.append((a, kw)), **FAST)
+    return run_dir, result, updates
+
+
+# ---- input pipeline ---------------------------------------------------------------------------
+
+
+def _fake_tracks(sources_and_lengths):
+    return [data.TrackAudio(f"t{i}", s, np.full(n, i + 1, np.float32), np.full(n, -(i + 1), np.float32))
+            for i, (s, n) in enumerate(sources_and_lengths)]
+
+
+def test_chunks_are_drawn_by_source_weight_across_tracks():
+    tracks = _fake_tracks([("recorded", 5000)] * 3 + [("solo", 5000)])
+    sampler = data.ChunkSampler(tracks, {"recorded": 3, "solo": 1}, 1000, data.Augmentation(gain_db=0, remix_probability=0))
+    instrument, rest = sampler.draw(np.random.default_rng(0), 4000)
+    track_of = instrument[:, 0].astype(int) - 1
+    assert abs(np.mean(track_of == 3) - 0.25) < 0.03  # the solo source gets its 1 in 4
+    assert len(set(track_of[:20])) > 1  # consecutive chunks come from different tracks
+    np.testing.assert_array_equal(rest[:, 0], -instrument[:, 0])  # no remixing asked for
+
+
+def test_remixing_and_gain_change_training_chunks_but_are_seeded():
+    tracks = _fake_tracks([("a", 3000)] * 4)
+    sampler = data.ChunkSampler(tracks, {}, 1000, data.Augmentation(gain_db=6, remix_probability=1.0))
+    inst, rest = sampler.draw(np.random.default_rng(5), 200)
+    assert np.mean(np.abs(inst[:, 0]) != np.abs(rest[:, 0])) > 0.5  # rest from another track, other gain
+    again = sampler.draw(np.random.default_rng(5), 200)
+    np.testing.assert_array_equal(inst, again[0])
+    first = list(data.training_segments(sampler, 1, 2, 4, 3))
+    replay = list(data.training_segments(sampler, 1, 2, 4, 3, skip_steps=2))
+    np.testing.assert_array_equal(first[2][0], replay[0][0])  # skipping replays the same epoch
+
+
+def test_validation_segments_are_fixed_and_unaugmented():
+    tracks = _fake_tracks([("a", 10_000), ("b", 500)])
+    one = data.validation_segments(tracks, 1000, per_track=4)
+    two = data.validation_segments(tracks, 1000, per_track=4)
+    np.testing.assert_array_equal(one[0], two[0])
+    assert one[0].shape == (5, 1000)  # 4 from the long track, 1 zero-padded from the short one
+    np.testing.assert_array_equal(one[0] + one[1], 0)
+
+
+def test_audio_is_decoded_once_and_then_memory_mapped(dataset, tmp_path, monkeypatch):
+    root, manifest_path = dataset
+    from services.common.manifest import load_manifest
+
+    calls = []
+    real = data.read_audio
+    monkeypatch.setattr(data, "read_audio", lambda *a, **kw: calls.append(a) or real(*a, **kw))
+    manifest = load_manifest(manifest_path)
+    config = make_config("tiny")
+    tracks = data.load_tracks(manifest, root, config, tmp_path / "cache")
+    assert len(calls) == 16 and len(tracks["train"]) == 6 and len(tracks["validation"]) == 2
+    again = data.load_tracks(manifest, root, config, tmp_path / "cache")
+    assert len(calls) == 16  # second load reads the cache
+    assert isinstance(again["train"][0].instrument, np.memmap)
+    np.testing.assert_array_equal(again["train"][0].instrument, tracks["train"][0].instrument)
+
+
+def test_a_dataset_at_another_rate_is_refused(dataset):
+    root, manifest_path = dataset
+    from services.common.manifest import load_manifest
+
+    with pytest.raises(data.DataError, match="22050 Hz but the model runs at 44100"):
+        data.load_tracks(load_manifest(manifest_path), root, make_config("tiny", {"rate_hz": 44100}), root / "c")
+
+
+def test_unknown_override_is_refused():
+    with pytest.raises(InvalidArgumentError, match="unknown overrides"):
+        split_overrides("tiny", {"learning_rat": 1})
+    config, options = split_overrides("tiny", {"learning_rate": 0.01, "remix_probability": 0.5})
+    assert config.learning_rate == 0.01 and options.remix_probability == 0.5
+
+
+# ---- training ---------------------------------------------------------------------------------
+
+
+def test_tiny_preset_trains_and_validation_loss_falls(trained):
+    run_dir, result, updates = trained
+    assert result["state"] == "completed" and result["epochs_completed"] == 4
+    val = [row["val_loss"] for row in result["history"]]
+    assert val[-1] < val[0] * 0.9, val
+    assert read_history(run_dir) == result["history"]
+    info = read_run(run_dir)
+    assert info["state"] == "completed" and info["config"]["n_fft"] == 256 and info["manifest"]["checksum"]
+    assert info["best_epoch"] == result["best_epoch"] == int(np.argmin(val)) + 1
+    assert (run_dir / "best.weights.h5").is_file() and any((run_dir / "logs").iterdir())
+    assert "PATH" not in (run_dir / "run.yaml").read_text()  # no environment dump
+    (done, total, message), metrics = updates[-1]
+    assert (done, total) == (32, 32) and {"epoch", "loss", "val_loss", "steps_per_second", "eta_seconds"} <= set(metrics)
+
+
+def test_calling_again_resumes_with_epochs_and_history_intact(trained, tmp_path):
+    run_dir, first, _ = trained
+    # Train a copy further, so the shared run stays as it was for the other tests.
+    import shutil
+
+    copy = tmp_path / "run-a"
+    shutil.copytree(run_dir, copy)
+    result = resume_run(copy, epochs=5)
+    assert result["epochs_completed"] == 5 and result["global_step"] == 5 * 8
+    assert [r["epoch"] for r in result["history"]] == [1, 2, 3, 4, 5]
+    assert result["history"][:4] == first["history"]
+
+
+def test_cancel_checkpoints_and_a_later_call_finishes_the_same_steps(dataset, tmp_path):
+    root, manifest = dataset
+    steps_done = [0]
+    result = train_run(tmp_path / "run", manifest, root, epochs=2,
+                       progress=lambda done, total, message, **kw: steps_done.append(done),
+                       should_stop=lambda: steps_done[-1] >= 10, **FAST)
+    assert result["state"] == "cancelled" and result["global_step"] == 10  # stopped at once, mid-epoch 2
+    assert read_run(tmp_path / "run")["state"] == "cancelled"
+    resumed = train_run(tmp_path / "run", manifest, root, epochs=2, **FAST)
+    assert resumed["state"] == "completed" and resumed["global_step"] == 16 and resumed["epochs_completed"] == 2
+
+
+def test_cancel_while_decoding_stops_before_training(dataset, tmp_path):
+    root, manifest = dataset
+    result = train_run(tmp_path / "run", manifest, root, epochs=2, should_stop=lambda: True, **FAST)
+    assert result["state"] == "cancelled" and result["epochs_completed"] == 0
+    assert read_run(tmp_path / "run")["state"] == "cancelled" and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_export_uses_best_weights_and_separates_like_the_training_model(trained, tmp_path):
+    run_dir, result, _ = trained
+    version = export_run(run_dir, tmp_path / "models", "guitar")
+    assert version == 1
+    loaded = tf.saved_model.load(str(tmp_path / "models" / "guitar" / "1"))
+    network, config = load_best_network(run_dir)
+    mix = (np.random.default_rng(2).standard_normal((2, 20_000)) * 0.2).astype(np.float32)
+    served = loaded.signatures["serving_default"](waveform=tf.constant(mix))
+    instrument, rest = separate_waveform(network, mix, config)
+    # Tolerance 1e-5 absolute on audio of peak ~0.8: same weights and graph, float32 ordering only.
+    np.testing.assert_allclose(served["instrument"].numpy(), instrument.numpy(), atol=1e-5)
+    np.testing.assert_allclose(served["rest"].numpy(), rest.numpy(), atol=1e-5)
+    info = json.loads((tmp_path / "models" / "guitar" / "1" / "assets.extra" / "stemlab.json").read_text())
+    assert info["source_run"] == "run-a" and info["best_epoch"] == result["best_epoch"] and info["instrument"] == "guitar"
+    with pytest.raises(InvalidArgumentError):
+        export_run(run_dir, tmp_path / "models", "../escape")
+
+
+# ---- processes: kill -9 and multi-worker ------------------------------------------------------
+
+_CHILD = """
+import json, sys
+from services.training.trainer import train_run
+args = json.loads(sys.argv[1])
+result = train_run(**args)
+print("RESULT " + json.dumps({k: result[k] for k in ("state", "epochs_completed", "global_step", "history")}))
+"""
+
+
+def _child_env(**extra):
+    return {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "", **extra}
+
+
+@pytest.mark.slow
+def test_kill_9_mid_training_then_restart_resumes_from_the_checkpoint(dataset, tmp_path):
+    root, manifest = dataset
+    run_dir = root / "runs" / "killed"
+    # The foreground runner (what the Kubernetes job runs), killed without warning.
+    command = [sys.executable, "-m", "services.training.run", "--data", str(root), "--dataset", "synth",
+               "--run", "killed", "--epochs", "40", "--preset", FAST["preset"],
+               "--steps-per-epoch", str(FAST["steps_per_epoch"]), "--batch-size", str(FAST["batch_size"]),
+               "--seed", str(FAST["seed"]), "--patience", str(FAST["patience"])]
+    child = subprocess.Popen(command, cwd=ROOT, env=_child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        while len(read_history(run_dir)) < 2:
+            assert child.poll() is None, "training process ended early"
+            assert time.monotonic() < deadline, "no epoch finished in time"
+            time.sleep(0.2)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    before = read_history(run_dir)
+    assert read_run(run_dir)["state"] == "running"  # it died without a word
+    target = len(before) + 2
+    result = train_run(run_dir, manifest, root, epochs=target, **{k: v for k, v in FAST.items()})
+    epochs = [row["epoch"] for row in result["history"]]
+    assert epochs == list(range(1, target + 1))  # continued, not restarted from zero
+    assert result["history"][: len(before)] == before[: len(before)]
+    assert result["global_step"] == target * FAST["steps_per_epoch"]
+
+
+def _free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.mark.slow
+def test_two_workers_with_tf_config_train_one_step_together(dataset, tmp_path):
+    root, manifest = dataset
+    cluster = {"worker": [f"localhost:{p}" for p in _free_ports(2)]}
+    children = []
+    for index in range(2):
+        args = {"run_dir": str(tmp_path / "run"), "manifest_path": str(manifest), "data_root": str(root),
+                "epochs": 1, "preset": "tiny", "steps_per_epoch": 1, "batch_size": 2, "seed": 1}
+        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+        children.append(subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps(args)],
+                                         env=_child_env(TF_CONFIG=tf_config), stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, text=True))
+    outputs = []
+    for child in children:
+        try:
+            out, err = child.communicate(timeout=150)
+        except subprocess.TimeoutExpired:
+            for c in children:
+                c.kill()
+            pytest.fail("multi-worker training did not finish")
+        assert child.returncode == 0, err[-2000:]
+        outputs.append(json.loads(out.split("RESULT ", 1)[1]))
+    assert all(o["state"] == "completed" and o["global_step"] == 1 for o in outputs)
+    # One step of one model: both workers report the same all-reduced training loss.
+    assert outputs[0]["history"][0]["loss"] == pytest.approx(outputs[1]["history"][0]["loss"], rel=1e-5)
+    # Gradients are all-reduced, so weights agree; batch-norm moving statistics are each worker's own
+    # (its local batch), so the inference-mode validation loss agrees only closely.
+    assert outputs[0]["history"][0]["val_loss"] == pytest.approx(outputs[1]["history"][0]["val_loss"], rel=2e-2)
+    assert read_history(tmp_path / "run")[0]["epoch"] == 1  # only the chief wrote the run folder
+    assert yaml.safe_load((tmp_path / "run" / "run.yaml").read_text())["state"] == "completed"
+
+
+# ---- the gRPC service ---------------------------------------------------------------------------
+
+
+def _wait_job(stub, job_id, states, timeout=120):
+    from stemlab.v1 import jobs_pb2
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = stub.GetJob(jobs_pb2.GetJobRequest(id=job_id))
+        if job.state in states:
+            return job
+        time.sleep(0.3)
+    pytest.fail(f"job {job_id} did not reach {states}")
+
+
+@pytest.mark.slow
+def test_service_trains_resumes_after_a_crash_and_exports(tmp_path):
+    import grpc
+
+    from stemlab.v1 import jobs_pb2, jobs_pb2_grpc, training_pb2, training_pb2_grpc
+    from tests.servicetools import ServiceProcess
+
+    make_dataset(tmp_path)
+    env = {"TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+    service = ServiceProcess("training", tmp_path, env=env).start()
+    try:
+        with service.channel() as channel:
+            training, job_stub = training_pb2_grpc.TrainingServiceStub(channel), jobs_pb2_grpc.JobsStub(channel)
+            with pytest.raises(grpc.RpcError) as e:
+                training.StartTraining(training_pb2.StartTrainingRequest(dataset="nope", preset="tiny"))
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND
+            with pytest.raises(grpc.RpcError) as e:
+                training.StartTraining(training_pb2.StartTrainingRequest(dataset="synth", preset="tiny",
+                                                                         overrides={"filterz": "3"}))
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "filterz" in e.value.details()
+            job = training.StartTraining(training_pb2.StartTrainingRequest(
+                dataset="synth", preset="tiny", run_id="r1", epochs=40, patience=40, steps_per_epoch=8, batch_size=8,
+                seed=1, overrides={"hourglass_filters": "6"}))
+            assert job.kind == "training.train"
+            run_dir = tmp_path / "runs" / "r1"
+            deadline = time.monotonic() + 120
+            while len(read_history(run_dir)) < 2:
+                assert time.monotonic() < deadline, service.log()[-3000:]
+                time.sleep(0.3)
+        service.kill()  # kill -9: the job stays RUNNING in the store, the run mid-epoch
+        service.proc.wait()
+        before = read_history(run_dir)
+
+        service = ServiceProcess("training", tmp_path, port=service.port, env=env).start()
+        with service.channel() as channel:
+            training, job_stub = training_pb2_grpc.TrainingServiceStub(channel), jobs_pb2_grpc.JobsStub(channel)
+            assert job_stub.GetJob(jobs_pb2.GetJobRequest(id=job.id)).error == "interrupted"
+            resumes = job_stub.ListJobs(jobs_pb2.ListJobsRequest(kind="training.resume")).jobs
+            assert len(resumes) == 1 and resumes[0].params["run_id"] == "r1"
+            deadline = time.monotonic() + 120
+            while len(read_history(run_dir)) < len(before) + 1:
+                assert time.monotonic() < deadline, service.log()[-3000:]
+                time.sleep(0.3)
+            job_stub.CancelJob(jobs_pb2.CancelJobRequest(id=resumes[0].id))
+            _wait_job(job_stub, resumes[0].id, (jobs_pb2.CANCELLED,))
+
+            run = training.GetRun(training_pb2.GetRunRequest(run_id="r1"))
+            epochs = [h.epoch for h in run.history]
+            assert epochs == list(range(1, len(epochs) + 1)) and len(epochs) > len(before)
+            assert run.history[0].loss == pytest.approx(before[0]["loss"])  # continued, not restarted
+            assert run.summary.state == "cancelled" and run.config["hourglass_filters"] == 6
+            assert [r.run_id for r in training.ListRuns(training_pb2.ListRunsRequest()).runs] == ["r1"]
+
+            export = training.ExportModel(training_pb2.ExportModelRequest(run_id="r1", model_name="guitar"))
+            done = _wait_job(job_stub, export.id, (jobs_pb2.SUCCEEDED, jobs_pb2.FAILED))
+            assert done.state == jobs_pb2.SUCCEEDED, done.error
+            assert done.result["version"] == 1 and (tmp_path / "models" / "guitar" / "1" / "saved_model.pb").is_file()
+            with pytest.raises(grpc.RpcError) as e:
+                training.GetRun(training_pb2.GetRunRequest(run_id="../r1"))
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        service.kill()
