@@ -12,7 +12,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from services.common.audio import AudioError, read_audio, resample
 from services.common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
@@ -232,30 +231,22 @@ class ServedModelSource(ModelSource):
 
 
 class RunSource(_WaveformModelSource):
-    """A training run, DATA/runs/<run>/: its best weights (best.weights.h5) rebuilt from run.yaml's config.
-
-    The run folder's format belongs to the training room (services/training/trainer.py); this reads
-    only the two files it documents, with the shared model/ code, because services do not import
-    each other.
-    """
+    """A training run, DATA/runs/<run>/: its best weights, read through model/checkpoint.py."""
 
     kind = "run"
 
     def __init__(self, data: DataRoot, run: str):
+        from model.checkpoint import BEST_WEIGHTS, read_run
+
         try:
             self.folder = safe_join(data.runs, run)
         except PathError as e:
             raise InvalidArgumentError(str(e)) from e
-        if not (self.folder / "run.yaml").is_file():
-            raise NotFoundError(f"no training run {run!r} under {data.runs}")
-        if not (self.folder / "best.weights.h5").is_file():
-            raise FailedPreconditionError(f"run {run!r} has no best weights yet (no epoch finished)")
         self.run = run
-        try:
-            self.info = yaml.safe_load((self.folder / "run.yaml").read_text(encoding="utf-8")) or {}
-            self.config_dict = dict(self.info["config"])
-        except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as e:
-            raise FailedPreconditionError(f"run {run!r}: unreadable run.yaml ({e})") from e
+        self.info = read_run(self.folder)  # NotFoundError when there is no such run
+        if not (self.folder / BEST_WEIGHTS).is_file():
+            raise FailedPreconditionError(f"run {run!r} has no best weights yet (no epoch finished)")
+        self.config_dict = dict(self.info.get("config") or {})
         self.model_rate_hz = int(self.config_dict.get("rate_hz") or 0) or None
         self._network = None
 
@@ -270,14 +261,11 @@ class RunSource(_WaveformModelSource):
     def _run(self, waveform):
         import tensorflow as tf
 
-        from model.config import config_from_dict
-        from model.network import build_network
+        from model.checkpoint import load_best_network
         from model.separate import separate_waveform
 
         if self._network is None:
-            self._config = config_from_dict(self.config_dict)
-            self._network = build_network(self._config)
-            self._network.load_weights(str(self.folder / "best.weights.h5"))
+            self._network, self._config = load_best_network(self.folder)
         instrument, rest = separate_waveform(self._network, tf.constant(waveform, tf.float32), self._config)
         return instrument.numpy(), rest.numpy()
 

@@ -38,11 +38,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tensorflow.core.framework import summary_pb2
 
+from model.checkpoint import BEST_WEIGHTS, RUN_FILE, load_best_network, read_run
 from model.config import ConfigError, ModelConfig, config_from_dict, config_to_dict, make_config
 from model.export import export_saved_model
 from model.loss import masked_l1_per_chunk
 from model.network import build_network
-from services.common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from services.common.errors import FailedPreconditionError, InvalidArgumentError
 from services.common.manifest import load_manifest
 from services.common.paths import PathError, atomic_write_text, safe_join
 from services.training import data
@@ -52,8 +53,6 @@ log = logging.getLogger(__name__)
 Progress = Callable[..., None]
 ShouldStop = Callable[[], bool]
 
-RUN_FILE = "run.yaml"
-BEST_WEIGHTS = "best.weights.h5"
 HISTORY_FILE = "history.csv"
 HISTORY_FIELDS = ("epoch", "loss", "val_loss", "seconds", "steps_per_second")
 
@@ -136,14 +135,6 @@ def _file_sha256(path: Path) -> str:
 
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def read_run(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """run.yaml of a run folder."""
-    path = Path(run_dir) / RUN_FILE
-    if not path.is_file():
-        raise NotFoundError(f"no training run at {run_dir}")
-    return yaml.safe_load(path.read_text()) or {}
 
 
 def _write_run(run_dir: Path, info: dict[str, Any]) -> None:
@@ -444,18 +435,6 @@ def resume_run(run_dir: str | os.PathLike, epochs: int | None = None, patience: 
                      epochs=epochs or int(info["epochs"]), patience=patience or int(info["patience"]),
                      seed=int(info["seed"]), steps_per_epoch=int(info["steps_per_epoch"]),
                      batch_size=int(info["batch_size"]), progress=progress, should_stop=should_stop)
-
-
-def load_best_network(run_dir: str | os.PathLike) -> tuple[keras.Model, ModelConfig]:
-    """The run's network with its best (lowest validation loss) weights."""
-    run_dir = Path(run_dir)
-    info = read_run(run_dir)
-    if not (run_dir / BEST_WEIGHTS).is_file():
-        raise FailedPreconditionError(f"run {run_dir.name} has no best weights yet (no epoch finished)")
-    config = config_from_dict(info["config"])
-    network = build_network(config)
-    network.load_weights(str(run_dir / BEST_WEIGHTS))
-    return network, config
 
 
 def export_run(run_dir: str | os.PathLike, models_root: str | os.PathLike, model_name: str) -> int:
