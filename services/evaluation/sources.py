@@ -7,6 +7,7 @@ client are imported only by the sources that need them.
 
 from __future__ import annotations
 
+import abc
 import json
 import re
 from pathlib import Path
@@ -31,26 +32,27 @@ class UnusableEstimateError(InvalidArgumentError):
     """An estimate file of one track cannot be scored (wrong length); the track is skipped."""
 
 
-class ModelSource:
+class ModelSource(abc.ABC):
     """Base of all estimate sources."""
 
     kind = ""
 
+    @abc.abstractmethod
     def provenance(self) -> dict:
-        raise NotImplementedError
+        """What produced the estimates, for the report."""
 
     def model_config(self) -> dict | None:
         """The model's config (model/config.py fields) when known, for the oracle's STFT settings."""
         return None
 
+    @abc.abstractmethod
     def separate(self, mix: np.ndarray, rate_hz: int, track: str) -> tuple[np.ndarray, np.ndarray]:
         """mix: (samples,) float32 mono at rate_hz. Returns (instrument, rest), (samples,) each."""
-        raise NotImplementedError
 
-    def verify(self) -> None:
+    def verify(self) -> None:  # noqa: B027 (optional hook: most sources need no check)
         """Check that the model can be reached (cheaply; before a job is queued)."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional hook: most sources hold nothing)
         pass
 
 
@@ -124,8 +126,9 @@ class _WaveformModelSource(ModelSource):
 
     model_rate_hz: int | None = None
 
+    @abc.abstractmethod
     def _run(self, waveform: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        raise NotImplementedError
+        """(batch, samples) at the model's rate -> (instrument, rest), same shape."""
 
     def separate(self, mix, rate_hz, track):
         model_rate = self.model_rate_hz or rate_hz
@@ -204,7 +207,7 @@ class ServedModelSource(ModelSource):
         # One connection for all tracks; it also learns which version answered.
         self._served = client.ServedModel(name, address=address, version=version)
 
-    def verify(self) -> None:
+    def verify(self) -> None:  # noqa: B027 (optional hook: most sources need no check)
         try:
             _ = self._served.sample_rate_hz  # asks the server: model known, rate sane
         except self._client.ServingError as e:
@@ -226,7 +229,7 @@ class ServedModelSource(ModelSource):
         instrument = fit_length(np.asarray(instrument).reshape(-1), len(mix))
         return instrument, np.asarray(mix, np.float32) - instrument
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional hook: most sources hold nothing)
         self._served.close()
 
 
