@@ -112,6 +112,22 @@ def multipart(fields: dict[str, str], file_field: str, file_name: str, file_byte
     return b"".join(parts), f"multipart/form-data; boundary={boundary}"
 
 
+def test_up_on_an_empty_data_root_serves_both_shipped_models(running_stack):
+    import grpc
+    from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
+
+    data, ports, env = running_stack
+    with grpc.insecure_channel(f"127.0.0.1:{ports['serving']}") as channel:
+        stub = model_service_pb2_grpc.ModelServiceStub(channel)
+        for name in ("guitar", "piano"):
+            request = get_model_status_pb2.GetModelStatusRequest()
+            request.model_spec.name = name
+            status = stub.GetModelStatus(request, timeout=30).model_version_status
+            assert [s.state for s in status] == [get_model_status_pb2.ModelVersionStatus.AVAILABLE], name
+            shipped = sorted(p.name for p in (REPO / "model" / "pretrained" / name).iterdir() if p.name.isdigit())
+            assert str(status[0].version) == shipped[-1]
+
+
 def test_a_song_walks_through_every_service(running_stack, tmp_path):
     data, ports, env = running_stack
 
