@@ -84,6 +84,13 @@ class Config(BaseModel):
         return self.max_message_mb * 1024 * 1024
 
 
+def first_error(error: ValidationError) -> str:
+    """One line a person can act on: where the first invalid value is, and what is wrong."""
+    first = error.errors()[0]
+    where = ".".join(str(x) for x in first["loc"]) or "value"
+    return f"{where}: {first['msg']}"
+
+
 def _env_int(name: str) -> int | None:
     raw = os.environ.get(name)
     if raw is None or raw == "":
@@ -130,8 +137,6 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
     try:
         config = Config.model_validate(raw)
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(x) for x in first["loc"])
-        raise ConfigError(f"invalid configuration at {where}: {first['msg']}") from e
+        raise ConfigError(f"invalid configuration at {first_error(e)}") from e
     config.data_root = config.data_root.expanduser().resolve()
     return config

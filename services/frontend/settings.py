@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from services.common.config import ConfigError, load_config
+from services.common.config import ConfigError, first_error, load_config
 
 
 class WebSettings(BaseModel):
@@ -104,8 +104,6 @@ def load_settings(overrides: dict[str, Any] | None = None) -> WebSettings:
     try:
         settings = WebSettings.model_validate(raw)
     except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(x) for x in first["loc"])
-        raise ConfigError(f"invalid web setting {where}: {first['msg']}") from error
+        raise ConfigError(f"invalid web setting {first_error(error)}") from error
     settings.data_root = Path(settings.data_root).expanduser().resolve()
     return settings

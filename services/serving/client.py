@@ -20,9 +20,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-import soxr
 
-from services.common.audio import read_audio, write_audio
+from services.common.audio import StreamResampler, read_audio, write_audio
 
 DEFAULT_GRPC_ADDRESS = "localhost:8500"
 DEFAULT_REST_ADDRESS = "localhost:8501"
@@ -277,26 +276,9 @@ class OverlapAdd:
         return (self.sum[:, :count] / self.weight[:count]).astype(np.float32)
 
 
-class _StreamResampler:
-    """Band-limited (soxr) resampling of consecutive blocks (channels, k) -> (channels, m).
-
-    Feeding a song block by block gives the same samples as resampling it whole, without a
-    second whole-song copy. Blocks pass through when the rates match.
-    """
-
-    def __init__(self, from_hz: int, to_hz: int, channels: int):
-        self.stream = None if from_hz == to_hz else soxr.ResampleStream(
-            from_hz, to_hz, channels, dtype="float32", quality="VHQ")
-
-    def push(self, block: np.ndarray, last: bool = False) -> np.ndarray:
-        if self.stream is None:
-            return block
-        return self.stream.resample_chunk(np.ascontiguousarray(block.T, dtype=np.float32), last=last).T
-
-
 def _resampled_stream(audio: np.ndarray, from_hz: int, to_hz: int, block: int) -> Iterator[np.ndarray]:
     """(channels, samples) -> consecutive blocks (channels, k) of the audio at ``to_hz``."""
-    resampler = _StreamResampler(from_hz, to_hz, audio.shape[0])
+    resampler = StreamResampler(from_hz, to_hz, audio.shape[0])
     samples = audio.shape[1]
     for start in range(0, max(samples, 1), block):
         yield resampler.push(audio[:, start:start + block], last=start + block >= samples)
@@ -385,7 +367,7 @@ def separate_array(
         instrument = np.empty_like(audio)
         written = 0
 
-        back = _StreamResampler(model_rate, rate, channels)
+        back = StreamResampler(model_rate, rate, channels)
 
         def emit(block: np.ndarray, last: bool = False) -> None:
             # Model-rate instrument -> song rate, straight into the output array.

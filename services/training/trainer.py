@@ -43,6 +43,7 @@ from model.config import ConfigError, ModelConfig, config_from_dict, config_to_d
 from model.export import export_saved_model
 from model.loss import masked_l1_per_chunk
 from model.network import build_network
+from services.common.config import first_error
 from services.common.errors import FailedPreconditionError, InvalidArgumentError
 from services.common.manifest import load_manifest
 from services.common.paths import PathError, atomic_write_text, safe_join
@@ -88,7 +89,7 @@ def split_overrides(preset: str, overrides: dict[str, Any] | None) -> tuple[Mode
     except ConfigError as e:
         raise InvalidArgumentError(str(e)) from e
     except ValidationError as e:
-        raise InvalidArgumentError(f"invalid training options: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}") from e
+        raise InvalidArgumentError(f"invalid training options: {first_error(e)}") from e
     return config, options
 
 
