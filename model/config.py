@@ -48,6 +48,11 @@ class ModelConfig(BaseModel):
     batch_norm_momentum: float = Field(0.99, gt=0.0, lt=1.0)
     # Added to the chunk's peak magnitude before dividing, so silent chunks stay finite.
     normalise_eps: float = Field(1e-6, gt=0.0)
+    # 0 feeds the peak-normalised linear magnitude to the network (the thesis). A positive k feeds
+    # log1p(k * m) / log1p(k) instead: still 0..1, but quiet partials are no longer ~0, which a small
+    # network cannot otherwise see. The mask still multiplies the linear magnitude, and the loss is
+    # unchanged.
+    input_log_scale: float = Field(0.0, ge=0.0)
 
     learning_rate: float = Field(1e-4, gt=0.0)
 
@@ -97,7 +102,11 @@ _THESIS: dict[str, Any] = {}
 # Chosen by bench/bench_model.py on a 2-core CPU. Full-resolution layers (768 x 64) dominate the
 # thesis net's cost, so they shrink most: a narrow front, a 1x1 skip branch and a 1x1 head. The
 # hourglass keeps its depth of 6 (the context the mask sees); 32 filters instead of 192.
+# Log-compressed input and no dropout: on the guitar set, 3 epochs reached the validation loss that
+# 12 epochs of the linear-input, dropout-0.2 network did (0.0035); dropout alone changed nothing.
 _CPU: dict[str, Any] = {
+    "input_log_scale": 1000.0,
+    "dropout": 0.0,
     "front_filters": (8, 16),
     "front_kernels": (5, 3),
     "hourglass_depth": 6,

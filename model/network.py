@@ -31,6 +31,20 @@ class PeakNormalise(layers.Layer):
         return {**super().get_config(), "eps": self.eps}
 
 
+class LogCompress(layers.Layer):
+    """log1p(k * x) / log1p(k): maps 0..1 onto 0..1 while lifting quiet values (k > 0)."""
+
+    def __init__(self, scale: float, **kwargs):
+        super().__init__(**kwargs)
+        self.scale = float(scale)
+
+    def call(self, x):
+        return ops.log1p(self.scale * x) / ops.log1p(self.scale)
+
+    def get_config(self):
+        return {**super().get_config(), "scale": self.scale}
+
+
 def _conv_block(x, filters: int, kernel: int, dropout: float, name: str, momentum: float, batch_norm: bool = True):
     """Conv (with bias, as the thesis counted it) -> batch norm -> ReLU -> dropout."""
     x = layers.Conv2D(filters, kernel, padding="same", name=f"{name}_conv")(x)
@@ -67,6 +81,8 @@ def build_network(config: ModelConfig) -> keras.Model:
     """
     magnitude_rows = keras.Input((config.freq_rows, None, 1), name="mix_magnitude")
     x = PeakNormalise(config.normalise_eps, name="peak_normalise")(magnitude_rows)
+    if config.input_log_scale > 0:
+        x = LogCompress(config.input_log_scale, name="log_compress")(x)
     for i, (filters, kernel) in enumerate(zip(config.front_filters, config.front_kernels, strict=True)):
         x = _conv_block(x, filters, kernel, config.dropout, f"front{i}", config.batch_norm_momentum)
     x = _hourglass(x, config.hourglass_depth, config.hourglass_filters, config.dropout,

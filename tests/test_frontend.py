@@ -316,6 +316,92 @@ def test_public_address_passes_the_link_check():
         links.check_url("https://user:pw@example.com/", resolve=public)
 
 
+class _Redirect(http.server.BaseHTTPRequestHandler):
+    """Serves `body` to the first request (what yt-dlp inspects) and redirects every later one
+    (the download) to `target`: the redirect the link check cannot see."""
+
+    target, body, seen = "", b"", [0]
+
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        self.seen[0] += 1
+        if self.seen[0] == 1:
+            self.send_response(200)
+            self.send_header("Content-Type", "audio/wav")
+            self.send_header("Content-Length", str(len(self.body)))
+            self.end_headers()
+            self.wfile.write(self.body)
+            return
+        self.send_response(302)
+        self.send_header("Location", self.target)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def _serve(handler, host="127.0.0.1"):
+    server = http.server.ThreadingHTTPServer((host, 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_a_redirect_from_an_allowed_host_to_an_internal_one_is_refused(tmp_path):
+    """127.0.0.2 stands for a public host (allowed); at download time it redirects to 127.0.0.1,
+    which is not allowed."""
+    served = tmp_path / "www"
+    served.mkdir()
+    (served / "song.wav").write_bytes(wav_bytes(song(1.0, rate=22050), 22050))
+    inside = _serve(functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served)))
+    target = f"http://127.0.0.1:{inside.server_address[1]}/song.wav"
+    seen = [0]
+    handler = type("R", (_Redirect,), {"target": target, "body": b"RIFF-not-the-song", "seen": seen})
+    outside = _serve(handler, "127.0.0.2")
+    try:
+        url = f"http://127.0.0.2:{outside.server_address[1]}/song.wav"
+        with pytest.raises(links.LinkError, match=r"private or local address \(127\.0\.0\.1\)"):
+            links.download(url, tmp_path / "dl", 10_000_000, 60, 30, allow_hosts=["127.0.0.2"])
+        assert seen[0] >= 2 and not list((tmp_path / "dl").glob("download.*"))
+        # The same redirect is followed when its target is allowed too.
+        seen[0] = 0
+        got = links.download(url, tmp_path / "ok", 10_000_000, 60, 30, allow_hosts=["127.0.0.0/8"])
+        assert got.read_bytes() == (served / "song.wav").read_bytes()
+    finally:
+        inside.shutdown()
+        outside.shutdown()
+
+
+def test_the_guard_checks_the_address_it_connects_to(monkeypatch):
+    """A host that resolves to a public address when the link is checked and to an internal one
+    when the download connects (DNS rebinding) is refused at connect time; CONNECT is guarded too."""
+    import socket
+    import urllib.error
+    import urllib.request
+
+    answers = iter([[ipaddress.ip_address("93.184.216.34")]])
+    monkeypatch.setattr(links, "resolve_host", lambda host: next(answers, [ipaddress.ip_address("127.0.0.1")]))
+    assert links.check_url("http://rebind.example/a.mp3", resolve=links.resolve_host) == "http://rebind.example/a.mp3"
+    with links.EgressGuard() as guard:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": guard.url}))
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            opener.open("http://rebind.example/a.mp3", timeout=10)
+        assert refused.value.code == 403 and "private or local address (127.0.0.1)" in guard.refusals[0]
+        with socket.create_connection(("127.0.0.1", int(guard.url.rsplit(":", 1)[1])), timeout=10) as sock:
+            sock.sendall(b"CONNECT rebind.example:443 HTTP/1.1\r\nHost: rebind.example:443\r\n\r\n")
+            assert sock.recv(100).startswith(b"HTTP/1.1 403")
+    # An allowed address is proxied, CONNECT included (bytes relayed both ways).
+    echo = socket.create_server(("127.0.0.1", 0))
+    threading.Thread(target=lambda: (lambda c: c[0].sendall(c[0].recv(5)))(echo.accept()), daemon=True).start()
+    monkeypatch.setattr(links, "resolve_host", lambda host: [ipaddress.ip_address("127.0.0.1")])
+    with links.EgressGuard(["127.0.0.1"]) as guard:
+        with socket.create_connection(("127.0.0.1", int(guard.url.rsplit(":", 1)[1])), timeout=10) as sock:
+            sock.sendall(f"CONNECT echo.test:{echo.getsockname()[1]} HTTP/1.1\r\n\r\n".encode())
+            assert sock.recv(100).startswith(b"HTTP/1.1 200")
+            sock.sendall(b"hello")
+            assert sock.recv(5) == b"hello"
+    echo.close()
+
+
 def test_unknown_and_unavailable_models_are_refused(client):
     data = wav_bytes(song(1.0), 44100)
     assert_refused(upload(client, data, model="drums"), 400, "unknown model 'drums'")

@@ -97,6 +97,31 @@ def test_network_output_does_not_depend_on_the_chunk_level(tiny):
     np.testing.assert_allclose(quiet, loud, atol=1e-5)
 
 
+def test_log_compressed_input_keeps_zero_one_and_level_invariance_and_exports(tmp_path):
+    """input_log_scale lifts quiet bins (0 -> 0, peak -> 1, 1e-3 of the peak -> about 0.1) and the
+    exported model reproduces the eager network."""
+    from model.network import LogCompress
+
+    squashed = LogCompress(1000.0)(tf.constant([0.0, 1e-3, 1.0])).numpy()
+    np.testing.assert_allclose(squashed, [0.0, np.log1p(1.0) / np.log1p(1000.0), 1.0], rtol=1e-6)
+    assert config_from_dict(config_to_dict(make_config("tiny"))).input_log_scale == 0  # old exports load
+    config = make_config("tiny", {"input_log_scale": 1000.0})
+    keras.utils.set_random_seed(1)
+    network = build_network(config)
+    assert any(layer.name == "log_compress" for layer in network.layers)
+    chunk = np.abs(_noise((1, config.freq_rows, config.chunk_frames, 1)))
+    np.testing.assert_allclose(network(tf.constant(chunk), training=False).numpy(),
+                               network(tf.constant(chunk * 100), training=False).numpy(), atol=1e-5)
+    model_dir = tmp_path / "guitar"
+    export_saved_model(network, config, model_dir, {"preset": "tiny"})
+    assert read_export_info(model_dir / "1")["config"]["input_log_scale"] == 1000.0
+    mix = _noise((1, 9000), seed=3)
+    out = tf.saved_model.load(str(model_dir / "1")).signatures["serving_default"](waveform=tf.constant(mix))
+    np.testing.assert_allclose(out["instrument"].numpy(), separate_waveform(network, mix, config)[0].numpy(), atol=1e-5)
+    with pytest.raises(ConfigError):
+        make_config("tiny", {"input_log_scale": -1})
+
+
 def test_loss_is_zero_for_the_ideal_mask_and_grows_with_error():
     mix = tf.constant(np.abs(_noise((2, 8, 4, 1))) + 0.1)
     ideal = tf.constant(np.random.default_rng(3).uniform(0, 1, (2, 8, 4, 1)).astype(np.float32))

@@ -213,6 +213,50 @@ def test_cancel_checkpoints_and_a_later_call_finishes_the_same_steps(dataset, tm
     assert resumed["state"] == "completed" and resumed["global_step"] == 16 and resumed["epochs_completed"] == 2
 
 
+def test_two_runs_in_one_process_take_turns_and_both_finish(dataset, tmp_path, monkeypatch):
+    """A training service with two workers runs two loops in one process. Concurrent TF train steps
+    can collide on per-step temporary variables (AlreadyExistsError), so steps take turns: both
+    runs finish every step, and no two steps ever run at once."""
+    import threading
+
+    from services.training import trainer
+
+    inside, order, overlaps = [0], [], []
+
+    class CountingLock:
+        def __init__(self):
+            self.lock = threading.Lock()
+
+        def __enter__(self):
+            self.lock.acquire()
+            inside[0] += 1
+            overlaps.append(inside[0] > 1)
+            order.append(threading.current_thread().name)
+
+        def __exit__(self, *exc):
+            inside[0] -= 1
+            self.lock.release()
+
+    monkeypatch.setattr(trainer, "_STEP_LOCK", CountingLock())
+    root, manifest = dataset
+    results, errors = {}, []
+
+    def go(name):
+        try:
+            results[name] = train_run(tmp_path / name, manifest, root, epochs=3, **FAST)
+        except Exception as e:  # reported below with the run's name
+            errors.append(f"{name}: {e!r}")
+
+    threads = [threading.Thread(target=go, args=(name,), name=name) for name in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    assert {r["state"] for r in results.values()} == {"completed"} and len(results) == 2
+    assert order.count("a") == order.count("b") == 3 * FAST["steps_per_epoch"] and not any(overlaps)
+
+
 def test_cancel_while_decoding_stops_before_training(dataset, tmp_path):
     root, manifest = dataset
     result = train_run(tmp_path / "run", manifest, root, epochs=2, should_stop=lambda: True, **FAST)

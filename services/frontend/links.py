@@ -4,12 +4,21 @@ yt-dlp handles every site it has an extractor for, and plain audio URLs through 
 extractor. Links must be http(s) and, unless the settings allow the host, must not lead to
 loopback, private, link-local or otherwise internal addresses (the web server must not become
 a way into the network it runs in).
+
+Checking the link once is not enough: a public page can redirect to an internal address, and a
+host name can resolve to a public address when checked and to an internal one when yt-dlp
+connects. So yt-dlp talks only through `EgressGuard`, a local proxy that resolves every host
+yt-dlp asks for (redirects and media URLs included), checks every address, and connects to the
+address it checked.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import select
 import socket
+import socketserver
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -72,6 +81,126 @@ def check_url(url: str, allow_hosts: Iterable[str] = (),
     return url
 
 
+def _guarded_address(host: str, port: int, allow: list[str]) -> tuple[str, int]:
+    """The first address of `host` after checking all of them; raises LinkError."""
+    addresses = resolve_host(host)
+    for address in addresses:
+        if is_internal(address) and not _allowed(address, allow):
+            raise LinkError(f"the link leads to a private or local address ({address}), which is not allowed")
+    if not addresses:
+        raise LinkError(f"cannot resolve the host {host!r} of the link")
+    return str(addresses[0]), port
+
+
+def _split_host_port(authority: str, default_port: int) -> tuple[str, int]:
+    """'host:port', '[v6]:port' or a bare host -> (host, port)."""
+    if authority.startswith("["):
+        host, _, rest = authority[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif authority.count(":") == 1:
+        host, port = authority.split(":")
+    else:
+        host, port = authority, ""
+    return host, int(port) if port.isdigit() else default_port
+
+
+class _GuardHandler(socketserver.BaseRequestHandler):
+    """One proxied connection: CONNECT host:port (https) or an absolute http:// request."""
+
+    def handle(self) -> None:
+        guard: EgressGuard = self.server.guard  # type: ignore[attr-defined]
+        client = self.request
+        client.settimeout(guard.timeout)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = client.recv(65536)
+            if not chunk or len(head) > 65536:
+                return
+            head += chunk
+        header, _, body = head.partition(b"\r\n\r\n")
+        lines = header.decode("latin-1").split("\r\n")
+        try:
+            method, target, version = lines[0].split(" ", 2)
+        except ValueError:
+            return
+        try:
+            if method.upper() == "CONNECT":
+                host, port = _split_host_port(target, 443)
+                upstream = socket.create_connection(_guarded_address(host, port, guard.allow), timeout=guard.timeout)
+                client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                first = body
+            else:
+                parts = urlsplit(target)
+                if parts.scheme != "http" or not parts.hostname:
+                    raise LinkError(f"the proxy only forwards http:// requests, not {target[:100]!r}")
+                address = _guarded_address(parts.hostname, parts.port or 80, guard.allow)
+                upstream = socket.create_connection(address, timeout=guard.timeout)
+                path = parts.path or "/"
+                if parts.query:
+                    path += "?" + parts.query
+                # One request per connection: the next one might be for another host.
+                kept = [line for line in lines[1:] if line.split(":", 1)[0].strip().lower()
+                        not in ("connection", "proxy-connection", "keep-alive", "proxy-authorization")]
+                first = "\r\n".join([f"{method} {path} {version}", *kept, "Connection: close"]).encode("latin-1")
+                first += b"\r\n\r\n" + body
+        except LinkError as refused:
+            guard.refusals.append(str(refused))
+            message = str(refused).encode()
+            client.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+                           b"Content-Length: %d\r\n\r\n%s" % (len(message), message))
+            return
+        except OSError as error:
+            client.sendall(b"HTTP/1.1 502 Bad Gateway\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+            guard.refusals.append(f"cannot connect to {target[:200]}: {error}")
+            return
+        with upstream:
+            if first:
+                upstream.sendall(first)
+            _relay(client, upstream, guard.timeout)
+
+
+def _relay(a: socket.socket, b: socket.socket, idle_seconds: float) -> None:
+    """Copy bytes both ways until either side closes or nothing moves for `idle_seconds`."""
+    peers = {a: b, b: a}
+    while True:
+        ready, _, _ = select.select(list(peers), [], [], idle_seconds)
+        if not ready:
+            return
+        for sock in ready:
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            peers[sock].sendall(data)
+
+
+class EgressGuard:
+    """A proxy on 127.0.0.1 that refuses connections to internal addresses (see the module text).
+
+    Use as a context manager; `url` is what yt-dlp's `proxy` option takes, and `refusals` says
+    why connections were refused, so the person gets that reason and not a bare HTTP 403.
+    """
+
+    def __init__(self, allow_hosts: Iterable[str] = (), timeout: float = 30.0):
+        self.allow = list(allow_hosts)
+        self.timeout = timeout
+        self.refusals: list[str] = []
+        self._server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _GuardHandler, bind_and_activate=True)
+        self._server.daemon_threads = True
+        self._server.guard = self  # type: ignore[attr-defined]
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def __enter__(self) -> EgressGuard:
+        threading.Thread(target=self._server.serve_forever, name="egress-guard", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
 def download(url: str, folder: Path, max_bytes: int, max_seconds_audio: float, timeout_seconds: float,
              allow_hosts: Iterable[str] = (), progress: Callable[[float, float, str], None] | None = None,
              should_stop: Callable[[], bool] | None = None) -> Path:
@@ -101,7 +230,10 @@ def download(url: str, folder: Path, max_bytes: int, max_seconds_audio: float, t
             progress(done, total, f"downloading: {done / 1e6:.1f} MB")
 
     options = {
-        "format": "bestaudio/best",
+        # Only formats yt-dlp fetches itself over http(s) (plain, DASH or HLS), so every byte goes
+        # through the guard; ffmpeg or rtmpdump fetching a stream would go around it.
+        "format": "bestaudio[protocol^=http]/bestaudio[protocol^=m3u8]/best[protocol^=http]/best[protocol^=m3u8]",
+        "external_downloader": {"default": "native"},
         "outtmpl": str(folder / "download.%(ext)s"),
         "noplaylist": True,
         "playlist_items": "1",
@@ -117,8 +249,10 @@ def download(url: str, folder: Path, max_bytes: int, max_seconds_audio: float, t
         "retries": 1,
         "fragment_retries": 1,
     }
+    guard = EgressGuard(allow, timeout=min(30.0, timeout_seconds))
+    options["proxy"] = guard.url
     try:
-        with yt_dlp.YoutubeDL(options) as ydl:
+        with guard, yt_dlp.YoutubeDL(options) as ydl:
             info = ydl.extract_info(url, download=False)
             if info is None:
                 raise LinkError("no audio was found behind the link")
@@ -145,6 +279,8 @@ def download(url: str, folder: Path, max_bytes: int, max_seconds_audio: float, t
     except yt_dlp.utils.DownloadError as error:
         if isinstance(getattr(error, "exc_info", (None, None))[1], _Stop):
             raise LinkError(str(error.exc_info[1])) from None
+        if guard.refusals:
+            raise LinkError(guard.refusals[0]) from None
         message = str(error).replace("ERROR: ", "", 1).strip()
         raise LinkError(f"the link could not be downloaded: {message[:300]}") from None
     except Exception as error:  # yt-dlp raises many kinds; the user gets a message, never a trace
@@ -153,6 +289,8 @@ def download(url: str, folder: Path, max_bytes: int, max_seconds_audio: float, t
             cause = cause.__context__
         if isinstance(cause, _Stop):
             raise LinkError(str(cause)) from None
+        if guard.refusals:
+            raise LinkError(guard.refusals[0]) from None
         raise LinkError(f"the link could not be downloaded: {str(error)[:300]}") from None
     files = sorted(p for p in folder.glob("download.*") if p.is_file() and not p.name.endswith((".part", ".ytdl")))
     if not files:

@@ -25,6 +25,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -53,6 +54,13 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[..., None]
 ShouldStop = Callable[[], bool]
+
+# Runs that share a process (a training service with several workers) take turns per step. TF
+# lowers gradient sums to temporary variables in a per-step container whose name is not unique
+# across concurrent function calls, so two train steps at once can fail with AlreadyExistsError
+# ("__per_step_0/AddN_5/tmp_var"; seen here, and tensorflow/tensorflow#23780). Both runs share the
+# same CPU cores or GPU anyway, so turns cost little.
+_STEP_LOCK = threading.Lock()
 
 HISTORY_FILE = "history.csv"
 HISTORY_FIELDS = ("epoch", "loss", "val_loss", "seconds", "steps_per_second")
@@ -348,7 +356,8 @@ def train_run(
                 if stop_requested():
                     cancelled = True
                     break
-                loss = float(train_step(iterator).numpy())
+                with _STEP_LOCK:
+                    loss = float(train_step(iterator).numpy())
                 state.step_in_epoch.assign(step)
                 state.global_step.assign_add(1)
                 state.loss_sum.assign_add(loss)
