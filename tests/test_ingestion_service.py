@@ -105,6 +105,15 @@ def test_cli_synth_generates_and_imports_under_the_data_root(service):
     assert (root / "data" / "synthetic" / "set1" / "Synth_Song001").is_dir()
     r = run_cli("synth", "../outside", "--songs", "1", "--seconds", "4", "--json", env=env)
     assert r.returncode == 2 and "invalid_argument" in r.stderr
+    # A set grows with new names (another soundfont, another folder) and the first songs stay as they were.
+    first = (root / "data" / "synthetic" / "set1" / "Synth_Song001").stat().st_mtime_ns
+    r = run_cli("synth", "synthetic/set2", "--songs", "1", "--seconds", "4", "--seed", "2", "--rate", "22050",
+                "--start-index", "1", "--soundfont", "/usr/share/sounds/sf2/FluidR3_GM.sf2", "--import", "--json", env=env)
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert json.loads(r.stdout.strip().splitlines()[-1])["result"]["import"]["added"] == ["Synth_Song002"]
+    assert (root / "data" / "synthetic" / "set1" / "Synth_Song001").stat().st_mtime_ns == first
+    r = run_cli("synth", "synthetic/set3", "--songs", "1", "--seconds", "4", "--start-index", "-1", env=env)
+    assert r.returncode == 2 and "start_index must not be negative" in r.stderr
 
 
 def test_cli_labelling_commands(service, tmp_path):

@@ -244,7 +244,8 @@ def cmd_synth(args) -> int:
 
     req = ingestion_pb2.GenerateSyntheticRequest(out_dir=args.out, songs=args.songs, seconds=args.seconds,
                                                  seed=args.seed, layout=args.layout, soundfont=args.soundfont or "",
-                                                 rate=args.rate, import_after=args.import_after)
+                                                 rate=args.rate, import_after=args.import_after,
+                                                 start_index=args.start_index)
     return start_and_follow(args, SERVICE, _stub(args).GenerateSynthetic(req, timeout=30))
 
 
@@ -360,6 +361,8 @@ def register(subparsers, groups: dict | None = None) -> None:
     p.add_argument("--layout", choices=("medleydb", "slakh"), default="medleydb")
     p.add_argument("--soundfont", default=None)
     p.add_argument("--rate", type=int, default=44100)
+    p.add_argument("--start-index", type=int, default=0,
+                   help="0-based number of the first song, to add songs to a set (default 0)")
     p.add_argument("--import", dest="import_after", action="store_true", help="import the songs afterwards")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return")
     add_common_args(p, SERVICE)

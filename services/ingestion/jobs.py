@@ -114,7 +114,8 @@ class IngestionJobs:
         summary = generate_songs(out_dir, int(params.get("songs") or 0), float(params.get("seconds") or 0),
                                  int(params.get("seed") or 0), layout=layout,
                                  soundfont=params.get("soundfont") or None,
-                                 rate=int(params.get("rate") or 44100), progress=progress,
+                                 rate=int(params.get("rate") or 44100), start_index=int(params.get("start_index") or 0),
+                                 progress=progress,
                                  should_stop=should_stop)
         result = {"generated": summary}
         if params.get("import_after") and not summary.get("stopped"):

@@ -61,10 +61,13 @@ class DatasetServicer(ingestion_pb2_grpc.DatasetServiceServicer):
     def GenerateSynthetic(self, request, context):
         if request.layout and request.layout not in ("medleydb", "slakh"):
             raise InvalidArgumentError("layout must be medleydb or slakh")
+        if request.start_index < 0:
+            raise InvalidArgumentError(f"start_index must not be negative, got {request.start_index}")
         resolve_generate_dir(self.svc.data, request.out_dir)
         params = {"out_dir": request.out_dir, "songs": request.songs, "seconds": request.seconds,
                   "seed": request.seed, "layout": request.layout or "medleydb", "soundfont": request.soundfont,
-                  "rate": request.rate or 44100, "import_after": request.import_after}
+                  "rate": request.rate or 44100, "import_after": request.import_after,
+                  "start_index": request.start_index}
         return self.svc.submit("ingestion.generate", params)
 
     @handle_errors
