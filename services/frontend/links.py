@@ -74,22 +74,24 @@ def check_url(url: str, allow_hosts: Iterable[str] = (),
         raise LinkError("the link has no host name")
     if parts.username or parts.password:
         raise LinkError("links with a user name or password are not accepted")
-    allow = list(allow_hosts)
-    for address in resolve(host):
-        if is_internal(address) and not _allowed(address, allow):
-            raise LinkError(f"the link leads to a private or local address ({address}), which is not allowed")
+    _checked_addresses(host, list(allow_hosts), resolve)
     return url
 
 
-def _guarded_address(host: str, port: int, allow: list[str]) -> tuple[str, int]:
-    """The first address of `host` after checking all of them; raises LinkError."""
-    addresses = resolve_host(host)
+def _checked_addresses(host: str, allow: list[str], resolve: Callable[[str], list]) -> list:
+    """Every address of `host`, once none of them is internal (or all such are allowed)."""
+    addresses = resolve(host)
     for address in addresses:
         if is_internal(address) and not _allowed(address, allow):
             raise LinkError(f"the link leads to a private or local address ({address}), which is not allowed")
     if not addresses:
         raise LinkError(f"cannot resolve the host {host!r} of the link")
-    return str(addresses[0]), port
+    return addresses
+
+
+def _guarded_address(host: str, port: int, allow: list[str]) -> tuple[str, int]:
+    """The address the guard connects to: the first of `host`'s, after checking all of them."""
+    return str(_checked_addresses(host, allow, resolve_host)[0]), port
 
 
 def _split_host_port(authority: str, default_port: int) -> tuple[str, int]:
@@ -113,7 +115,10 @@ class _GuardHandler(socketserver.BaseRequestHandler):
         client.settimeout(guard.timeout)
         head = b""
         while b"\r\n\r\n" not in head:
-            chunk = client.recv(65536)
+            try:
+                chunk = client.recv(65536)
+            except OSError:  # yt-dlp gave up or timed out before sending a request
+                return
             if not chunk or len(head) > 65536:
                 return
             head += chunk
@@ -267,10 +272,6 @@ def download(url: str, folder: Path, max_bytes: int, max_seconds_audio: float, t
             size = info.get("filesize") or info.get("filesize_approx")
             if size and float(size) > max_bytes:
                 raise LinkError(f"the file is {float(size) / 1e6:.0f} MB; at most {max_bytes / 1e6:.0f} MB are accepted")
-            media_url = info.get("url")
-            if media_url:
-                # The media may live on another host than the page; it must pass the same check.
-                check_url(media_url, allow)
             info = ydl.process_ie_result(info, download=True)
     except LinkError:
         raise
