@@ -129,6 +129,58 @@ def test_remixing_and_gain_change_training_chunks_but_are_seeded():
     np.testing.assert_array_equal(first[2][0], replay[0][0])  # skipping replays the same epoch
 
 
+def _band_energy(audio, lo_hz, hi_hz, rate=RATE):
+    spectrum = np.abs(np.fft.rfft(audio, axis=-1)) ** 2
+    f = np.fft.rfftfreq(audio.shape[-1], 1.0 / rate)
+    return spectrum[..., (f >= lo_hz) & (f < hi_hz)].sum(axis=-1)
+
+
+def test_random_eq_curves_are_bounded_smooth_and_sometimes_low_pass():
+    f = np.fft.rfftfreq(8192, 1.0 / RATE)
+    rng = np.random.default_rng(1)
+    curves = np.stack([data.random_eq_db(rng, f, 9.0) for _ in range(300)])
+    assert curves.max() <= 9.0 and curves.min() >= -60.0
+    # Smooth, so a short filter: its impulse response has all but 0.1 % of its energy within
+    # 20 ms of time zero, and the circular FFT filter barely wraps around a chunk's ends.
+    response = np.fft.irfft(10.0 ** (curves / 20.0), n=8192, axis=1) ** 2
+    near = response[:, :441].sum(axis=1) + response[:, -441:].sum(axis=1)
+    assert np.min(near / response.sum(axis=1)) > 0.999
+    top = curves[:, np.argmin(np.abs(f - 10_500))] - curves[:, np.argmin(np.abs(f - 5000))]
+    assert 0.15 < np.mean(top < -15) < 0.5  # about a third roll off steeply (low-pass)
+    assert np.std(curves[:, np.argmin(np.abs(f - 1000))]) > 1.0  # and the mids move too
+    np.testing.assert_array_equal(data.random_eq_db(np.random.default_rng(1), f, 9.0), curves[0])
+
+
+def test_equalise_is_a_filter_flat_curve_identity_low_pass_removes_highs():
+    t = np.arange(8192) / RATE
+    low, high = np.sin(2 * np.pi * 200 * t), np.sin(2 * np.pi * 8000 * t)
+    f = np.fft.rfftfreq(t.shape[0], 1.0 / RATE)
+    np.testing.assert_allclose(data.equalise((low + high).astype(np.float32), np.zeros_like(f)), low + high, atol=1e-5)
+    cut = np.where(f > 2000, -60.0, 0.0)
+    out = data.equalise((low + high).astype(np.float32), cut)
+    assert _band_energy(out, 7000, 9000) < 1e-5 * _band_energy(high, 7000, 9000)
+    assert abs(_band_energy(out, 100, 300) / _band_energy(low, 100, 300) - 1) < 0.01
+
+
+def test_eq_augmentation_bends_each_source_on_its_own_and_is_seeded():
+    rng = np.random.default_rng(0)
+    noise = [rng.standard_normal(6000).astype(np.float32) for _ in range(4)]
+    tracks = [data.TrackAudio(f"t{i}", "a", noise[i], noise[(i + 1) % 4]) for i in range(4)]
+    plain = data.ChunkSampler(tracks, {}, 4096, data.Augmentation(gain_db=0, remix_probability=0), RATE)
+    eq = data.ChunkSampler(tracks, {}, 4096, data.Augmentation(gain_db=0, remix_probability=0, eq_db=9), RATE)
+    inst0, rest0 = plain.draw(np.random.default_rng(7), 64)
+    inst, rest = eq.draw(np.random.default_rng(7), 64)
+    # Brightness (high band over low band) of each source, relative to the unequalised chunk.
+    def tilt(x, x0):
+        return np.log10(_band_energy(x, 4000, 8000) / _band_energy(x, 200, 800)
+                        / (_band_energy(x0, 4000, 8000) / _band_energy(x0, 200, 800)))
+    plain_again = plain.draw(np.random.default_rng(7), 64)[0]
+    np.testing.assert_array_equal(plain_again, inst0)
+    assert np.std(tilt(inst, inst0)) > 0.2  # envelopes vary chunk to chunk ...
+    assert np.mean(np.abs(tilt(inst, inst0) - tilt(rest, rest0)) > 0.2) > 0.5  # ... and per source
+    np.testing.assert_array_equal(eq.draw(np.random.default_rng(7), 64)[1], rest)  # replayable
+
+
 def test_validation_segments_are_fixed_and_unaugmented():
     tracks = _fake_tracks([("a", 10_000), ("b", 500)])
     one = data.validation_segments(tracks, 1000, per_track=4)
@@ -166,8 +218,10 @@ def test_a_dataset_at_another_rate_is_refused(dataset):
 def test_unknown_override_is_refused():
     with pytest.raises(InvalidArgumentError, match="unknown overrides"):
         split_overrides("tiny", {"learning_rat": 1})
-    config, options = split_overrides("tiny", {"learning_rate": 0.01, "remix_probability": 0.5})
-    assert config.learning_rate == 0.01 and options.remix_probability == 0.5
+    config, options = split_overrides("tiny", {"learning_rate": 0.01, "remix_probability": 0.5, "augment_eq_db": 9})
+    assert config.learning_rate == 0.01 and options.remix_probability == 0.5 and options.augment_eq_db == 9
+    with pytest.raises(InvalidArgumentError, match="augment_eq_db"):
+        split_overrides("tiny", {"augment_eq_db": -1})
 
 
 # ---- training ---------------------------------------------------------------------------------

@@ -55,6 +55,41 @@ class Augmentation:
 
     gain_db: float = 6.0  # each source's gain drawn uniformly from [-gain_db, +gain_db]
     remix_probability: float = 0.25  # chance the rest comes from another track than the instrument
+    # Random equaliser per source (see `random_eq_db`); 0 turns it off. A model trained on a few
+    # soundfonts learns their exact spectral envelopes; a song played with other samples (or
+    # recorded, mixed and mastered differently) has other ones, and duller ones where samples are
+    # low-rate. Bending the envelope of each source independently makes the mask rely on what the
+    # instrument plays, not on how bright its samples happen to be.
+    eq_db: float = 0.0
+
+
+def random_eq_db(rng: np.random.Generator, frequencies_hz: np.ndarray, eq_db: float) -> np.ndarray:
+    """A smooth random gain curve in dB over `frequencies_hz`, for one source of one chunk.
+
+    A tilt of up to +-eq_db/3 dB per octave around 1 kHz, two bell filters of up to +-eq_db dB
+    (centres 100 Hz-8 kHz, 0.3-2 octaves wide) and, one time in three, a low-pass roll-off of
+    12-48 dB per octave above 2-10 kHz. Boosts are capped at +eq_db dB, cuts at -60 dB.
+    """
+    octaves = np.log2(np.maximum(frequencies_hz, 20.0) / 1000.0)  # 0 at 1 kHz
+    curve = rng.uniform(-eq_db / 3.0, eq_db / 3.0) * octaves
+    for _ in range(2):
+        centre = rng.uniform(np.log2(0.1), np.log2(8.0))
+        width = rng.uniform(0.3, 2.0)
+        curve = curve + rng.uniform(-eq_db, eq_db) * np.exp(-0.5 * ((octaves - centre) / (width / 2.0)) ** 2)
+    if rng.random() < 1.0 / 3.0:
+        cutoff = rng.uniform(np.log2(2.0), np.log2(10.0))
+        curve = curve - rng.uniform(12.0, 48.0) * np.maximum(octaves - cutoff, 0.0)
+    return np.clip(curve, -60.0, eq_db)
+
+
+def equalise(audio: np.ndarray, curve_db: np.ndarray) -> np.ndarray:
+    """`audio` (samples,) filtered by a zero-phase gain curve given per rfft bin of its length.
+
+    The curve is smooth, so its impulse response is short and wrapping around the chunk's ends
+    (the FFT filter is circular) touches only a few milliseconds.
+    """
+    spectrum = np.fft.rfft(audio) * (10.0 ** (curve_db / 20.0))
+    return np.fft.irfft(spectrum, n=audio.shape[0]).astype(np.float32)
 
 
 def _cache_key(path: Path, rate_hz: int) -> str:
@@ -119,12 +154,13 @@ class ChunkSampler:
     """Draws random training segments (instrument, rest) across tracks; pure numpy, seeded."""
 
     def __init__(self, tracks: list[TrackAudio], source_weights: dict[str, float], segment_samples: int,
-                 augmentation: Augmentation = Augmentation()):
+                 augmentation: Augmentation = Augmentation(), rate_hz: int = 22050):
         if not tracks:
             raise DataError("no training tracks to draw from")
         self.tracks = tracks
         self.segment_samples = segment_samples
         self.augmentation = augmentation
+        self.frequencies_hz = np.fft.rfftfreq(segment_samples, 1.0 / rate_hz)
         self.track_probability = self._track_probabilities(tracks, source_weights)
 
     @staticmethod
@@ -159,7 +195,10 @@ class ChunkSampler:
                 audio = getattr(self.tracks[index], attr)
                 start = int(rng.integers(0, max(audio.shape[0] - seg, 0) + 1))
                 gain = 10.0 ** (rng.uniform(-aug.gain_db, aug.gain_db) / 20.0) if aug.gain_db > 0 else 1.0
-                out[i] = _segment(audio, start, seg) * gain
+                piece = _segment(audio, start, seg) * gain
+                if aug.eq_db > 0:
+                    piece = equalise(piece, random_eq_db(rng, self.frequencies_hz, aug.eq_db))
+                out[i] = piece
         return instrument, rest
 
 

@@ -73,6 +73,8 @@ class TrainingOptions(BaseModel):
 
     augment_gain_db: float = Field(6.0, ge=0.0, le=40.0)
     remix_probability: float = Field(0.25, ge=0.0, le=1.0)
+    # Random equaliser per source and chunk, up to this many dB (data.random_eq_db); 0 = off.
+    augment_eq_db: float = Field(0.0, ge=0.0, le=24.0)
     validation_chunks_per_track: int = Field(8, ge=1)
     checkpoints_kept: int = Field(2, ge=1)
 
@@ -277,8 +279,9 @@ def train_run(
                     "epochs_completed": int(info.get("epochs_completed") or 0), "global_step": None,
                     "best_epoch": int(info.get("best_epoch") or 0), "best_val_loss": info.get("best_val_loss"),
                     "history": read_history(run_dir) if chief else []}
-        augmentation = data.Augmentation(options.augment_gain_db, options.remix_probability)
-        sampler = data.ChunkSampler(tracks["train"], manifest.sources, config.segment_samples, augmentation)
+        augmentation = data.Augmentation(options.augment_gain_db, options.remix_probability, options.augment_eq_db)
+        sampler = data.ChunkSampler(tracks["train"], manifest.sources, config.segment_samples, augmentation,
+                                    config.rate_hz)
         validation = data.validation_dataset(
             data.validation_segments(tracks["validation"], config.segment_samples, options.validation_chunks_per_track),
             config, batch_size)
