@@ -74,5 +74,7 @@ def separate_waveform(network: keras.Model, waveform: tf.Tensor, config: ModelCo
     padded = tf.pad(waveform, [[0, 0], [0, tf.maximum(0, config.n_fft - length)]])
     spectrum = stft(padded, config)
     mask = spectrogram_mask(network, magnitude(spectrum), config)
+    if config.mask_exponent != 1.0:
+        mask = tf.pow(mask, config.mask_exponent)
     instrument = istft(spectrum * tf.cast(mask, tf.complex64), config, tf.shape(padded)[1])[:, :length]
     return instrument, waveform - instrument

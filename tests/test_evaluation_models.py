@@ -66,6 +66,36 @@ def test_a_run_and_its_export_score_the_same(tiny_model):
     assert run_doc["provenance"]["model"]["run"] == "tiny-run"
 
 
+def test_a_run_can_be_scored_with_a_softer_mask_like_its_export_with_one(tiny_model, tmp_path):
+    from model.config import config_to_dict
+    from model.export import export_saved_model
+    from model.network import build_network
+
+    data, run, _, config = tiny_model
+    network = build_network(config)
+    network.load_weights(str(run / "best.weights.h5"))
+    soft = config.model_copy(update={"mask_exponent": 0.5})
+    exported = tmp_path / "soft" / str(export_saved_model(network, soft, tmp_path / "soft"))
+    mix = np.sum(track_signals(1, seconds=1.0), axis=0)
+    by_run, _ = RunSource(data, run.name, {"mask_exponent": 0.5}).separate(mix, RATE_HZ, "Song01")
+    plain, _ = RunSource(data, run.name).separate(mix, RATE_HZ, "Song01")
+    by_export, _ = SavedModelSource(exported).separate(mix, RATE_HZ, "Song01")
+    np.testing.assert_allclose(by_run, by_export, atol=1e-5)
+    assert np.sum(by_run**2) > 1.05 * np.sum(plain**2)  # sqrt of a [0, 1] mask keeps more
+    source = RunSource(data, run.name, {"mask_exponent": 0.5})
+    assert source.provenance()["overrides"] == {"mask_exponent": 0.5}
+    assert source.model_config() == {**config_to_dict(config), "mask_exponent": 0.5}
+    from services.evaluation.report import model_label
+
+    assert model_label({"provenance": {"model": source.provenance()}}) == "run tiny-run (mask_exponent=0.5)"
+    from services.common.errors import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match="cannot change after training"):
+        RunSource(data, run.name, {"n_fft": 512})
+    with pytest.raises(InvalidArgumentError, match="training run only"):
+        open_source(data, saved_model_dir=str(exported), overrides={"mask_exponent": 0.5})
+
+
 @pytest.mark.slow
 def test_a_served_model_scores_like_its_saved_model(tiny_model):
     """Through the serving room's client and its compatible server, as `--model guitar:1` would."""

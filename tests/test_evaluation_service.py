@@ -57,6 +57,10 @@ def test_an_evaluation_job_runs_in_the_service_and_publishes_a_report(service):
      grpc.StatusCode.INVALID_ARGUMENT, "unknown baselines"),
     ({"baselines_only": True, "dataset": "evalset", "split": "train"},
      grpc.StatusCode.FAILED_PRECONDITION, "no tracks in split 'train'"),
+    ({"estimates_dir": "/tmp", "dataset": "evalset", "overrides": {"mask_exponent": "0.5"}},
+     grpc.StatusCode.INVALID_ARGUMENT, "apply to a training run only"),
+    ({"estimates_dir": "/tmp", "dataset": "evalset", "overrides": {"mask_exponent": "[1"}},
+     grpc.StatusCode.INVALID_ARGUMENT, "override mask_exponent: cannot read"),
 ])
 def test_bad_requests_get_a_status_and_the_service_stays_up(service, request_fields, code, words):
     svc, _, _ = service

@@ -336,6 +336,26 @@ def test_export_uses_best_weights_and_separates_like_the_training_model(trained,
         export_run(run_dir, tmp_path / "models", "../escape")
 
 
+def test_export_can_soften_the_mask_but_not_change_the_network(trained, tmp_path):
+    run_dir, _, _ = trained
+    network, config = load_best_network(run_dir)
+    mix = (np.random.default_rng(4).standard_normal((1, 20_000)) * 0.2).astype(np.float32)
+    plain = separate_waveform(network, mix, config)[0].numpy()
+    assert export_run(run_dir, tmp_path / "models", "guitar", {"mask_exponent": 0.5}) == 1
+    info = json.loads((tmp_path / "models" / "guitar" / "1" / "assets.extra" / "stemlab.json").read_text())
+    assert info["config"]["mask_exponent"] == 0.5 and info["config"]["hourglass_filters"] == config.hourglass_filters
+    served = tf.saved_model.load(str(tmp_path / "models" / "guitar" / "1")).signatures["serving_default"](
+        waveform=tf.constant(mix))["instrument"].numpy()
+    # The square root of a mask in [0, 1] keeps at least as much of every bin: a louder instrument.
+    assert np.sum(served**2) > 1.05 * np.sum(plain**2)
+    softened = separate_waveform(network, mix, config.model_copy(update={"mask_exponent": 0.5}))[0].numpy()
+    np.testing.assert_allclose(served, softened, atol=1e-5)
+    for bad in ({"hourglass_filters": 16}, {"mask_exponent": 0}):
+        with pytest.raises(InvalidArgumentError):
+            export_run(run_dir, tmp_path / "models", "guitar", bad)
+    assert sorted(p.name for p in (tmp_path / "models" / "guitar").iterdir()) == ["1"]  # nothing half-written
+
+
 # ---- processes: kill -9 and multi-worker ------------------------------------------------------
 
 _CHILD = """
@@ -494,6 +514,10 @@ def test_service_trains_resumes_after_a_crash_and_exports(tmp_path):
             done = _wait_job(job_stub, export.id, (jobs_pb2.SUCCEEDED, jobs_pb2.FAILED))
             assert done.state == jobs_pb2.SUCCEEDED, done.error
             assert done.result["version"] == 1 and (tmp_path / "models" / "guitar" / "1" / "saved_model.pb").is_file()
+            with pytest.raises(grpc.RpcError) as e:  # refused before a job starts: it would not fit the weights
+                training.ExportModel(training_pb2.ExportModelRequest(
+                    run_id="r1", model_name="guitar", overrides={"hourglass_filters": "4"}))
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cannot change after training" in e.value.details()
             with pytest.raises(grpc.RpcError) as e:
                 training.GetRun(training_pb2.GetRunRequest(run_id="../r1"))
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT

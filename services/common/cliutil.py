@@ -27,6 +27,17 @@ class CliError(Exception):
     """A failure reported as one line and exit code 2."""
 
 
+def key_value(text: str) -> tuple[str, str]:
+    """argparse type for --set: "hourglass_filters=128" -> ("hourglass_filters", "128").
+
+    The value stays text; the service reads it as YAML (services.common.server.parse_overrides).
+    """
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE like hourglass_filters=128, got {text!r}")
+    return key.strip(), value.strip()
+
+
 def default_address(service: str) -> str:
     env = os.environ.get(f"STEMLAB_{service.upper()}_ADDRESS")
     return env or f"localhost:{DEFAULT_PORTS[service]}"

@@ -25,6 +25,7 @@ from concurrent import futures
 from typing import Any
 
 import grpc
+import yaml
 from google.protobuf import json_format, struct_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -46,6 +47,20 @@ _STATE_TO_PB = {
     jobstore.CANCELLED: jobs_pb2.CANCELLED,
 }
 _PB_TO_STATE = {v: k for k, v in _STATE_TO_PB.items()}
+
+
+def parse_overrides(overrides: dict[str, str]) -> dict[str, Any]:
+    """map<string,string> -> typed values: each value is read as a YAML scalar or list (never eval'd)."""
+    parsed = {}
+    for key, text in overrides.items():
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise InvalidArgumentError(f"override {key}: cannot read {text!r}: {e}") from e
+        if not isinstance(value, (int, float, str, bool, list)):
+            raise InvalidArgumentError(f"override {key}: expected a number, word or list, got {text!r}")
+        parsed[key] = value
+    return parsed
 
 
 def to_struct(data: dict) -> struct_pb2.Struct:

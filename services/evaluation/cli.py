@@ -14,6 +14,7 @@ from services.common.cliutil import (
     channel,
     follow_job,
     job_line,
+    key_value,
     print_result,
     start_and_follow,
     stub,
@@ -45,6 +46,8 @@ def register(subparsers, groups=None) -> None:
     p.add_argument("--baselines", default="mixture,oracle",
                    help=f"comma-separated, from {','.join(BASELINES)} (default mixture,oracle)")
     p.add_argument("--max-tracks", type=int, default=0, help="evaluate at most N tracks (0: all)")
+    p.add_argument("--set", action="append", type=key_value, default=[], metavar="KEY=VALUE",
+                   help="with --run: apply the network differently, e.g. mask_exponent=0.7 (repeatable)")
     p.add_argument("--serving-address", default="", help="where the served model is (default: configured)")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
     add_common_args(p, SERVICE)
@@ -73,7 +76,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise CliError(f"unknown baselines {unknown}; choose from {','.join(BASELINES)}")
     request = evaluation_pb2.StartEvaluationRequest(
         dataset=name, dataset_version=version, split=args.split, framewise=args.framewise, baselines=baselines,
-        max_tracks=args.max_tracks, serving_address=args.serving_address, window_seconds=args.window_seconds)
+        max_tracks=args.max_tracks, serving_address=args.serving_address, window_seconds=args.window_seconds,
+        overrides=dict(args.set))
     if args.model:
         request.model = args.model
     elif args.run:

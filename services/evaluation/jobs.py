@@ -87,7 +87,8 @@ def _source(data: DataRoot, params: dict):
         if any(named.values()):
             raise InvalidArgumentError("baselines_only cannot be combined with a model source")
         return None
-    return open_source(data, **named, serving_address=params.get("serving_address") or "localhost:8500")
+    return open_source(data, **named, serving_address=params.get("serving_address") or "localhost:8500",
+                       overrides=params.get("overrides"))
 
 
 def evaluation_job(ctx, params: dict) -> dict:

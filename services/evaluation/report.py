@@ -142,7 +142,8 @@ def model_label(doc: dict) -> str:
     if kind == "served_model":
         return f"{model.get('model')}" + (f":{model['version']}" if model.get("version") else "")
     if kind == "run":
-        return f"run {model.get('run')}"
+        changed = ", ".join(f"{k}={v}" for k, v in sorted((model.get("overrides") or {}).items()))
+        return f"run {model.get('run')}" + (f" ({changed})" if changed else "")
     if kind == "saved_model":
         return f"SavedModel {Path(str(model.get('saved_model', ''))).name}"
     if kind == "estimates":

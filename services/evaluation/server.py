@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 from services.common.errors import InvalidArgumentError
-from services.common.server import Service, handle_errors, run_service, to_struct
+from services.common.server import Service, handle_errors, parse_overrides, run_service, to_struct
 from services.evaluation import jobs, report
 from services.evaluation.evaluate import validate_report_id
 from stemlab.v1 import evaluation_pb2, evaluation_pb2_grpc
@@ -33,6 +33,7 @@ class EvaluationServicer(evaluation_pb2_grpc.EvaluationServiceServicer):
             "window_seconds": request.window_seconds,
             "serving_address": request.serving_address or self.svc.config.address("serving"),
             "workers": int(self.svc.settings.options.get("score_workers", 0)),
+            "overrides": parse_overrides(dict(request.overrides)),
         }
         if which is not None:
             params[which] = getattr(request, which)

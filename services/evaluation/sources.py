@@ -238,8 +238,9 @@ class RunSource(_WaveformModelSource):
 
     kind = "run"
 
-    def __init__(self, data: DataRoot, run: str):
+    def __init__(self, data: DataRoot, run: str, overrides: dict | None = None):
         from model.checkpoint import BEST_WEIGHTS, read_run
+        from model.config import ConfigError, config_from_dict, config_to_dict, with_inference_overrides
 
         try:
             self.folder = safe_join(data.runs, run)
@@ -249,14 +250,19 @@ class RunSource(_WaveformModelSource):
         self.info = read_run(self.folder)  # NotFoundError when there is no such run
         if not (self.folder / BEST_WEIGHTS).is_file():
             raise FailedPreconditionError(f"run {run!r} has no best weights yet (no epoch finished)")
-        self.config_dict = dict(self.info.get("config") or {})
+        self.overrides = dict(overrides or {})
+        try:
+            self.config_dict = config_to_dict(with_inference_overrides(
+                config_from_dict(self.info.get("config") or {}), self.overrides))
+        except ConfigError as e:
+            raise InvalidArgumentError(str(e)) from e
         self.model_rate_hz = int(self.config_dict.get("rate_hz") or 0) or None
         self._network = None
 
     def provenance(self) -> dict:
         return {"kind": self.kind, "run": self.run, "weights": "best.weights.h5",
                 "best_epoch": self.info.get("best_epoch"), "best_val_loss": self.info.get("best_val_loss"),
-                "preset": self.info.get("preset"), "rate_hz": self.model_rate_hz}
+                "preset": self.info.get("preset"), "rate_hz": self.model_rate_hz, "overrides": self.overrides}
 
     def model_config(self):
         return self.config_dict
@@ -265,27 +271,37 @@ class RunSource(_WaveformModelSource):
         import tensorflow as tf
 
         from model.checkpoint import load_best_network
+        from model.config import config_from_dict
         from model.separate import separate_waveform
 
         if self._network is None:
-            self._network, self._config = load_best_network(self.folder)
+            self._network, _ = load_best_network(self.folder)
+            self._config = config_from_dict(self.config_dict)
         instrument, rest = separate_waveform(self._network, tf.constant(waveform, tf.float32), self._config)
         return instrument.numpy(), rest.numpy()
 
 
 def open_source(data: DataRoot, *, model: str = "", run: str = "", estimates_dir: str = "",
-                saved_model_dir: str = "", serving_address: str = "localhost:8500") -> ModelSource:
-    """The one source a request names (exactly one of model, run, estimates_dir, saved_model_dir)."""
+                saved_model_dir: str = "", serving_address: str = "localhost:8500",
+                overrides: dict | None = None) -> ModelSource:
+    """The one source a request names (exactly one of model, run, estimates_dir, saved_model_dir).
+
+    `overrides` (config.INFERENCE_KEYS, e.g. mask_exponent) change how a run's network is applied;
+    an exported model carries its own, so they are refused for every other source.
+    """
     given = [k for k, v in (("model", model), ("run", run), ("estimates_dir", estimates_dir),
                             ("saved_model_dir", saved_model_dir)) if v]
     if len(given) != 1:
         raise InvalidArgumentError(
             f"name exactly one of model, run, estimates_dir, saved_model_dir (got {given or 'none'})")
+    if overrides and not run:
+        raise InvalidArgumentError(f"overrides {sorted(overrides)} apply to a training run only (export "
+                                   "with them to change a model)")
     if model:
         name, version = parse_model_ref(model)
         return ServedModelSource(name, version, serving_address)
     if run:
-        return RunSource(data, run)
+        return RunSource(data, run, overrides)
     if estimates_dir:
         return EstimatesFolderSource(estimates_dir)
     return SavedModelSource(saved_model_dir)

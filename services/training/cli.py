@@ -5,9 +5,7 @@ Light at import time (argparse, grpc, the generated contracts): the command line
 
 from __future__ import annotations
 
-import argparse
-
-from services.common.cliutil import CliError, add_common_args, print_result, start_and_follow, stub
+from services.common.cliutil import CliError, add_common_args, key_value, print_result, start_and_follow, stub
 
 SERVICE = "training"
 PRESETS = ("tiny", "cpu", "thesis")
@@ -17,14 +15,6 @@ def _stub(args):
     from stemlab.v1 import training_pb2_grpc
 
     return stub(args, SERVICE, training_pb2_grpc.TrainingServiceStub)
-
-
-def _override(text: str) -> tuple[str, str]:
-    """"hourglass_filters=128" -> ("hourglass_filters", "128"); the service reads the value as YAML."""
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE like hourglass_filters=128, got {text!r}")
-    return key.strip(), value.strip()
 
 
 def cmd_train(args) -> int:
@@ -70,7 +60,7 @@ def cmd_export(args) -> int:
 
     if not args.model:
         raise CliError("give the served model's name with --model (e.g. guitar)")
-    req = training_pb2.ExportModelRequest(run_id=args.run, model_name=args.model)
+    req = training_pb2.ExportModelRequest(run_id=args.run, model_name=args.model, overrides=dict(args.set))
     return start_and_follow(args, SERVICE, _stub(args).ExportModel(req, timeout=30))
 
 
@@ -79,7 +69,7 @@ def register(subparsers, groups: dict | None = None) -> None:
     p.add_argument("--dataset", required=True, help="dataset name")
     p.add_argument("--dataset-version", type=int, default=None, help="version (default: latest)")
     p.add_argument("--preset", choices=PRESETS, default="thesis")
-    p.add_argument("--set", action="append", type=_override, default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                    help="override a model or training setting, e.g. hourglass_filters=128 (repeatable)")
     p.add_argument("--epochs", type=int, default=None, help="(default 36)")
     p.add_argument("--patience", type=int, default=None, help="early stopping patience in epochs (default 10)")
@@ -107,6 +97,8 @@ def register(subparsers, groups: dict | None = None) -> None:
     p = subparsers.add_parser("export", help="publish a run's best weights as a served model version")
     p.add_argument("run", help="run id")
     p.add_argument("--model", required=True, help="served model name, e.g. guitar")
+    p.add_argument("--set", action="append", type=key_value, default=[], metavar="KEY=VALUE",
+                   help="how the network is applied: mask_exponent, chunk_overlap or inference_batch (repeatable)")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return")
     add_common_args(p, SERVICE)
     p.set_defaults(func=cmd_export)

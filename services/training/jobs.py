@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from model.config import ConfigError, config_from_dict, with_inference_overrides
 from services.common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from services.common.jobs import INTERRUPTED, QUEUED, RUNNING, JobStore
 from services.common.manifest import ManifestError, find_manifest
@@ -86,6 +87,10 @@ def validate_export(data: DataRoot, params: dict) -> dict:
     validate_name(params.get("model_name", ""), "model name")
     if not (path / trainer.BEST_WEIGHTS).is_file():
         raise FailedPreconditionError(f"run {params['run_id']} has no finished epoch to export yet")
+    try:
+        with_inference_overrides(config_from_dict(trainer.read_run(path)["config"]), params.get("overrides"))
+    except ConfigError as e:
+        raise InvalidArgumentError(str(e)) from e
     return params
 
 
@@ -142,7 +147,8 @@ class TrainingJobs:
     def export(self, ctx: Any, params: dict) -> dict:
         validate_export(self.data, params)
         ctx.progress(0, 1, f"exporting {params['run_id']} as {params['model_name']}")
-        version = trainer.export_run(existing_run(self.data, params["run_id"]), self.data.models, params["model_name"])
+        version = trainer.export_run(existing_run(self.data, params["run_id"]), self.data.models, params["model_name"],
+                                     params.get("overrides"))
         ctx.progress(1, 1, f"published {params['model_name']} version {version}")
         return {"model": params["model_name"], "version": version,
                 "path": str(self.data.models / params["model_name"] / str(version))}

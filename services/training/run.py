@@ -16,17 +16,11 @@ import signal
 import sys
 import threading
 
+from services.common.cliutil import key_value
 from services.common.config import load_config
 from services.common.errors import StemlabError
 from services.common.manifest import ManifestError, find_manifest
 from services.common.paths import DataRoot
-
-
-def _override(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE like hourglass_filters=128, got {text!r}")
-    return key.strip(), value.strip()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset-version", type=int, default=None)
     parser.add_argument("--preset", default="thesis", choices=("tiny", "cpu", "thesis"))
     parser.add_argument("--run", required=True, help="run id: DATA/runs/<run>/")
-    parser.add_argument("--set", action="append", type=_override, default=[], metavar="KEY=VALUE")
+    parser.add_argument("--set", action="append", type=key_value, default=[], metavar="KEY=VALUE")
     parser.add_argument("--epochs", type=int, default=36)
     parser.add_argument("--patience", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
@@ -45,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     # Heavy imports after argument parsing, so --help is instant.
+    from services.common.server import parse_overrides
     from services.training import jobs, trainer
-    from services.training.servicer import parse_overrides
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

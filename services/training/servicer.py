@@ -2,28 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import yaml
-
-from services.common.errors import InvalidArgumentError
-from services.common.server import Service, handle_errors, to_struct
+from services.common.server import Service, handle_errors, parse_overrides, to_struct
 from services.training import jobs, trainer
 from stemlab.v1 import training_pb2, training_pb2_grpc
-
-
-def parse_overrides(overrides: dict[str, str]) -> dict[str, Any]:
-    """map<string,string> -> typed values: each value is read as a YAML scalar or list (never eval'd)."""
-    parsed = {}
-    for key, text in overrides.items():
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise InvalidArgumentError(f"override {key}: cannot read {text!r}: {e}") from e
-        if not isinstance(value, (int, float, str, bool, list)):
-            raise InvalidArgumentError(f"override {key}: expected a number, word or list, got {text!r}")
-        parsed[key] = value
-    return parsed
 
 
 def _summary(run_id: str, info: dict) -> training_pb2.RunSummary:
@@ -84,6 +65,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
 
     @handle_errors
     def ExportModel(self, request, context):
-        params = {"run_id": request.run_id, "model_name": request.model_name}
+        params = {"run_id": request.run_id, "model_name": request.model_name,
+                  "overrides": parse_overrides(dict(request.overrides))}
         jobs.validate_export(self.svc.data, params)
         return self.svc.submit(jobs.EXPORT, params)

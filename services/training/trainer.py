@@ -40,7 +40,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tensorflow.core.framework import summary_pb2
 
 from model.checkpoint import BEST_WEIGHTS, RUN_FILE, load_best_network, read_run
-from model.config import ConfigError, ModelConfig, config_from_dict, config_to_dict, make_config
+from model.config import (
+    ConfigError,
+    ModelConfig,
+    config_from_dict,
+    config_to_dict,
+    make_config,
+    with_inference_overrides,
+)
 from model.export import export_saved_model
 from model.loss import masked_l1_per_chunk
 from model.network import build_network
@@ -450,8 +457,12 @@ def resume_run(run_dir: str | os.PathLike, epochs: int | None = None, patience: 
                      batch_size=int(info["batch_size"]), progress=progress, should_stop=should_stop)
 
 
-def export_run(run_dir: str | os.PathLike, models_root: str | os.PathLike, model_name: str) -> int:
-    """Export the run's best weights as the next version of models/<model_name>/; returns the version."""
+def export_run(run_dir: str | os.PathLike, models_root: str | os.PathLike, model_name: str,
+               overrides: dict[str, Any] | None = None) -> int:
+    """Export the run's best weights as the next version of models/<model_name>/; returns the version.
+
+    `overrides` may change how the network is applied (config.INFERENCE_KEYS, e.g. mask_exponent).
+    """
     run_dir = Path(run_dir)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", model_name or ""):
         raise InvalidArgumentError(f"invalid model name {model_name!r}: use letters, digits, '.', '_' and '-'")
@@ -461,6 +472,10 @@ def export_run(run_dir: str | os.PathLike, models_root: str | os.PathLike, model
         raise InvalidArgumentError(str(e)) from e
     info = read_run(run_dir)
     network, config = load_best_network(run_dir)
+    try:
+        config = with_inference_overrides(config, overrides)
+    except ConfigError as e:
+        raise InvalidArgumentError(str(e)) from e
     metadata = {"preset": info.get("preset"), "source_run": info.get("run_id", run_dir.name),
                 "best_epoch": info.get("best_epoch"), "best_val_loss": info.get("best_val_loss"),
                 "dataset": info.get("manifest", {}), "instrument": _instrument_of(info),
