@@ -109,7 +109,7 @@ def _fake_tracks(sources_and_lengths):
 
 def test_chunks_are_drawn_by_source_weight_across_tracks():
     tracks = _fake_tracks([("recorded", 5000)] * 3 + [("solo", 5000)])
-    sampler = data.ChunkSampler(tracks, {"recorded": 3, "solo": 1}, 1000, data.Augmentation(gain_db=0, remix_probability=0))
+    sampler = data.ChunkSampler(tracks, {"recorded": 3, "solo": 1}, 1000, RATE, data.Augmentation(gain_db=0, remix_probability=0))
     instrument, rest = sampler.draw(np.random.default_rng(0), 4000)
     track_of = instrument[:, 0].astype(int) - 1
     assert abs(np.mean(track_of == 3) - 0.25) < 0.03  # the solo source gets its 1 in 4
@@ -119,7 +119,7 @@ def test_chunks_are_drawn_by_source_weight_across_tracks():
 
 def test_remixing_and_gain_change_training_chunks_but_are_seeded():
     tracks = _fake_tracks([("a", 3000)] * 4)
-    sampler = data.ChunkSampler(tracks, {}, 1000, data.Augmentation(gain_db=6, remix_probability=1.0))
+    sampler = data.ChunkSampler(tracks, {}, 1000, RATE, data.Augmentation(gain_db=6, remix_probability=1.0))
     inst, rest = sampler.draw(np.random.default_rng(5), 200)
     assert np.mean(np.abs(inst[:, 0]) != np.abs(rest[:, 0])) > 0.5  # rest from another track, other gain
     again = sampler.draw(np.random.default_rng(5), 200)
@@ -166,8 +166,8 @@ def test_eq_augmentation_bends_each_source_on_its_own_and_is_seeded():
     rng = np.random.default_rng(0)
     noise = [rng.standard_normal(6000).astype(np.float32) for _ in range(4)]
     tracks = [data.TrackAudio(f"t{i}", "a", noise[i], noise[(i + 1) % 4]) for i in range(4)]
-    plain = data.ChunkSampler(tracks, {}, 4096, data.Augmentation(gain_db=0, remix_probability=0), RATE)
-    eq = data.ChunkSampler(tracks, {}, 4096, data.Augmentation(gain_db=0, remix_probability=0, eq_db=9), RATE)
+    plain = data.ChunkSampler(tracks, {}, 4096, RATE, data.Augmentation(gain_db=0, remix_probability=0))
+    eq = data.ChunkSampler(tracks, {}, 4096, RATE, data.Augmentation(gain_db=0, remix_probability=0, eq_db=9))
     inst0, rest0 = plain.draw(np.random.default_rng(7), 64)
     inst, rest = eq.draw(np.random.default_rng(7), 64)
     # Brightness (high band over low band) of each source, relative to the unequalised chunk.

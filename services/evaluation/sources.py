@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from model.config import ConfigError, config_from_dict, config_to_dict, with_inference_overrides
 from services.common.audio import AudioError, read_audio, resample
 from services.common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from services.common.paths import DataRoot, PathError, safe_join
@@ -240,7 +241,6 @@ class RunSource(_WaveformModelSource):
 
     def __init__(self, data: DataRoot, run: str, overrides: dict | None = None):
         from model.checkpoint import BEST_WEIGHTS, read_run
-        from model.config import ConfigError, config_from_dict, config_to_dict, with_inference_overrides
 
         try:
             self.folder = safe_join(data.runs, run)
@@ -252,11 +252,10 @@ class RunSource(_WaveformModelSource):
             raise FailedPreconditionError(f"run {run!r} has no best weights yet (no epoch finished)")
         self.overrides = dict(overrides or {})
         try:
-            self.config_dict = config_to_dict(with_inference_overrides(
-                config_from_dict(self.info.get("config") or {}), self.overrides))
+            self.config = with_inference_overrides(config_from_dict(self.info.get("config") or {}), self.overrides)
         except ConfigError as e:
             raise InvalidArgumentError(str(e)) from e
-        self.model_rate_hz = int(self.config_dict.get("rate_hz") or 0) or None
+        self.model_rate_hz = self.config.rate_hz
         self._network = None
 
     def provenance(self) -> dict:
@@ -265,19 +264,17 @@ class RunSource(_WaveformModelSource):
                 "preset": self.info.get("preset"), "rate_hz": self.model_rate_hz, "overrides": self.overrides}
 
     def model_config(self):
-        return self.config_dict
+        return config_to_dict(self.config)
 
     def _run(self, waveform):
         import tensorflow as tf
 
         from model.checkpoint import load_best_network
-        from model.config import config_from_dict
         from model.separate import separate_waveform
 
         if self._network is None:
             self._network, _ = load_best_network(self.folder)
-            self._config = config_from_dict(self.config_dict)
-        instrument, rest = separate_waveform(self._network, tf.constant(waveform, tf.float32), self._config)
+        instrument, rest = separate_waveform(self._network, tf.constant(waveform, tf.float32), self.config)
         return instrument.numpy(), rest.numpy()
 
 

@@ -154,7 +154,7 @@ class ChunkSampler:
     """Draws random training segments (instrument, rest) across tracks; pure numpy, seeded."""
 
     def __init__(self, tracks: list[TrackAudio], source_weights: dict[str, float], segment_samples: int,
-                 augmentation: Augmentation = Augmentation(), rate_hz: int = 22050):
+                 rate_hz: int, augmentation: Augmentation = Augmentation()):
         if not tracks:
             raise DataError("no training tracks to draw from")
         self.tracks = tracks

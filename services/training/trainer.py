@@ -287,8 +287,8 @@ def train_run(
                     "best_epoch": int(info.get("best_epoch") or 0), "best_val_loss": info.get("best_val_loss"),
                     "history": read_history(run_dir) if chief else []}
         augmentation = data.Augmentation(options.augment_gain_db, options.remix_probability, options.augment_eq_db)
-        sampler = data.ChunkSampler(tracks["train"], manifest.sources, config.segment_samples, augmentation,
-                                    config.rate_hz)
+        sampler = data.ChunkSampler(tracks["train"], manifest.sources, config.segment_samples, config.rate_hz,
+                                    augmentation)
         validation = data.validation_dataset(
             data.validation_segments(tracks["validation"], config.segment_samples, options.validation_chunks_per_track),
             config, batch_size)
