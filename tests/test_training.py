@@ -318,6 +318,20 @@ def test_cancel_while_decoding_stops_before_training(dataset, tmp_path):
     assert read_run(tmp_path / "run")["state"] == "cancelled" and not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_runs_share_one_decoded_cache_on_the_data_root(dataset, tmp_path, monkeypatch):
+    """A per-run copy of the decoded audio (4 GB for 800 songs) filled the disk after a few runs:
+    the cache is DATA/cache/decoded, and a second run decodes nothing."""
+    root, manifest = dataset
+    train_run(tmp_path / "first", manifest, root, epochs=1, **FAST)
+    cache = data.decoded_cache_dir(root)
+    assert len(list(cache.glob("*.npy"))) == 16 and not (tmp_path / "first" / "cache").exists()
+    calls = []
+    real = data.read_audio
+    monkeypatch.setattr(data, "read_audio", lambda *a, **kw: calls.append(a) or real(*a, **kw))
+    assert train_run(tmp_path / "second", manifest, root, epochs=1, **FAST)["state"] == "completed"
+    assert calls == [] and len(list(cache.glob("*.npy"))) == 16
+
+
 def test_export_uses_best_weights_and_separates_like_the_training_model(trained, tmp_path):
     run_dir, result, _ = trained
     version = export_run(run_dir, tmp_path / "models", "guitar")

@@ -98,8 +98,21 @@ def _cache_key(path: Path, rate_hz: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+def decoded_cache_dir(data_root: str | os.PathLike) -> Path:
+    """DATA/cache/decoded: shared by every run and worker on the data root; safe to delete any time.
+
+    Workers write entries to a temporary name and rename them into place, so two of them decoding
+    the same file at once both end with the same complete entry.
+    """
+    return Path(data_root) / "cache" / "decoded"
+
+
 def decode_cached(path: Path, rate_hz: int, cache_dir: Path) -> np.ndarray:
-    """Mono float32 (samples,) at `rate_hz`, decoded at most once into `cache_dir` and memory-mapped."""
+    """Mono float32 (samples,) at `rate_hz`, decoded at most once into `cache_dir` and memory-mapped.
+
+    The key is the file's resolved path, size, modification time and the rate, so a re-mixed file
+    is decoded again and an unchanged one is shared by every dataset version that lists it.
+    """
     cached = cache_dir / f"{_cache_key(path, rate_hz)}.npy"
     if not cached.is_file():
         audio, _ = read_audio(path, rate=rate_hz, mono=True)

@@ -6,7 +6,9 @@ A run lives in one folder (runs/<run>/):
     best.weights.h5      weights of the epoch with the lowest validation loss (what gets exported)
     history.csv          one row per epoch
     logs/                TensorBoard scalars
-    cache/               decoded audio (.npy), so audio is decoded once per run
+Decoded audio is cached once per data root (cache/decoded/, see data.decode_cached), not per run:
+runs and dataset versions share the same mix files, and a per-run copy (4 GB for 800 songs) filled
+the disk after a few runs.
 Calling `train_run` again on the same folder continues from its last checkpoint. The loop is
 hand-written (tf.GradientTape) because that is what runs under MultiWorkerMirroredStrategy with
 Keras 3; the same loop serves the default strategy (CPU or one GPU) and MirroredStrategy.
@@ -276,7 +278,7 @@ def train_run(
         try:
             tracks = data.load_tracks(
                 manifest, data_root, config,
-                run_dir / "cache" if chief else Path(tempfile.mkdtemp(prefix="stemlab-cache-")),
+                data.decoded_cache_dir(data_root),
                 progress=lambda done, total, message: progress and progress(0, epochs * steps_per_epoch, message),
                 should_stop=should_stop)
         except data.LoadingStopped:
