@@ -179,6 +179,24 @@ def test_sigterm_turns_health_not_serving_and_exits_cleanly(tmp_path):
         assert job.state == jobs_pb2.FAILED and job.error.startswith("interrupted")
 
 
+@pytest.mark.parametrize("wind_down", [0.5, 5.0])
+def test_a_job_cancelled_just_before_a_shutdown_stays_cancelled(tmp_path, wind_down):
+    """Within the grace period or past it, a job the user cancelled is CANCELLED, never
+    "interrupted" (which the training service resumes at its next start)."""
+    svc = ServiceProcess("ingestion", tmp_path / "data", module=DEMO, env={"STEMLAB_GRACE_SECONDS": "2"}).start()
+    ch = svc.channel()
+    job_id = submit(ch, "demo.slow_stop", wind_down=wind_down)
+    stub = jobs_pb2_grpc.JobsStub(ch)
+    while stub.GetJob(jobs_pb2.GetJobRequest(id=job_id)).state != jobs_pb2.RUNNING:
+        time.sleep(0.05)
+    stub.CancelJob(jobs_pb2.CancelJobRequest(id=job_id))
+    svc.terminate()
+    assert svc.proc.wait(10) == 0
+    with ServiceProcess("ingestion", tmp_path / "data", module=DEMO) as again:
+        job = jobs_pb2_grpc.JobsStub(again.channel()).GetJob(jobs_pb2.GetJobRequest(id=job_id))
+        assert job.state == jobs_pb2.CANCELLED and job.error == "", (job.state, job.error)
+
+
 def test_cli_lists_gets_and_reports_errors_as_one_line(service):
     ch = service.channel()
     job_id = submit(ch, "demo.count", steps=2, seconds_per_step=0.0)

@@ -255,6 +255,76 @@ def test_calling_again_resumes_with_epochs_and_history_intact(trained, tmp_path)
     assert result["history"][:4] == first["history"]
 
 
+def _kernels(checkpoint: str) -> dict[str, np.ndarray]:
+    """The trainable weights in a checkpoint (the optimiser tracks them; its slots are elsewhere)."""
+    reader = tf.train.load_checkpoint(checkpoint)
+    return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
+            if k.startswith("optimizer/_trainable_variables/")}
+
+
+def _largest_change(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    assert a and a.keys() == b.keys()
+    return max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+
+
+def test_resume_with_a_lower_learning_rate_steps_with_it_and_records_it(trained, tmp_path):
+    import shutil
+
+    run_dir, first, _ = trained
+    copy = tmp_path / "run-lr"
+    shutil.copytree(run_dir, copy)
+    lr = make_config("tiny").learning_rate
+    assert [r["learning_rate"] for r in first["history"]] == [lr] * 4
+    # A step of 1e-12 leaves every kernel where it was; the epoch before, at the preset's rate, moved them.
+    moved = _largest_change(_kernels(str(run_dir / "checkpoints" / "ckpt-24")),
+                            _kernels(str(run_dir / "checkpoints" / "ckpt-32")))
+    result = resume_run(copy, epochs=5, changes={"learning_rate": 1e-12})
+    assert [r["learning_rate"] for r in result["history"]] == [lr] * 4 + [1e-12]
+    assert [r["learning_rate"] for r in read_history(copy)] == [lr] * 4 + [1e-12]
+    held = _largest_change(_kernels(str(copy / "checkpoints" / "ckpt-32")),
+                           _kernels(str(copy / "checkpoints" / "ckpt-40")))
+    assert moved > 1e-4 and held < 1e-8, (moved, held)
+    info = read_run(copy)
+    assert info["config"]["learning_rate"] == 1e-12 and info["overrides"]["learning_rate"] == 1e-12
+    assert info["changes"] == [{"after_epoch": 4, "learning_rate": 1e-12}]
+    # Resuming again without changes keeps the lowered rate (the checkpoint holds it).
+    again = resume_run(copy, epochs=6)
+    assert again["history"][-1]["learning_rate"] == 1e-12
+    with pytest.raises(InvalidArgumentError, match="cannot change when resuming"):
+        resume_run(copy, epochs=7, changes={"hourglass_filters": 4})
+    with pytest.raises(InvalidArgumentError, match="learning_rate"):
+        resume_run(copy, epochs=7, changes={"learning_rate": -1})
+    assert read_run(copy)["changes"] == info["changes"] and len(read_history(copy)) == 6  # refused: nothing written
+
+
+def test_plateau_rule_reduces_after_patience_epochs_without_a_better_loss():
+    from services.training.trainer import TrainingOptions, _plateau_learning_rate
+
+    off = TrainingOptions()
+    assert _plateau_learning_rate(off, 1e-3, epoch=30, best_epoch=1, changed_epoch=0) is None
+    on = TrainingOptions(lr_plateau_patience=3, lr_plateau_factor=0.5, min_learning_rate=2e-4)
+    assert _plateau_learning_rate(on, 1e-3, epoch=5, best_epoch=3, changed_epoch=0) is None  # 2 epochs: wait
+    assert _plateau_learning_rate(on, 1e-3, epoch=6, best_epoch=3, changed_epoch=0) == 5e-4
+    # Counted from the last reduction too, so the rate does not fall every epoch of a long plateau.
+    assert _plateau_learning_rate(on, 5e-4, epoch=7, best_epoch=3, changed_epoch=6) is None
+    assert _plateau_learning_rate(on, 5e-4, epoch=9, best_epoch=3, changed_epoch=6) == 2.5e-4
+    assert _plateau_learning_rate(on, 2.5e-4, epoch=12, best_epoch=3, changed_epoch=9) == 2e-4  # floor
+    assert _plateau_learning_rate(on, 2e-4, epoch=15, best_epoch=3, changed_epoch=12) is None
+
+
+def test_plateau_reductions_survive_a_restart(dataset, tmp_path, monkeypatch):
+    """The reduced rate lives in the checkpoint: a resumed run goes on from it, not from the config's."""
+    from services.training import trainer
+
+    root, manifest = dataset
+    monkeypatch.setattr(trainer, "_plateau_learning_rate", lambda options, lr, *a: lr / 2)
+    lr = make_config("tiny").learning_rate
+    overrides = {"lr_plateau_patience": 1}
+    train_run(tmp_path / "run", manifest, root, epochs=2, overrides=overrides, **FAST)
+    result = train_run(tmp_path / "run", manifest, root, epochs=3, overrides=overrides, **FAST)
+    assert [r["learning_rate"] for r in result["history"]] == pytest.approx([lr, lr / 2, lr / 4])
+
+
 def test_cancel_checkpoints_and_a_later_call_finishes_the_same_steps(dataset, tmp_path):
     root, manifest = dataset
     steps_done = [0]
@@ -532,6 +602,10 @@ def test_service_trains_resumes_after_a_crash_and_exports(tmp_path):
                 training.ExportModel(training_pb2.ExportModelRequest(
                     run_id="r1", model_name="guitar", overrides={"hourglass_filters": "4"}))
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cannot change after training" in e.value.details()
+            with pytest.raises(grpc.RpcError) as e:  # resuming may change how it steps, not the network
+                training.ResumeTraining(training_pb2.ResumeTrainingRequest(
+                    run_id="r1", overrides={"hourglass_filters": "4"}))
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cannot change when resuming" in e.value.details()
             with pytest.raises(grpc.RpcError) as e:
                 training.GetRun(training_pb2.GetRunRequest(run_id="../r1"))
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT

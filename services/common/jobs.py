@@ -312,7 +312,10 @@ class JobRunner:
         """Stop taking jobs, ask running ones to stop, wait up to the grace period, mark the rest."""
         self._accepting = False
         for ctx in list(self._contexts.values()):
-            ctx.cancel_reason = "shutdown"
+            # A job a user cancelled stays cancelled while it winds down (a training run saves its
+            # checkpoint): called "interrupted", it would be resumed at the next start.
+            if not ctx.cancelled:
+                ctx.cancel_reason = "shutdown"
             ctx._cancel.set()
         for _ in self._threads:
             self._queue.put(None)
@@ -321,7 +324,11 @@ class JobRunner:
             t.join(timeout=max(0.0, deadline - time.time()))
         for job_id in list(self._contexts):
             job = self.store.get(job_id)
-            if not job.ended:
+            if job.ended:
+                continue
+            if self._contexts[job_id].cancel_reason == "cancelled":
+                self.store.update(job_id, state=CANCELLED, finished=time.time())
+            else:
                 self.store.update(job_id, state=FAILED, error=f"{INTERRUPTED} (service shut down)",
                                   finished=time.time())
 

@@ -30,7 +30,8 @@ def cmd_train(args) -> int:
 def cmd_resume(args) -> int:
     from stemlab.v1 import training_pb2
 
-    req = training_pb2.ResumeTrainingRequest(run_id=args.run, epochs=args.epochs or 0, patience=args.patience or 0)
+    req = training_pb2.ResumeTrainingRequest(run_id=args.run, epochs=args.epochs or 0, patience=args.patience or 0,
+                                             overrides=dict(args.set))
     return start_and_follow(args, SERVICE, _stub(args).ResumeTraining(req, timeout=30))
 
 
@@ -43,7 +44,7 @@ def cmd_runs(args) -> int:
         lines = [f"{s.run_id}  {s.state}  preset {s.preset}  dataset {s.dataset} v{s.dataset_version}  "
                  f"epochs {s.epochs_completed}/{s.epochs}  best epoch {s.best_epoch}"]
         lines += [f"  epoch {h.epoch:3d}  loss {h.loss:.5f}  val_loss {h.val_loss:.5f}  {h.seconds:.1f}s"
-                  for h in run.history]
+                  + (f"  lr {h.learning_rate:.3g}" if h.learning_rate else "") for h in run.history]
         print_result(args, run, text="\n".join(lines))
         return 0
     runs = _stub(args).ListRuns(training_pb2.ListRunsRequest(), timeout=30)
@@ -85,6 +86,9 @@ def register(subparsers, groups: dict | None = None) -> None:
     p.add_argument("run", help="run id")
     p.add_argument("--epochs", type=int, default=None, help="train up to this many epochs (default: as recorded)")
     p.add_argument("--patience", type=int, default=None)
+    p.add_argument("--set", action="append", type=key_value, default=[], metavar="KEY=VALUE",
+                   help="from now on: learning_rate, lr_plateau_patience, lr_plateau_factor or "
+                        "min_learning_rate (repeatable)")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return")
     add_common_args(p, SERVICE)
     p.set_defaults(func=cmd_resume)

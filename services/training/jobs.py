@@ -75,10 +75,14 @@ def validate_train(data: DataRoot, params: dict) -> dict:
 
 
 def validate_resume(data: DataRoot, params: dict) -> dict:
-    existing_run(data, params.get("run_id", ""))
+    path = existing_run(data, params.get("run_id", ""))
     for key in ("epochs", "patience"):
         if int(params.get(key) or 0) < 0:
             raise InvalidArgumentError(f"{key} must not be negative")
+    if params.get("overrides"):
+        info = trainer.read_run(path)
+        trainer.apply_changes(config_from_dict(info["config"]), trainer.TrainingOptions(**info.get("options", {})),
+                              params["overrides"])
     return params
 
 
@@ -141,7 +145,8 @@ class TrainingJobs:
     def resume(self, ctx: Any, params: dict) -> dict:
         validate_resume(self.data, params)
         result = trainer.resume_run(existing_run(self.data, params["run_id"]), epochs=params.get("epochs") or None,
-                                    patience=params.get("patience") or None, **self._callbacks(ctx))
+                                    patience=params.get("patience") or None, changes=params.get("overrides") or None,
+                                    **self._callbacks(ctx))
         return {k: v for k, v in result.items() if k != "history"}
 
     def export(self, ctx: Any, params: dict) -> dict:

@@ -38,7 +38,8 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
 
     @handle_errors
     def ResumeTraining(self, request, context):
-        params = {"run_id": request.run_id, "epochs": request.epochs, "patience": request.patience}
+        params = {"run_id": request.run_id, "epochs": request.epochs, "patience": request.patience,
+                  "overrides": parse_overrides(dict(request.overrides))}
         jobs.validate_resume(self.svc.data, params)
         return self.svc.submit(jobs.RESUME, params)
 

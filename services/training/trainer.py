@@ -4,7 +4,7 @@ A run lives in one folder (runs/<run>/):
     run.yaml             what defines the run (config, dataset checksum, code version) and its state
     checkpoints/         the latest epochs (model, optimizer, epoch, step, best so far, history)
     best.weights.h5      weights of the epoch with the lowest validation loss (what gets exported)
-    history.csv          one row per epoch
+    history.csv          one row per epoch (losses, speed, the learning rate it used)
     logs/                TensorBoard scalars
 Decoded audio is cached once per data root (cache/decoded/, see data.decode_cached), not per run:
 runs and dataset versions share the same mix files, and a per-run copy (4 GB for 800 songs) filled
@@ -72,7 +72,9 @@ ShouldStop = Callable[[], bool]
 _STEP_LOCK = threading.Lock()
 
 HISTORY_FILE = "history.csv"
-HISTORY_FIELDS = ("epoch", "loss", "val_loss", "seconds", "steps_per_second")
+HISTORY_FIELDS = ("epoch", "loss", "val_loss", "seconds", "steps_per_second", "learning_rate")
+# What `resume` may change: how the optimiser steps, never the network or the data it sees.
+RESUME_KEYS = ("learning_rate", "lr_plateau_patience", "lr_plateau_factor", "min_learning_rate")
 
 
 class TrainingOptions(BaseModel):
@@ -86,6 +88,13 @@ class TrainingOptions(BaseModel):
     augment_eq_db: float = Field(0.0, ge=0.0, le=24.0)
     validation_chunks_per_track: int = Field(8, ge=1)
     checkpoints_kept: int = Field(2, ge=1)
+    # Reduce on plateau: after this many epochs without a better val_loss (counted from the last
+    # reduction too), multiply the learning rate by lr_plateau_factor, down to min_learning_rate.
+    # 0 keeps it constant. A smaller step late in training settles into a lower loss than a constant
+    # one that keeps overshooting; measured in model/pretrained/README.md.
+    lr_plateau_patience: int = Field(0, ge=0)
+    lr_plateau_factor: float = Field(0.3, gt=0.0, lt=1.0)
+    min_learning_rate: float = Field(1e-6, ge=0.0)
 
 
 def split_overrides(preset: str, overrides: dict[str, Any] | None) -> tuple[ModelConfig, TrainingOptions]:
@@ -167,7 +176,9 @@ def read_history(run_dir: str | os.PathLike) -> list[dict[str, float]]:
     if not path.is_file():
         return []
     with open(path, newline="") as f:
-        return [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]
+        # Runs from before the learning_rate column have none; an empty cell is left out too.
+        return [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items() if v not in ("", None)}
+                for row in csv.DictReader(f)]
 
 
 def _write_history(run_dir: Path, history: list[dict[str, float]]) -> None:
@@ -175,7 +186,7 @@ def _write_history(run_dir: Path, history: list[dict[str, float]]) -> None:
     writer = csv.DictWriter(out, fieldnames=HISTORY_FIELDS, lineterminator="\n")
     writer.writeheader()
     for row in history:
-        writer.writerow({k: row[k] for k in HISTORY_FIELDS})
+        writer.writerow({k: row.get(k, "") for k in HISTORY_FIELDS})
     atomic_write_text(run_dir / HISTORY_FILE, out.getvalue())
 
 
@@ -207,6 +218,10 @@ class _State:
         self.best_val_loss = tf.Variable(np.inf, dtype=tf.float64, trainable=False)
         self.best_epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.history = tf.Variable("[]", dtype=tf.string, trainable=False)
+        # The optimiser's step size and the epoch it last changed (by a plateau or a resume); a
+        # checkpoint from before these existed restores neither, and the config's rate is right.
+        self.learning_rate = tf.Variable(np.nan, dtype=tf.float64, trainable=False)
+        self.lr_changed_epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
 
     def trackables(self) -> dict[str, tf.Variable]:
         return dict(vars(self))
@@ -228,11 +243,13 @@ def train_run(
     batch_size: int = 4,
     progress: Progress | None = None,
     should_stop: ShouldStop | None = None,
+    changes: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train (or continue) the run in `run_dir`; returns a summary of where it stands.
 
     A folder that already holds a run continues it from its last checkpoint: its own config, seed
-    and dataset are kept (the dataset must be unchanged); `epochs` and `patience` may grow.
+    and dataset are kept (the dataset must be unchanged); `epochs` and `patience` may grow, and
+    `changes` may set RESUME_KEYS from now on (recorded in run.yaml under `changes`).
     `progress(done_steps, total_steps, message, **metrics)` gets epoch, step, loss, val_loss,
     steps_per_second and eta_seconds. `should_stop()` returning true checkpoints and stops within a
     step. The result's "state" is "completed", "early_stopped" or "cancelled".
@@ -257,6 +274,14 @@ def train_run(
         options = TrainingOptions(**info.get("options", {}))
         seed, batch_size = int(info["seed"]), int(info["batch_size"])
         steps_per_epoch = int(info["steps_per_epoch"])
+        if changes:
+            config, options = apply_changes(config, options, changes)
+            info.update(config=config_to_dict(config), options=options.model_dump(),
+                        overrides={**(info.get("overrides") or {}), **changes},
+                        changes=[*(info.get("changes") or []),
+                                 {"after_epoch": int(info.get("epochs_completed") or 0), **changes}])
+    elif changes:
+        raise FailedPreconditionError(f"run {run_dir.name} does not exist yet: changes apply to a resumed run")
     else:
         config, options = split_overrides(preset, overrides)
         info = {
@@ -309,6 +334,10 @@ def train_run(
             checkpoint.restore(manager.latest_checkpoint).expect_partial()
             log.info("resumed %s from %s (epoch %d, step %d)", run_dir.name, manager.latest_checkpoint,
                      int(state.epoch.numpy()), int(state.step_in_epoch.numpy()))
+        if np.isnan(state.learning_rate.numpy()) or (changes and "learning_rate" in changes):
+            state.learning_rate.assign(config.learning_rate)
+            state.lr_changed_epoch.assign(state.epoch)
+        optimizer.learning_rate = float(state.learning_rate.numpy())
 
         @tf.function
         def train_step(iterator):
@@ -388,13 +417,23 @@ def train_run(
             val_loss = val_sum / max(val_count, 1.0)
             train_loss = float(state.loss_sum.numpy()) / steps_per_epoch
             seconds = time.monotonic() - epoch_start
+            learning_rate = float(state.learning_rate.numpy())
             history.append({"epoch": epoch, "loss": round(train_loss, 6), "val_loss": round(val_loss, 6),
-                            "seconds": round(seconds, 3), "steps_per_second": round((steps_per_epoch - skip) / seconds, 3)})
+                            "seconds": round(seconds, 3), "steps_per_second": round((steps_per_epoch - skip) / seconds, 3),
+                            "learning_rate": learning_rate})
             if val_loss < float(state.best_val_loss.numpy()):
                 state.best_val_loss.assign(val_loss)
                 state.best_epoch.assign(epoch)
                 if chief:
                     _save_best_weights(network, run_dir)
+            reduced = _plateau_learning_rate(options, learning_rate, epoch, int(state.best_epoch.numpy()),
+                                             int(state.lr_changed_epoch.numpy()))
+            if reduced is not None:
+                state.learning_rate.assign(reduced)
+                state.lr_changed_epoch.assign(epoch)
+                optimizer.learning_rate = reduced
+                log.info("%s: no better val_loss for %d epochs, learning rate %.3g -> %.3g",
+                         run_dir.name, options.lr_plateau_patience, learning_rate, reduced)
             state.epoch.assign(epoch)
             state.step_in_epoch.assign(0)
             state.loss_sum.assign(0.0)
@@ -405,6 +444,7 @@ def train_run(
                 with writer.as_default(step=epoch):
                     _scalar_summary("loss", train_loss)
                     _scalar_summary("val_loss", val_loss)
+                    _scalar_summary("learning_rate", learning_rate)
                 writer.flush()
             report(f"epoch {epoch}/{epochs} done: loss {train_loss:.4f} val_loss {val_loss:.4f}",
                    epoch=epoch, step=steps_per_epoch, loss=round(train_loss, 6), val_loss=round(val_loss, 6))
@@ -435,6 +475,34 @@ def train_run(
             lock.release()
 
 
+def apply_changes(config: ModelConfig, options: TrainingOptions,
+                   changes: dict[str, Any]) -> tuple[ModelConfig, TrainingOptions]:
+    """`config` and `options` with RESUME_KEYS changed; any other key raises InvalidArgumentError."""
+    other = sorted(set(changes) - set(RESUME_KEYS))
+    if other:
+        raise InvalidArgumentError(f"{other} cannot change when resuming; only {list(RESUME_KEYS)} can")
+    model_part = {k: v for k, v in changes.items() if k in ModelConfig.model_fields}
+    try:
+        config = config_from_dict({**config_to_dict(config), **model_part})
+        options = TrainingOptions(**{**options.model_dump(),
+                                     **{k: v for k, v in changes.items() if k not in model_part}})
+    except ConfigError as e:
+        raise InvalidArgumentError(str(e)) from e
+    except ValidationError as e:
+        raise InvalidArgumentError(f"invalid training options: {first_error(e)}") from e
+    return config, options
+
+
+def _plateau_learning_rate(options: TrainingOptions, learning_rate: float, epoch: int, best_epoch: int,
+                           changed_epoch: int) -> float | None:
+    """The reduced learning rate if the plateau rule fires after `epoch`, else None."""
+    if not options.lr_plateau_patience or learning_rate <= options.min_learning_rate:
+        return None
+    if epoch - max(best_epoch, changed_epoch) < options.lr_plateau_patience:
+        return None
+    return max(learning_rate * options.lr_plateau_factor, options.min_learning_rate)
+
+
 def _scalar_summary(tag: str, value: float) -> None:
     """A TensorBoard scalar, written with core TF ops (tf.summary.scalar needs the tensorboard package)."""
     metadata = summary_pb2.SummaryMetadata()
@@ -450,13 +518,19 @@ def _save_best_weights(network: keras.Model, run_dir: Path) -> None:
 
 
 def resume_run(run_dir: str | os.PathLike, epochs: int | None = None, patience: int | None = None,
-               progress: Progress | None = None, should_stop: ShouldStop | None = None) -> dict[str, Any]:
-    """Continue a run with what its run.yaml recorded (dataset, data root, epochs, patience)."""
+               progress: Progress | None = None, should_stop: ShouldStop | None = None,
+               changes: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Continue a run with what its run.yaml recorded (dataset, data root, epochs, patience).
+
+    `changes` (RESUME_KEYS only) apply from the next step on, e.g. a lower learning_rate to settle a
+    run whose validation loss has flattened.
+    """
     info = read_run(run_dir)
     return train_run(run_dir, info["manifest"]["path"], info["data_root"], info["preset"], info.get("overrides"),
                      epochs=epochs or int(info["epochs"]), patience=patience or int(info["patience"]),
                      seed=int(info["seed"]), steps_per_epoch=int(info["steps_per_epoch"]),
-                     batch_size=int(info["batch_size"]), progress=progress, should_stop=should_stop)
+                     batch_size=int(info["batch_size"]), progress=progress, should_stop=should_stop,
+                     changes=changes)
 
 
 def export_run(run_dir: str | os.PathLike, models_root: str | os.PathLike, model_name: str,
