@@ -286,7 +286,7 @@ def test_resume_with_a_lower_learning_rate_steps_with_it_and_records_it(trained,
     assert moved > 1e-4 and held < 1e-8, (moved, held)
     info = read_run(copy)
     assert info["config"]["learning_rate"] == 1e-12 and info["overrides"]["learning_rate"] == 1e-12
-    assert info["changes"] == [{"after_epoch": 4, "learning_rate": 1e-12}]
+    assert info["changes"] == [{"from_epoch": 5, "from_step": 1, "learning_rate": 1e-12}]
     # Resuming again without changes keeps the lowered rate (the checkpoint holds it).
     again = resume_run(copy, epochs=6)
     assert again["history"][-1]["learning_rate"] == 1e-12

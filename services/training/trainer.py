@@ -274,12 +274,8 @@ def train_run(
         options = TrainingOptions(**info.get("options", {}))
         seed, batch_size = int(info["seed"]), int(info["batch_size"])
         steps_per_epoch = int(info["steps_per_epoch"])
-        if changes:
+        if changes:  # recorded in run.yaml once they take effect, below
             config, options = apply_changes(config, options, changes)
-            info.update(config=config_to_dict(config), options=options.model_dump(),
-                        overrides={**(info.get("overrides") or {}), **changes},
-                        changes=[*(info.get("changes") or []),
-                                 {"after_epoch": int(info.get("epochs_completed") or 0), **changes}])
     elif changes:
         raise FailedPreconditionError(f"run {run_dir.name} does not exist yet: changes apply to a resumed run")
     else:
@@ -338,6 +334,14 @@ def train_run(
             state.learning_rate.assign(config.learning_rate)
             state.lr_changed_epoch.assign(state.epoch)
         optimizer.learning_rate = float(state.learning_rate.numpy())
+        if changes:  # where they start: a run stopped mid-epoch resumes mid-epoch
+            info.update(config=config_to_dict(config), options=options.model_dump(),
+                        overrides={**(info.get("overrides") or {}), **changes},
+                        changes=[*(info.get("changes") or []),
+                                 {"from_epoch": int(state.epoch.numpy()) + 1,
+                                  "from_step": int(state.step_in_epoch.numpy()) + 1, **changes}])
+            if chief:
+                _write_run(run_dir, {**info, "state": "running", "updated": _now()})
 
         @tf.function
         def train_step(iterator):
@@ -420,7 +424,7 @@ def train_run(
             learning_rate = float(state.learning_rate.numpy())
             history.append({"epoch": epoch, "loss": round(train_loss, 6), "val_loss": round(val_loss, 6),
                             "seconds": round(seconds, 3), "steps_per_second": round((steps_per_epoch - skip) / seconds, 3),
-                            "learning_rate": learning_rate})
+                            "learning_rate": float(f"{learning_rate:.6g}")})  # 4.5e-05, not 4.4999999999999996e-05
             if val_loss < float(state.best_val_loss.numpy()):
                 state.best_val_loss.assign(val_loss)
                 state.best_epoch.assign(epoch)
