@@ -19,6 +19,23 @@ from services.evaluation.sources import EstimatesFolderSource, ModelSource, open
 from tests.evaluation_data import make_dataset, track_signals, write_estimates
 
 
+def test_max_tracks_spreads_the_sample_over_the_whole_split():
+    """Songs come in blocks (one soundfont or import after another): a sample of 4 from 4 blocks of
+    5 takes one from each, not the first 4 of the first block."""
+    from services.common.manifest import Pair
+    from services.evaluation.evaluate import select_pairs
+
+    pairs = [Pair(track=f"Song{i:03d}", source="synthetic", split="validation" if i % 7 else "train",
+                  instrument="i.wav", rest="r.wav", seconds=1.0) for i in range(23, 0, -1)]
+    validation = sorted(p.track for p in pairs if p.split == "validation")
+    assert len(validation) == 20
+    picked = [p.track for p in select_pairs(pairs, "validation", 4)]
+    assert picked == [validation[0], validation[5], validation[10], validation[15]]
+    assert [p.track for p in select_pairs(pairs, "validation", 0)] == validation
+    assert [p.track for p in select_pairs(pairs, "validation", 50)] == validation
+    assert len(select_pairs(pairs, "all", 7)) == 7 and len({p.track for p in select_pairs(pairs, "all", 7)}) == 7
+
+
 class HalfMix(ModelSource):
     """A deliberately poor "model": half the mix as the instrument."""
 

@@ -45,7 +45,7 @@ def register(subparsers, groups=None) -> None:
     p.add_argument("--window-seconds", type=float, default=0.0, help="framewise window (default 1 s)")
     p.add_argument("--baselines", default="mixture,oracle",
                    help=f"comma-separated, from {','.join(BASELINES)} (default mixture,oracle)")
-    p.add_argument("--max-tracks", type=int, default=0, help="evaluate at most N tracks (0: all)")
+    p.add_argument("--max-tracks", type=int, default=0, help="evaluate N tracks spread evenly over the split, sorted by name (0: all)")
     p.add_argument("--set", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                    help="with --run: apply the network differently, e.g. mask_exponent=0.7 (repeatable)")
     p.add_argument("--serving-address", default="", help="where the served model is (default: configured)")

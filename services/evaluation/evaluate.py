@@ -74,9 +74,17 @@ def validate_report_id(report_id: str) -> str:
 
 
 def select_pairs(pairs: list[Pair], split: str, max_tracks: int = 0) -> list[Pair]:
-    """The split's pairs sorted by track name (file-system order never matters), at most max_tracks."""
+    """The split's pairs sorted by track name (file-system order never matters); with max_tracks,
+    that many spread evenly over the sorted list.
+
+    Not the first N: datasets are built from blocks named in order (songs of one soundfont, one
+    import), and the first 24 validation songs of a four-soundfont set were all from one font.
+    """
     chosen = sorted((p for p in pairs if split == "all" or p.split == split), key=lambda p: p.track)
-    return chosen[:max_tracks] if max_tracks else chosen
+    if not max_tracks or max_tracks >= len(chosen):
+        return chosen
+    step = len(chosen) / max_tracks
+    return [chosen[int(i * step)] for i in range(max_tracks)]
 
 
 def load_references(data: DataRoot, pair: Pair, rate_hz: int) -> np.ndarray:
