@@ -7,6 +7,9 @@ the median of several repeats after a warm-up. Each preset runs in its own proce
 is its own.
 
     .venv/bin/python bench/bench_model.py [--presets tiny,cpu,thesis] [--repeats 5] [--seconds 10]
+
+A preset may carry config overrides, to weigh a change against its preset in one run:
+`--presets cpu,cpu:hourglass_filters=48` (several as `cpu:a=1:b=2`; values are YAML scalars).
 """
 
 from __future__ import annotations
@@ -35,7 +38,21 @@ def _median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_preset(preset: str, repeats: int, seconds: float, batch: int) -> dict:
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """"cpu:hourglass_filters=48:dropout=0" -> ("cpu", {"hourglass_filters": 48, "dropout": 0})."""
+    import yaml
+
+    preset, *pairs = spec.split(":")
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"bad override {pair!r} in {spec!r}: use KEY=VALUE")
+        overrides[key] = yaml.safe_load(value)
+    return preset, overrides
+
+
+def bench_preset(spec: str, repeats: int, seconds: float, batch: int) -> dict:
     import keras
     import numpy as np
     import tensorflow as tf
@@ -45,7 +62,8 @@ def bench_preset(preset: str, repeats: int, seconds: float, batch: int) -> dict:
     from model.network import build_network, trainable_parameter_count
     from model.separate import separate_waveform
 
-    config = make_config(preset)
+    preset, overrides = parse_spec(spec)
+    config = make_config(preset, overrides)
     network = build_network(config)
     optimizer = keras.optimizers.Adam(config.learning_rate)
     rng = np.random.default_rng(0)
@@ -79,6 +97,7 @@ def bench_preset(preset: str, repeats: int, seconds: float, batch: int) -> dict:
     separate_s = _median_seconds(lambda: [t.numpy() for t in separate(stereo)], max(1, repeats // 2))
     return {
         "preset": preset,
+        "overrides": overrides,
         "trainable_parameters": trainable_parameter_count(network),
         "train_chunks_per_second": round(batch / train_s, 3),
         "train_batch": batch,
