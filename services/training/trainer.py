@@ -218,9 +218,8 @@ class _State:
         self.best_val_loss = tf.Variable(np.inf, dtype=tf.float64, trainable=False)
         self.best_epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.history = tf.Variable("[]", dtype=tf.string, trainable=False)
-        # The optimiser's step size and the epoch it last changed (by a plateau or a resume); a
-        # checkpoint from before these existed restores neither, and the config's rate is right.
-        self.learning_rate = tf.Variable(np.nan, dtype=tf.float64, trainable=False)
+        # The epoch the learning rate last changed (by a plateau or a resume); the rate itself is
+        # the optimiser's, which the checkpoint holds.
         self.lr_changed_epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
 
     def trackables(self) -> dict[str, tf.Variable]:
@@ -330,11 +329,13 @@ def train_run(
             checkpoint.restore(manager.latest_checkpoint).expect_partial()
             log.info("resumed %s from %s (epoch %d, step %d)", run_dir.name, manager.latest_checkpoint,
                      int(state.epoch.numpy()), int(state.step_in_epoch.numpy()))
-        if np.isnan(state.learning_rate.numpy()) or (changes and "learning_rate" in changes):
-            state.learning_rate.assign(config.learning_rate)
+        if changes and "learning_rate" in changes:
+            optimizer.learning_rate = config.learning_rate
             state.lr_changed_epoch.assign(state.epoch)
-        optimizer.learning_rate = float(state.learning_rate.numpy())
         if changes:  # where they start: a run stopped mid-epoch resumes mid-epoch
+            # Checkpoint first, so a restart before the next one cannot go on at the old rate
+            # while run.yaml names the new one.
+            manager.save(checkpoint_number=int(state.global_step.numpy()))
             info.update(config=config_to_dict(config), options=options.model_dump(),
                         overrides={**(info.get("overrides") or {}), **changes},
                         changes=[*(info.get("changes") or []),
@@ -421,7 +422,7 @@ def train_run(
             val_loss = val_sum / max(val_count, 1.0)
             train_loss = float(state.loss_sum.numpy()) / steps_per_epoch
             seconds = time.monotonic() - epoch_start
-            learning_rate = float(state.learning_rate.numpy())
+            learning_rate = float(optimizer.learning_rate.numpy())
             history.append({"epoch": epoch, "loss": round(train_loss, 6), "val_loss": round(val_loss, 6),
                             "seconds": round(seconds, 3), "steps_per_second": round((steps_per_epoch - skip) / seconds, 3),
                             "learning_rate": float(f"{learning_rate:.6g}")})  # 4.5e-05, not 4.4999999999999996e-05
@@ -433,7 +434,6 @@ def train_run(
             reduced = _plateau_learning_rate(options, learning_rate, epoch, int(state.best_epoch.numpy()),
                                              int(state.lr_changed_epoch.numpy()))
             if reduced is not None:
-                state.learning_rate.assign(reduced)
                 state.lr_changed_epoch.assign(epoch)
                 optimizer.learning_rate = reduced
                 log.info("%s: no better val_loss for %d epochs, learning rate %.3g -> %.3g",
