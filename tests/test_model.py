@@ -130,6 +130,24 @@ def test_loss_is_zero_for_the_ideal_mask_and_grows_with_error():
     assert float(masked_l1(mix, target, tf.zeros_like(ideal), 1e-6)) > float(masked_l1(mix, target, ideal * 0.9, 1e-6)) > 0
 
 
+def test_loss_peak_power_weighs_loud_chunks_as_a_whole_track_sdr_does():
+    from model.loss import masked_l1_per_chunk
+
+    mix = np.abs(_noise((1, 8, 4, 1))) + 0.1
+    mask = np.random.default_rng(4).uniform(0, 1, (1, 8, 4, 1)).astype(np.float32)
+    target = 0.5 * mix
+    # The same chunk at two levels 20 dB apart: alike with power 0 (the thesis' normalisation) ...
+    mixes, targets = tf.constant(np.concatenate([mix, 10 * mix])), tf.constant(np.concatenate([target, 10 * target]))
+    masks = tf.constant(np.concatenate([mask, mask]))
+    equal = masked_l1_per_chunk(mixes, targets, masks, 1e-6).numpy()
+    assert equal[0] == pytest.approx(equal[1], rel=1e-5)
+    # ... and with power 1 the plain L1 of the magnitudes: the loud one weighs 10 times more.
+    plain = masked_l1_per_chunk(mixes, targets, masks, 1e-6, peak_power=1.0).numpy()
+    expected = np.abs(np.concatenate([target, 10 * target]) - np.concatenate([mask, mask]) * mixes.numpy())
+    np.testing.assert_allclose(plain, expected.mean(axis=(1, 2, 3)), rtol=1e-5)
+    assert plain[1] == pytest.approx(10 * plain[0], rel=1e-5)
+
+
 def test_separation_keeps_length_and_instrument_plus_rest_is_the_mix(tiny):
     config, network = tiny
     for samples in (0, 50, 300, 7001):

@@ -297,6 +297,29 @@ def test_resume_with_a_lower_learning_rate_steps_with_it_and_records_it(trained,
     assert read_run(copy)["changes"] == info["changes"] and len(read_history(copy)) == 6  # refused: nothing written
 
 
+def test_resume_with_another_loss_weighting_chooses_the_best_epoch_afresh(trained, tmp_path):
+    import shutil
+
+    run_dir, first, _ = trained
+    copy = tmp_path / "run-loss"
+    shutil.copytree(run_dir, copy)
+    best_before = read_run(copy)["best_epoch"]
+    assert best_before >= 1
+    result = resume_run(copy, epochs=5, changes={"loss_peak_power": 1.0})
+    info = read_run(copy)
+    assert info["options"]["loss_peak_power"] == 1.0
+    assert info["changes"] == [{"from_epoch": 5, "from_step": 1, "loss_peak_power": 1.0}]
+    # The new loss is the plain L1 of magnitudes, on another scale than the normalised one, so
+    # epoch 5 is the best of the new loss whatever its value beside the earlier epochs.
+    assert result["best_epoch"] == info["best_epoch"] == 5
+    assert result["best_val_loss"] == pytest.approx(result["history"][-1]["val_loss"], rel=1e-5)
+    assert abs(np.log(result["history"][-1]["val_loss"] / first["history"][-1]["val_loss"])) > np.log(2)
+    # best.weights.h5 now holds epoch 5's weights: the export takes them.
+    network, _ = load_best_network(copy)
+    saved = _kernels(str(copy / "checkpoints" / "ckpt-40"))
+    assert sorted(v.tobytes() for v in saved.values()) == sorted(w.numpy().tobytes() for w in network.trainable_weights)
+
+
 def test_plateau_rule_reduces_after_patience_epochs_without_a_better_loss():
     from services.training.trainer import TrainingOptions, _plateau_learning_rate
 

@@ -73,8 +73,9 @@ _STEP_LOCK = threading.Lock()
 
 HISTORY_FILE = "history.csv"
 HISTORY_FIELDS = ("epoch", "loss", "val_loss", "seconds", "steps_per_second", "learning_rate")
-# What `resume` may change: how the optimiser steps, never the network or the data it sees.
-RESUME_KEYS = ("learning_rate", "lr_plateau_patience", "lr_plateau_factor", "min_learning_rate")
+# What `resume` may change: how the optimiser steps and what it minimises, never the network or
+# the data it sees.
+RESUME_KEYS = ("learning_rate", "lr_plateau_patience", "lr_plateau_factor", "min_learning_rate", "loss_peak_power")
 
 
 class TrainingOptions(BaseModel):
@@ -95,6 +96,11 @@ class TrainingOptions(BaseModel):
     lr_plateau_patience: int = Field(0, ge=0)
     lr_plateau_factor: float = Field(0.3, gt=0.0, lt=1.0)
     min_learning_rate: float = Field(1e-6, ge=0.0)
+    # How much a chunk's loss weighs by its loudness (model.loss.masked_l1_per_chunk): 0 weighs every
+    # chunk alike (the thesis), 1 by the mix chunk's peak, which is how much it counts in a
+    # whole-track SDR. Validation uses the same weighting, so val_loss values of runs with different
+    # powers are not comparable; changing it on resume starts the best-epoch choice afresh.
+    loss_peak_power: float = Field(0.0, ge=0.0, le=1.0)
 
 
 def split_overrides(preset: str, overrides: dict[str, Any] | None) -> tuple[ModelConfig, TrainingOptions]:
@@ -263,6 +269,7 @@ def train_run(
     checksum = manifest.checksum or _file_sha256(manifest_path)
 
     existing = (run_dir / RUN_FILE).is_file()
+    loss_changed = False
     if existing:
         info = read_run(run_dir)
         info.pop("error", None)
@@ -274,7 +281,9 @@ def train_run(
         seed, batch_size = int(info["seed"]), int(info["batch_size"])
         steps_per_epoch = int(info["steps_per_epoch"])
         if changes:  # recorded in run.yaml once they take effect, below
+            before = options.loss_peak_power
             config, options = apply_changes(config, options, changes)
+            loss_changed = options.loss_peak_power != before
     elif changes:
         raise FailedPreconditionError(f"run {run_dir.name} does not exist yet: changes apply to a resumed run")
     else:
@@ -332,6 +341,11 @@ def train_run(
         if changes and "learning_rate" in changes:
             optimizer.learning_rate = config.learning_rate
             state.lr_changed_epoch.assign(state.epoch)
+        if loss_changed:
+            # Earlier val_loss values measured another loss: the best epoch is chosen afresh (the
+            # next epoch's weights replace best.weights.h5), and patience counts from here.
+            state.best_val_loss.assign(np.inf)
+            state.best_epoch.assign(state.epoch)
         if changes:  # where they start: a run stopped mid-epoch resumes mid-epoch
             # Checkpoint first, so a restart before the next one cannot go on at the old rate
             # while run.yaml names the new one.
@@ -349,7 +363,8 @@ def train_run(
             def step_fn(mix_rows, instrument_rows):
                 with tf.GradientTape() as tape:
                     mask = network(mix_rows, training=True)
-                    per_chunk = masked_l1_per_chunk(mix_rows, instrument_rows, mask, config.normalise_eps)
+                    per_chunk = masked_l1_per_chunk(mix_rows, instrument_rows, mask, config.normalise_eps,
+                                                    options.loss_peak_power)
                     loss = tf.nn.compute_average_loss(per_chunk, global_batch_size=batch_size)
                 gradients = tape.gradient(loss, network.trainable_variables)
                 optimizer.apply_gradients(zip(gradients, network.trainable_variables, strict=True))
@@ -361,7 +376,8 @@ def train_run(
         @tf.function
         def validation_step(mix_rows, instrument_rows):
             mask = network(mix_rows, training=False)
-            per_chunk = masked_l1_per_chunk(mix_rows, instrument_rows, mask, config.normalise_eps)
+            per_chunk = masked_l1_per_chunk(mix_rows, instrument_rows, mask, config.normalise_eps,
+                                                    options.loss_peak_power)
             return tf.reduce_sum(per_chunk), tf.cast(tf.shape(per_chunk)[0], tf.float32)
 
         writer = tf.summary.create_file_writer(str(run_dir / "logs")) if chief else tf.summary.create_noop_writer()
