@@ -1,6 +1,7 @@
 """Serving benchmark: end-to-end separation speed, client peak memory, and request latency.
 
-    .venv/bin/python bench/bench_serving.py [--presets tiny,cpu] [--seconds 60] [--memory-minutes 10]
+    .venv/bin/python bench/bench_serving.py [--presets tiny,cpu,cpu:hourglass_filters=48] [--saved-models NAME=PATH]
+        [--seconds 60] [--memory-minutes 10]
 
 Starts the compatible server on free ports with the identity reference model (and, when
 model/export.py is there, untrained networks of the given presets: the same graph and cost as a
@@ -16,7 +17,9 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -48,22 +51,43 @@ def write_song(path: Path, seconds: float, seed: int = 0) -> Path:
     return path
 
 
-def build_models(root: Path, presets: list[str]) -> dict[str, str]:
-    """Identity reference model plus untrained presets; returns {model name: what it is}."""
+def build_models(root: Path, presets: list[str], saved: dict[str, Path] | None = None) -> dict[str, str]:
+    """Identity reference model, untrained presets and copies of exported versions.
+
+    A preset may carry overrides ("cpu:hourglass_filters=48", as bench_model.py takes them).
+    Returns {model name: what it is}.
+    """
     from services.serving.reference_models import save_gain_model
 
     save_gain_model(root / "identity" / "1", gain=1.0)
     built = {"identity": "reference identity model (instrument = waveform)"}
     if presets and (ROOT / "model" / "export.py").exists():
+        from bench.bench_model import parse_spec
         from model.config import make_config
         from model.export import export_saved_model
         from model.network import build_network
 
-        for preset in presets:
-            config = make_config(preset)
-            export_saved_model(build_network(config), config, root / f"preset_{preset}", {"preset": preset})
-            built[f"preset_{preset}"] = f"model/ preset {preset!r}, untrained weights"
+        for spec in presets:
+            preset, overrides = parse_spec(spec)
+            config = make_config(preset, overrides)
+            name = "preset_" + re.sub(r"[^A-Za-z0-9._-]", "_", spec.replace("=", "-"))
+            export_saved_model(build_network(config), config, root / name, {"preset": preset})
+            built[name] = f"model/ preset {spec!r}, untrained weights"
+    for name, path in (saved or {}).items():
+        shutil.copytree(path, root / name / "1")
+        built[name] = f"exported SavedModel {path}"
     return built
+
+
+def parse_saved(text: str) -> dict[str, Path]:
+    """"guitar4=model/pretrained/guitar/4,w48=/data/models/guitar/5" -> {name: version folder}."""
+    saved = {}
+    for item in filter(None, text.split(",")):
+        name, sep, path = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z0-9._-]+", name) or not (Path(path) / "saved_model.pb").is_file():
+            raise SystemExit(f"bad --saved-models entry {item!r}: use NAME=VERSION_FOLDER (holding saved_model.pb)")
+        saved[name] = Path(path)
+    return saved
 
 
 def end_to_end(server, model: str, song: Path, seconds: float, out_dir: Path, repeats: int = 3) -> dict:
@@ -159,6 +183,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", default="tiny,cpu",
                         help="model/ presets to export and time ('' for none; 'thesis' needs minutes per request on CPU)")
+    parser.add_argument("--saved-models", type=parse_saved, default={}, metavar="NAME=PATH,...",
+                        help="exported versions to time beside the presets (e.g. a model about to ship)")
     parser.add_argument("--seconds", type=float, default=60.0, help="song length for the end-to-end timing")
     parser.add_argument("--preset-seconds", type=float, default=20.0, help="song length for preset timings")
     parser.add_argument("--memory-minutes", type=float, default=10.0)
@@ -174,7 +200,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as folder:
         work = Path(folder)
         presets = [preset for preset in args.presets.split(",") if preset]
-        models = build_models(work / "models", presets)
+        models = build_models(work / "models", presets, args.saved_models)
         config = write_config(work / "models.config", {name: work / "models" / name for name in models})
         report = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                               "server": "services.serving compatible server (CPU)"},

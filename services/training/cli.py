@@ -87,8 +87,8 @@ def register(subparsers, groups: dict | None = None) -> None:
     p.add_argument("--epochs", type=int, default=None, help="train up to this many epochs (default: as recorded)")
     p.add_argument("--patience", type=int, default=None)
     p.add_argument("--set", action="append", type=key_value, default=[], metavar="KEY=VALUE",
-                   help="from now on: learning_rate, lr_plateau_patience, lr_plateau_factor or "
-                        "min_learning_rate (repeatable)")
+                   help="from now on: learning_rate, lr_plateau_patience, lr_plateau_factor, "
+                        "min_learning_rate or loss_peak_power (repeatable)")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return")
     add_common_args(p, SERVICE)
     p.set_defaults(func=cmd_resume)
