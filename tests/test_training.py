@@ -362,8 +362,9 @@ def test_cancel_checkpoints_and_a_later_call_finishes_the_same_steps(dataset, tm
 
 def test_two_runs_in_one_process_take_turns_and_both_finish(dataset, tmp_path, monkeypatch):
     """A training service with two workers runs two loops in one process. Concurrent TF train steps
-    can collide on per-step temporary variables (AlreadyExistsError), so steps take turns: both
-    runs finish every step, and no two steps ever run at once."""
+    can collide on per-step temporary variables (AlreadyExistsError), and a checkpoint save beside
+    another run's step hung the service, so every TF call takes turns: both runs finish every step,
+    no two turns ever overlap, and checkpoints are saved and restored only in a run's turn."""
     import threading
 
     from services.training import trainer
@@ -376,21 +377,35 @@ def test_two_runs_in_one_process_take_turns_and_both_finish(dataset, tmp_path, m
 
         def __enter__(self):
             self.lock.acquire()
+            self.owner = threading.current_thread()
             inside[0] += 1
             overlaps.append(inside[0] > 1)
             order.append(threading.current_thread().name)
 
         def __exit__(self, *exc):
             inside[0] -= 1
+            self.owner = None
             self.lock.release()
 
-    monkeypatch.setattr(trainer, "_STEP_LOCK", CountingLock())
+    lock = CountingLock()
+    monkeypatch.setattr(trainer, "_STEP_LOCK", lock)
+    outside_turn = []
+
+    def in_turn(real):
+        def call(*args, **kwargs):
+            outside_turn.append(getattr(lock, "owner", None) is not threading.current_thread())
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(tf.train.CheckpointManager, "save", in_turn(tf.train.CheckpointManager.save))
+    monkeypatch.setattr(tf.train.Checkpoint, "restore", in_turn(tf.train.Checkpoint.restore))
     root, manifest = dataset
     results, errors = {}, []
 
     def go(name):
         try:
-            results[name] = train_run(tmp_path / name, manifest, root, epochs=3, **FAST)
+            train_run(tmp_path / name, manifest, root, epochs=2, **FAST)
+            results[name] = train_run(tmp_path / name, manifest, root, epochs=3, **FAST)  # restores
         except Exception as e:  # reported below with the run's name
             errors.append(f"{name}: {e!r}")
 
@@ -401,7 +416,9 @@ def test_two_runs_in_one_process_take_turns_and_both_finish(dataset, tmp_path, m
         t.join(timeout=300)
     assert not errors, errors
     assert {r["state"] for r in results.values()} == {"completed"} and len(results) == 2
-    assert order.count("a") == order.count("b") == 3 * FAST["steps_per_epoch"] and not any(overlaps)
+    # 3 epochs of steps plus a validation pass per epoch, in turns; every save and restore inside one.
+    assert order.count("a") == order.count("b") == 3 * (FAST["steps_per_epoch"] + 1) + 3 + 1
+    assert not any(overlaps) and len(outside_turn) == 2 * (3 + 1) and not any(outside_turn)
 
 
 def test_cancel_while_decoding_stops_before_training(dataset, tmp_path):

@@ -64,11 +64,15 @@ log = logging.getLogger(__name__)
 Progress = Callable[..., None]
 ShouldStop = Callable[[], bool]
 
-# Runs that share a process (a training service with several workers) take turns per step. TF
-# lowers gradient sums to temporary variables in a per-step container whose name is not unique
-# across concurrent function calls, so two train steps at once can fail with AlreadyExistsError
-# ("__per_step_0/AddN_5/tmp_var"; seen here, and tensorflow/tensorflow#23780). Both runs share the
-# same CPU cores or GPU anyway, so turns cost little.
+# Runs that share a process (a training service with several workers) take turns for every TF
+# function they run: train step, validation pass, checkpoint save and restore. TF lowers gradient
+# sums to temporary variables in a per-step container whose name is not unique across concurrent
+# function calls, so two train steps at once can fail with AlreadyExistsError
+# ("__per_step_0/AddN_5/tmp_var"; seen here, and tensorflow/tensorflow#23780). Turns per step alone
+# were not enough: a run saving its first checkpoint beside another run's step hung both of TF's
+# inter-op threads in TemporaryVariableOp for good (three runs in one service; gdb, 2026-11-26).
+# The runs share the same CPU cores or GPU anyway, so turns cost little. Never taken twice by one
+# thread (it is not re-entrant).
 _STEP_LOCK = threading.Lock()
 
 HISTORY_FILE = "history.csv"
@@ -335,7 +339,8 @@ def train_run(
         checkpoint_dir = run_dir / "checkpoints" if chief else Path(tempfile.mkdtemp(prefix="stemlab-ckpt-"))
         manager = tf.train.CheckpointManager(checkpoint, str(checkpoint_dir), max_to_keep=options.checkpoints_kept)
         if manager.latest_checkpoint:
-            checkpoint.restore(manager.latest_checkpoint).expect_partial()
+            with _STEP_LOCK:
+                checkpoint.restore(manager.latest_checkpoint).expect_partial()
             log.info("resumed %s from %s (epoch %d, step %d)", run_dir.name, manager.latest_checkpoint,
                      int(state.epoch.numpy()), int(state.step_in_epoch.numpy()))
         if changes and "learning_rate" in changes:
@@ -349,7 +354,8 @@ def train_run(
         if changes:  # where they start: a run stopped mid-epoch resumes mid-epoch
             # Checkpoint first, so a restart before the next one cannot go on at the old rate
             # while run.yaml names the new one.
-            manager.save(checkpoint_number=int(state.global_step.numpy()))
+            with _STEP_LOCK:
+                manager.save(checkpoint_number=int(state.global_step.numpy()))
             info.update(config=config_to_dict(config), options=options.model_dump(),
                         overrides={**(info.get("overrides") or {}), **changes},
                         changes=[*(info.get("changes") or []),
@@ -399,7 +405,8 @@ def train_run(
             return bool(should_stop and should_stop())
 
         def save_checkpoint() -> None:
-            manager.save(checkpoint_number=int(state.global_step.numpy()))
+            with _STEP_LOCK:
+                manager.save(checkpoint_number=int(state.global_step.numpy()))
 
         stopped_early = bool(history) and int(state.epoch.numpy()) - int(state.best_epoch.numpy()) >= patience
         while int(state.epoch.numpy()) < epochs and not stopped_early:
@@ -432,9 +439,10 @@ def train_run(
                 break
 
             val_sum, val_count = 0.0, 0.0
-            for mix_rows, instrument_rows in validation:
-                s, c = validation_step(mix_rows, instrument_rows)
-                val_sum, val_count = val_sum + float(s), val_count + float(c)
+            with _STEP_LOCK:
+                for mix_rows, instrument_rows in validation:
+                    s, c = validation_step(mix_rows, instrument_rows)
+                    val_sum, val_count = val_sum + float(s), val_count + float(c)
             val_loss = val_sum / max(val_count, 1.0)
             train_loss = float(state.loss_sum.numpy()) / steps_per_epoch
             seconds = time.monotonic() - epoch_start
