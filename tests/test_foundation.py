@@ -213,3 +213,31 @@ def test_cli_lists_gets_and_reports_errors_as_one_line(service):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not_found" in r.stderr
     r = run_cli("jobs", "get", "ingestion-x", env={"STEMLAB_INGESTION_ADDRESS": "127.0.0.1:1"})
     assert r.returncode == 2 and "unreachable" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_a_kind_in_its_own_lane_does_not_wait_behind_long_jobs(tmp_path):
+    """An export takes seconds; with one worker busy for hours on a training run it must still run."""
+    from services.common.jobs import QUEUED, RUNNING, SUCCEEDED, JobRunner, JobStore
+
+    runner = JobRunner(JobStore(tmp_path / "jobs.sqlite"), "demo", workers=1)
+    release = threading.Event()
+    runner.register("demo.long", lambda ctx, params: {"released": release.wait(30)})
+    runner.register("demo.quick", lambda ctx, params: {"done": True}, lane="quick")
+    runner.start()
+    try:
+        running, waiting = runner.submit("demo.long"), runner.submit("demo.long")
+        quick = runner.submit("demo.quick")
+        deadline = time.time() + 10
+        while runner.get(quick.id).state != SUCCEEDED and time.time() < deadline:
+            time.sleep(0.02)
+        assert runner.get(quick.id).state == SUCCEEDED and runner.get(quick.id).result == {"done": True}
+        assert runner.get(running.id).state == RUNNING and runner.get(waiting.id).state == QUEUED
+        with pytest.raises(RuntimeError, match="before start"):
+            runner.register("demo.late", lambda ctx, params: {}, lane="late")
+        release.set()  # then the default lane goes on with the job that waited
+        while runner.get(waiting.id).state != SUCCEEDED and time.time() < deadline:
+            time.sleep(0.02)
+        assert runner.get(running.id).state == runner.get(waiting.id).state == SUCCEEDED
+    finally:
+        release.set()
+        runner.shutdown(5)

@@ -217,14 +217,19 @@ JobFunction = Callable[[JobContext, dict], dict]
 
 
 class JobRunner:
-    """A bounded pool of worker threads running the registered job kinds of one service."""
+    """Bounded pools of worker threads running the registered job kinds of one service.
+
+    Kinds run in the default lane (`workers` threads) unless registered in a lane of their own, so
+    short jobs (an export) never wait hours behind long ones (a training run) in the same queue.
+    """
 
     def __init__(self, store: JobStore, service: str, workers: int = 1, data: Any = None):
         self.store = store
         self.service = service
         self.data = data
         self._kinds: dict[str, JobFunction] = {}
-        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._lane_of: dict[str, str] = {}
+        self._queues: dict[str, queue.Queue[str | None]] = {"": queue.Queue()}
         self._contexts: dict[str, JobContext] = {}
         self._changed = threading.Condition()
         self._versions: dict[str, int] = {}
@@ -235,11 +240,23 @@ class JobRunner:
         self.interrupted = store.mark_interrupted()
         for job in self.interrupted:
             log.warning("job %s (%s) was running when the service stopped: marked failed", job.id, job.kind)
-        self._threads = [threading.Thread(target=self._work, name=f"job-worker-{i}", daemon=True)
-                         for i in range(workers)]
+        self._threads: list[tuple[threading.Thread, queue.Queue[str | None]]] = []
+        self._add_workers("", workers)
 
-    def register(self, kind: str, fn: JobFunction) -> None:
+    def register(self, kind: str, fn: JobFunction, lane: str = "", lane_workers: int = 1) -> None:
+        """Run `kind` with `fn`; in `lane` (made with `lane_workers` threads on first use) if named."""
+        if any(t.is_alive() for t, _ in self._threads):
+            raise RuntimeError("register job kinds before start()")
         self._kinds[kind] = fn
+        self._lane_of[kind] = lane
+        if lane not in self._queues:
+            self._queues[lane] = queue.Queue()
+            self._add_workers(lane, lane_workers)
+
+    def _add_workers(self, lane: str, count: int) -> None:
+        jobs = self._queues[lane]
+        self._threads += [(threading.Thread(target=self._work, args=(jobs,), daemon=True,
+                                            name=f"job-{lane or 'worker'}-{i}"), jobs) for i in range(count)]
 
     def start(self) -> None:
         # Jobs queued before a restart never started: run them now, oldest first.
@@ -250,8 +267,8 @@ class JobRunner:
             if cursor is None:
                 break
         for job in reversed(queued):
-            self._enqueue(job.id)
-        for t in self._threads:
+            self._enqueue(job.id, job.kind)
+        for t, _ in self._threads:
             t.start()
 
     # -- requests ------------------------------------------------------------------------
@@ -264,7 +281,7 @@ class JobRunner:
         if not _jsonable(params):
             raise InvalidArgumentError("job parameters must be JSON data")
         job = self.store.create(f"{self.service}-{uuid.uuid4().hex[:12]}", kind, params)
-        self._enqueue(job.id)
+        self._enqueue(job.id, kind)
         self._notify(job)
         return job
 
@@ -317,10 +334,10 @@ class JobRunner:
             if not ctx.cancelled:
                 ctx.cancel_reason = "shutdown"
             ctx._cancel.set()
-        for _ in self._threads:
-            self._queue.put(None)
+        for _, jobs in self._threads:
+            jobs.put(None)
         deadline = time.time() + grace_seconds
-        for t in self._threads:
+        for t, _ in self._threads:
             t.join(timeout=max(0.0, deadline - time.time()))
         for job_id in list(self._contexts):
             job = self.store.get(job_id)
@@ -333,14 +350,15 @@ class JobRunner:
                                   finished=time.time())
 
     # -- internals -----------------------------------------------------------------------
-    def _enqueue(self, job_id: str) -> None:
+    def _enqueue(self, job_id: str, kind: str) -> None:
         # A job submitted before start() (e.g. a resume after a crash) is also QUEUED in the
         # store; start() must not queue it a second time.
         with self._changed:
             if job_id in self._enqueued:
                 return
             self._enqueued.add(job_id)
-        self._queue.put(job_id)
+        # A kind no longer registered still goes through the default lane, which fails it clearly.
+        self._queues[self._lane_of.get(kind, "")].put(job_id)
 
     def _notify(self, job: JobRecord) -> None:
         with self._changed:
@@ -363,9 +381,9 @@ class JobRunner:
             self.store.update(job_id, progress=progress)
         self._notify(job)
 
-    def _work(self) -> None:
+    def _work(self, jobs: queue.Queue[str | None]) -> None:
         while True:
-            job_id = self._queue.get()
+            job_id = jobs.get()
             if job_id is None:
                 return
             try:

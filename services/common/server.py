@@ -207,8 +207,9 @@ class Service:
         self.server: grpc.Server | None = None
         self.health = health.HealthServicer(experimental_non_blocking=True)
 
-    def register_job(self, kind: str, fn: jobstore.JobFunction) -> None:
-        self.runner.register(kind, fn)
+    def register_job(self, kind: str, fn: jobstore.JobFunction, lane: str = "") -> None:
+        """Run jobs of `kind` with `fn`: in the service's worker pool, or in a one-worker `lane` of their own."""
+        self.runner.register(kind, fn, lane)
 
     def submit(self, kind: str, params: dict | None = None) -> jobs_pb2.Job:
         return job_to_pb(self.runner.submit(kind, params))

@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 def build() -> Service:
     svc = Service("training")
     for kind, fn in jobs.TrainingJobs(svc.data).kinds().items():
-        svc.register_job(kind, fn)
+        # An export takes seconds: it must not wait behind a training run that takes hours.
+        svc.register_job(kind, fn, lane="export" if kind == jobs.EXPORT else "")
     svc.add_servicer(training_pb2_grpc.add_TrainingServiceServicer_to_server, TrainingServicer(svc),
                      "stemlab.v1.TrainingService")
     for run_id in jobs.resumable_runs(svc.store, svc.data):

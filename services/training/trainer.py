@@ -575,16 +575,19 @@ def export_run(run_dir: str | os.PathLike, models_root: str | os.PathLike, model
     except PathError as e:
         raise InvalidArgumentError(str(e)) from e
     info = read_run(run_dir)
-    network, config = load_best_network(run_dir)
-    try:
-        config = with_inference_overrides(config, overrides)
-    except ConfigError as e:
-        raise InvalidArgumentError(str(e)) from e
-    metadata = {"preset": info.get("preset"), "source_run": info.get("run_id", run_dir.name),
-                "best_epoch": info.get("best_epoch"), "best_val_loss": info.get("best_val_loss"),
-                "dataset": info.get("manifest", {}), "instrument": _instrument_of(info),
-                "code_version": code_version(), "exported": _now()}
-    return export_saved_model(network, config, model_dir, metadata)
+    # Building, loading and saving the network run TF functions: in turn with the service's
+    # training runs, like their own checkpoint saves (_STEP_LOCK).
+    with _STEP_LOCK:
+        network, config = load_best_network(run_dir)
+        try:
+            config = with_inference_overrides(config, overrides)
+        except ConfigError as e:
+            raise InvalidArgumentError(str(e)) from e
+        metadata = {"preset": info.get("preset"), "source_run": info.get("run_id", run_dir.name),
+                    "best_epoch": info.get("best_epoch"), "best_val_loss": info.get("best_val_loss"),
+                    "dataset": info.get("manifest", {}), "instrument": _instrument_of(info),
+                    "code_version": code_version(), "exported": _now()}
+        return export_saved_model(network, config, model_dir, metadata)
 
 
 def _instrument_of(info: dict[str, Any]) -> str | None:
