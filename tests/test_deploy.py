@@ -128,3 +128,24 @@ def test_kustomization_lists_every_manifest_but_the_jobs():
     on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
     assert on_disk - listed == {"training-job.yaml", "training-job-gpu.yaml"}
     assert listed <= on_disk
+
+
+def test_install_models_copies_whole_shipped_versions_only(tmp_path):
+    """After a pull that replaced guitar/4 by guitar/5, git leaves guitar/4/assets/ behind, empty."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("stack", Path(__file__).parents[1] / "deploy" / "local" / "stack.py")
+    stack = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stack)
+    shipped = tmp_path / "pretrained"
+    (shipped / "guitar" / "4" / "assets").mkdir(parents=True)
+    for version in ("guitar/5", "piano/4"):
+        (shipped / version).mkdir(parents=True)
+        (shipped / version / "saved_model.pb").write_bytes(b"graph")
+    data = tmp_path / "data"
+    stack.install_models(SimpleNamespace(data_root=data), pretrained=shipped)
+    assert sorted(p.name for p in (data / "models" / "guitar").iterdir()) == ["5"]
+    assert sorted(p.name for p in (data / "models" / "piano").iterdir()) == ["4"]
+    assert (data / "models" / "guitar" / "5" / "saved_model.pb").read_bytes() == b"graph"
+    assert 'name: "guitar"' in (data / "serving" / "models.config").read_text()

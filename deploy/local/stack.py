@@ -167,7 +167,7 @@ def wait_healthy(progs: dict[str, dict], timeout: float) -> list[str]:
     return sorted(pending)
 
 
-def install_models(config, models_root: Path | None = None) -> None:
+def install_models(config, models_root: Path | None = None, pretrained: Path | None = None) -> None:
     """Serving needs a models.config and, on an empty data root, the shipped models.
 
     A model folder that already has a version is left alone: the shipped models only fill an
@@ -176,13 +176,16 @@ def install_models(config, models_root: Path | None = None) -> None:
     serving_dir = config.data_root / "serving"
     serving_dir.mkdir(parents=True, exist_ok=True)
     models_root = models_root or config.data_root / "models"
-    pretrained = REPO / "model" / "pretrained"
+    pretrained = pretrained or REPO / "model" / "pretrained"
     for name in ("guitar", "piano"):
         target = models_root / name
         has_version = target.is_dir() and any(p.name.isdigit() for p in target.iterdir())
         source = pretrained / name
         if not has_version and source.is_dir():
-            for version in sorted(p for p in source.iterdir() if p.name.isdigit()):
+            # Only whole SavedModels: a version git removed can leave an empty folder behind
+            # (git keeps no directories), which the server would find and fail to load.
+            for version in sorted(p for p in source.iterdir()
+                                  if p.name.isdigit() and (p / "saved_model.pb").is_file()):
                 dest = target / version.name
                 tmp = target / f".tmp-install-{version.name}"
                 shutil.rmtree(tmp, ignore_errors=True)
