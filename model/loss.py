@@ -25,7 +25,6 @@ def masked_l1_per_chunk(mix_rows: tf.Tensor, target_rows: tf.Tensor, mask: tf.Te
     return error
 
 
-def masked_l1(mix_rows: tf.Tensor, target_rows: tf.Tensor, mask: tf.Tensor, eps: float,
-              peak_power: float = 0.0) -> tf.Tensor:
-    """Scalar mean of `masked_l1_per_chunk` over the batch."""
-    return tf.reduce_mean(masked_l1_per_chunk(mix_rows, target_rows, mask, eps, peak_power))
+def masked_l1(mix_rows: tf.Tensor, target_rows: tf.Tensor, mask: tf.Tensor, eps: float) -> tf.Tensor:
+    """Scalar mean of `masked_l1_per_chunk` over the batch (the thesis' weighting)."""
+    return tf.reduce_mean(masked_l1_per_chunk(mix_rows, target_rows, mask, eps))

@@ -388,7 +388,7 @@ def test_two_runs_in_one_process_take_turns_and_both_finish(dataset, tmp_path, m
             self.lock.release()
 
     lock = CountingLock()
-    monkeypatch.setattr(trainer, "_STEP_LOCK", lock)
+    monkeypatch.setattr(trainer, "_TF_TURN", lock)
     outside_turn = []
 
     def in_turn(real):

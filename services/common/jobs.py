@@ -243,15 +243,15 @@ class JobRunner:
         self._threads: list[tuple[threading.Thread, queue.Queue[str | None]]] = []
         self._add_workers("", workers)
 
-    def register(self, kind: str, fn: JobFunction, lane: str = "", lane_workers: int = 1) -> None:
-        """Run `kind` with `fn`; in `lane` (made with `lane_workers` threads on first use) if named."""
+    def register(self, kind: str, fn: JobFunction, lane: str = "") -> None:
+        """Run `kind` with `fn`; in `lane`, a one-worker queue of its own, if named."""
         if any(t.is_alive() for t, _ in self._threads):
             raise RuntimeError("register job kinds before start()")
         self._kinds[kind] = fn
         self._lane_of[kind] = lane
         if lane not in self._queues:
             self._queues[lane] = queue.Queue()
-            self._add_workers(lane, lane_workers)
+            self._add_workers(lane, 1)
 
     def _add_workers(self, lane: str, count: int) -> None:
         jobs = self._queues[lane]

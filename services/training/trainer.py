@@ -73,7 +73,7 @@ ShouldStop = Callable[[], bool]
 # inter-op threads in TemporaryVariableOp for good (three runs in one service; gdb, 2026-11-26).
 # The runs share the same CPU cores or GPU anyway, so turns cost little. Never taken twice by one
 # thread (it is not re-entrant).
-_STEP_LOCK = threading.Lock()
+_TF_TURN = threading.Lock()
 
 HISTORY_FILE = "history.csv"
 HISTORY_FIELDS = ("epoch", "loss", "val_loss", "seconds", "steps_per_second", "learning_rate")
@@ -339,7 +339,7 @@ def train_run(
         checkpoint_dir = run_dir / "checkpoints" if chief else Path(tempfile.mkdtemp(prefix="stemlab-ckpt-"))
         manager = tf.train.CheckpointManager(checkpoint, str(checkpoint_dir), max_to_keep=options.checkpoints_kept)
         if manager.latest_checkpoint:
-            with _STEP_LOCK:
+            with _TF_TURN:
                 checkpoint.restore(manager.latest_checkpoint).expect_partial()
             log.info("resumed %s from %s (epoch %d, step %d)", run_dir.name, manager.latest_checkpoint,
                      int(state.epoch.numpy()), int(state.step_in_epoch.numpy()))
@@ -354,7 +354,7 @@ def train_run(
         if changes:  # where they start: a run stopped mid-epoch resumes mid-epoch
             # Checkpoint first, so a restart before the next one cannot go on at the old rate
             # while run.yaml names the new one.
-            with _STEP_LOCK:
+            with _TF_TURN:
                 manager.save(checkpoint_number=int(state.global_step.numpy()))
             info.update(config=config_to_dict(config), options=options.model_dump(),
                         overrides={**(info.get("overrides") or {}), **changes},
@@ -383,7 +383,7 @@ def train_run(
         def validation_step(mix_rows, instrument_rows):
             mask = network(mix_rows, training=False)
             per_chunk = masked_l1_per_chunk(mix_rows, instrument_rows, mask, config.normalise_eps,
-                                                    options.loss_peak_power)
+                                            options.loss_peak_power)
             return tf.reduce_sum(per_chunk), tf.cast(tf.shape(per_chunk)[0], tf.float32)
 
         writer = tf.summary.create_file_writer(str(run_dir / "logs")) if chief else tf.summary.create_noop_writer()
@@ -405,7 +405,7 @@ def train_run(
             return bool(should_stop and should_stop())
 
         def save_checkpoint() -> None:
-            with _STEP_LOCK:
+            with _TF_TURN:
                 manager.save(checkpoint_number=int(state.global_step.numpy()))
 
         stopped_early = bool(history) and int(state.epoch.numpy()) - int(state.best_epoch.numpy()) >= patience
@@ -425,7 +425,7 @@ def train_run(
                 if stop_requested():
                     cancelled = True
                     break
-                with _STEP_LOCK:
+                with _TF_TURN:
                     loss = float(train_step(iterator).numpy())
                 state.step_in_epoch.assign(step)
                 state.global_step.assign_add(1)
@@ -439,7 +439,7 @@ def train_run(
                 break
 
             val_sum, val_count = 0.0, 0.0
-            with _STEP_LOCK:
+            with _TF_TURN:
                 for mix_rows, instrument_rows in validation:
                     s, c = validation_step(mix_rows, instrument_rows)
                     val_sum, val_count = val_sum + float(s), val_count + float(c)
@@ -576,8 +576,8 @@ def export_run(run_dir: str | os.PathLike, models_root: str | os.PathLike, model
         raise InvalidArgumentError(str(e)) from e
     info = read_run(run_dir)
     # Building, loading and saving the network run TF functions: in turn with the service's
-    # training runs, like their own checkpoint saves (_STEP_LOCK).
-    with _STEP_LOCK:
+    # training runs, like their own checkpoint saves (_TF_TURN).
+    with _TF_TURN:
         network, config = load_best_network(run_dir)
         try:
             config = with_inference_overrides(config, overrides)
