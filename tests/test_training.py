@@ -320,6 +320,33 @@ def test_resume_with_another_loss_weighting_chooses_the_best_epoch_afresh(traine
     assert sorted(v.tobytes() for v in saved.values()) == sorted(w.numpy().tobytes() for w in network.trainable_weights)
 
 
+def test_resume_with_another_augmentation_draws_with_it_and_keeps_the_best_epoch(trained, tmp_path, monkeypatch):
+    import shutil
+
+    from services.training import data as training_data
+
+    run_dir, _, _ = trained
+    copy = tmp_path / "run-eq"
+    shutil.copytree(run_dir, copy)
+    before = read_run(copy)
+    used = []
+
+    class Recording(training_data.ChunkSampler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            used.append(self.augmentation)
+
+    monkeypatch.setattr(training_data, "ChunkSampler", Recording)
+    result = resume_run(copy, epochs=5, changes={"augment_eq_db": 9.0, "remix_probability": 0.5})
+    assert used == [training_data.Augmentation(before["options"]["augment_gain_db"], 0.5, 9.0)]
+    info = read_run(copy)
+    assert info["options"]["augment_eq_db"] == 9.0 and info["options"]["remix_probability"] == 0.5
+    assert info["changes"] == [{"from_epoch": 5, "from_step": 1, "augment_eq_db": 9.0, "remix_probability": 0.5}]
+    # Validation is never augmented, so the earlier best still counts: epoch 5 must beat it.
+    if result["history"][-1]["val_loss"] >= before["best_val_loss"]:
+        assert result["best_epoch"] == before["best_epoch"]
+
+
 def test_plateau_rule_reduces_after_patience_epochs_without_a_better_loss():
     from services.training.trainer import TrainingOptions, _plateau_learning_rate
 

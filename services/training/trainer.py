@@ -79,7 +79,10 @@ HISTORY_FILE = "history.csv"
 HISTORY_FIELDS = ("epoch", "loss", "val_loss", "seconds", "steps_per_second", "learning_rate")
 # What `resume` may change: how the optimiser steps and what it minimises, never the network or
 # the data it sees.
-RESUME_KEYS = ("learning_rate", "lr_plateau_patience", "lr_plateau_factor", "min_learning_rate", "loss_peak_power")
+# What a resumed run may change. The augmentation may: validation chunks are never augmented, so
+# val_loss stays comparable across the change (a fine-tune with a stronger equaliser, say).
+RESUME_KEYS = ("learning_rate", "lr_plateau_patience", "lr_plateau_factor", "min_learning_rate", "loss_peak_power",
+               "augment_gain_db", "remix_probability", "augment_eq_db")
 
 
 class TrainingOptions(BaseModel):
