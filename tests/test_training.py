@@ -320,7 +320,8 @@ def test_resume_with_another_loss_weighting_chooses_the_best_epoch_afresh(traine
     assert sorted(v.tobytes() for v in saved.values()) == sorted(w.numpy().tobytes() for w in network.trainable_weights)
 
 
-def test_resume_with_another_augmentation_draws_with_it_and_keeps_the_best_epoch(trained, tmp_path, monkeypatch):
+def test_resume_with_another_augmentation_draws_with_it_and_chooses_the_best_epoch_afresh(trained, tmp_path,
+                                                                                         monkeypatch):
     import shutil
 
     from services.training import data as training_data
@@ -337,14 +338,20 @@ def test_resume_with_another_augmentation_draws_with_it_and_keeps_the_best_epoch
             used.append(self.augmentation)
 
     monkeypatch.setattr(training_data, "ChunkSampler", Recording)
-    result = resume_run(copy, epochs=5, changes={"augment_eq_db": 9.0, "remix_probability": 0.5})
-    assert used == [training_data.Augmentation(before["options"]["augment_gain_db"], 0.5, 9.0)]
+    # A huge equaliser makes epoch 5 worse on the unaugmented validation chunks than the earlier
+    # best, so only a fresh choice makes it the best (and the weights an export takes).
+    result = resume_run(copy, epochs=5, changes={"augment_eq_db": 24.0, "remix_probability": 0.5})
+    assert used == [training_data.Augmentation(before["options"]["augment_gain_db"], 0.5, 24.0)]
     info = read_run(copy)
-    assert info["options"]["augment_eq_db"] == 9.0 and info["options"]["remix_probability"] == 0.5
-    assert info["changes"] == [{"from_epoch": 5, "from_step": 1, "augment_eq_db": 9.0, "remix_probability": 0.5}]
-    # Validation is never augmented, so the earlier best still counts: epoch 5 must beat it.
-    if result["history"][-1]["val_loss"] >= before["best_val_loss"]:
-        assert result["best_epoch"] == before["best_epoch"]
+    assert info["options"]["augment_eq_db"] == 24.0 and info["options"]["remix_probability"] == 0.5
+    assert info["changes"] == [{"from_epoch": 5, "from_step": 1, "augment_eq_db": 24.0, "remix_probability": 0.5}]
+    assert result["best_epoch"] == info["best_epoch"] == 5
+    network, _ = load_best_network(copy)
+    saved = _kernels(str(copy / "checkpoints" / "ckpt-40"))
+    assert sorted(v.tobytes() for v in saved.values()) == sorted(w.numpy().tobytes() for w in network.trainable_weights)
+    # A new learning rate alone keeps the choice: epoch 6 is the best only if it beats epoch 5.
+    again = resume_run(copy, epochs=6, changes={"learning_rate": 1e-12})
+    assert again["best_epoch"] == 5 or again["history"][-1]["val_loss"] < result["history"][-1]["val_loss"]
 
 
 def test_plateau_rule_reduces_after_patience_epochs_without_a_better_loss():

@@ -79,10 +79,13 @@ HISTORY_FILE = "history.csv"
 HISTORY_FIELDS = ("epoch", "loss", "val_loss", "seconds", "steps_per_second", "learning_rate")
 # What `resume` may change: how the optimiser steps and what it minimises, never the network or
 # the data it sees.
-# What a resumed run may change. The augmentation may: validation chunks are never augmented, so
-# val_loss stays comparable across the change (a fine-tune with a stronger equaliser, say).
-RESUME_KEYS = ("learning_rate", "lr_plateau_patience", "lr_plateau_factor", "min_learning_rate", "loss_peak_power",
-               "augment_gain_db", "remix_probability", "augment_eq_db")
+# What a resumed run may change. A change of what training optimises or sees (TARGET_KEYS: the
+# loss weighting, the augmentation) starts the best-epoch choice afresh: the loss weighting puts
+# val_loss on another scale, and a stronger augmentation (a fine-tune with an equaliser for
+# unheard timbres, say) raises val_loss on the unaugmented validation chunks of the training
+# fonts, so the old best would be exported for ever and the fine-tune never.
+TARGET_KEYS = ("loss_peak_power", "augment_gain_db", "remix_probability", "augment_eq_db")
+RESUME_KEYS = ("learning_rate", "lr_plateau_patience", "lr_plateau_factor", "min_learning_rate", *TARGET_KEYS)
 
 
 class TrainingOptions(BaseModel):
@@ -106,7 +109,8 @@ class TrainingOptions(BaseModel):
     # How much a chunk's loss weighs by its loudness (model.loss.masked_l1_per_chunk): 0 weighs every
     # chunk alike (the thesis), 1 by the mix chunk's peak, which is how much it counts in a
     # whole-track SDR. Validation uses the same weighting, so val_loss values of runs with different
-    # powers are not comparable; changing it on resume starts the best-epoch choice afresh.
+    # powers are not comparable; changing it on resume starts the best-epoch choice afresh (as a
+    # change of the augmentation does: TARGET_KEYS).
     loss_peak_power: float = Field(0.0, ge=0.0, le=1.0)
 
 
@@ -276,7 +280,7 @@ def train_run(
     checksum = manifest.checksum or _file_sha256(manifest_path)
 
     existing = (run_dir / RUN_FILE).is_file()
-    loss_changed = False
+    target_changed = False
     if existing:
         info = read_run(run_dir)
         info.pop("error", None)
@@ -288,9 +292,9 @@ def train_run(
         seed, batch_size = int(info["seed"]), int(info["batch_size"])
         steps_per_epoch = int(info["steps_per_epoch"])
         if changes:  # recorded in run.yaml once they take effect, below
-            before = options.loss_peak_power
+            before = options
             config, options = apply_changes(config, options, changes)
-            loss_changed = options.loss_peak_power != before
+            target_changed = any(getattr(options, k) != getattr(before, k) for k in TARGET_KEYS)
     elif changes:
         raise FailedPreconditionError(f"run {run_dir.name} does not exist yet: changes apply to a resumed run")
     else:
@@ -349,9 +353,10 @@ def train_run(
         if changes and "learning_rate" in changes:
             optimizer.learning_rate = config.learning_rate
             state.lr_changed_epoch.assign(state.epoch)
-        if loss_changed:
-            # Earlier val_loss values measured another loss: the best epoch is chosen afresh (the
-            # next epoch's weights replace best.weights.h5), and patience counts from here.
+        if target_changed:
+            # Earlier val_loss values measured another loss or training (TARGET_KEYS): the best
+            # epoch is chosen afresh (the next epoch's weights replace best.weights.h5), and
+            # patience counts from here.
             state.best_val_loss.assign(np.inf)
             state.best_epoch.assign(state.epoch)
         if changes:  # where they start: a run stopped mid-epoch resumes mid-epoch
