@@ -354,6 +354,61 @@ def test_resume_with_another_augmentation_draws_with_it_and_chooses_the_best_epo
     assert again["best_epoch"] == 5 or again["history"][-1]["val_loss"] < result["history"][-1]["val_loss"]
 
 
+def test_a_new_run_can_start_from_another_runs_best_weights(dataset, trained, tmp_path):
+    from services.common.errors import FailedPreconditionError
+    from services.training.trainer import check_init_from
+
+    root, manifest = dataset
+    source, _, _ = trained
+    source_weights = [w.numpy() for w in load_best_network(source)[0].trainable_weights]
+
+    def largest_change_from_source(run_dir):
+        weights = [w.numpy() for w in load_best_network(run_dir)[0].trainable_weights]
+        return max(float(np.max(np.abs(a - b))) for a, b in zip(weights, source_weights, strict=True))
+
+    # A step of 1e-12 leaves the weights where they started: the source's best.
+    fast = {**FAST, "seed": 11}
+    warm = tmp_path / "warm"
+    train_run(warm, manifest, root, epochs=1, overrides={"learning_rate": 1e-12}, init_from=source, **fast)
+    assert largest_change_from_source(warm) < 1e-6
+    info = read_run(warm)
+    assert info["init_from"]["run_id"] == "run-a" and info["init_from"]["best_epoch"] == read_run(source)["best_epoch"]
+    assert len(info["init_from"]["sha256"]) == 64
+    # Resuming it later restores its own checkpoint, not the source's weights again.
+    resumed = resume_run(warm, epochs=2)
+    assert resumed["epochs_completed"] == 2
+    cold = tmp_path / "cold"
+    train_run(cold, manifest, root, epochs=1, overrides={"learning_rate": 1e-12}, **fast)
+    assert largest_change_from_source(cold) > 1e-2
+    # Another network, or a source without weights, is refused before anything is written.
+    with pytest.raises(FailedPreconditionError, match="hourglass_filters"):
+        train_run(tmp_path / "wider", manifest, root, epochs=1, init_from=source,
+                  overrides={"hourglass_filters": 12}, **fast)
+    assert not (tmp_path / "wider").exists()
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "run.yaml").write_text(yaml.safe_dump({**read_run(source), "run_id": "empty"}))
+    with pytest.raises(FailedPreconditionError, match="no best weights"):
+        check_init_from(tmp_path / "empty", split_overrides("tiny", None)[0])
+
+
+def test_the_service_checks_init_from_when_the_job_is_asked_for(dataset, trained, tmp_path):
+    import shutil
+
+    from services.common.errors import FailedPreconditionError, NotFoundError
+    from services.common.paths import DataRoot
+    from services.training import jobs
+
+    root, _ = dataset
+    data = DataRoot(root)
+    shutil.copytree(trained[0], data.runs / "tiny-source")
+    asked = {"dataset": "synth", "preset": "tiny", "run_id": "warm-job"}
+    assert jobs.validate_train(data, {**asked, "init_from": "tiny-source"})["init_from"] == "tiny-source"
+    with pytest.raises(NotFoundError):
+        jobs.validate_train(data, {**asked, "init_from": "no-such-run"})
+    with pytest.raises(FailedPreconditionError, match="hourglass_filters 8 there, 12 here"):
+        jobs.validate_train(data, {**asked, "init_from": "tiny-source", "overrides": {"hourglass_filters": 12}})
+
+
 def test_plateau_rule_reduces_after_patience_epochs_without_a_better_loss():
     from services.training.trainer import TrainingOptions, _plateau_learning_rate
 

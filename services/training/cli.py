@@ -23,7 +23,8 @@ def cmd_train(args) -> int:
     req = training_pb2.StartTrainingRequest(
         dataset=args.dataset, dataset_version=args.dataset_version or 0, preset=args.preset,
         overrides=dict(args.set), epochs=args.epochs or 0, patience=args.patience or 0, seed=args.seed,
-        batch_size=args.batch_size or 0, steps_per_epoch=args.steps_per_epoch or 0, run_id=args.run_id or "")
+        batch_size=args.batch_size or 0, steps_per_epoch=args.steps_per_epoch or 0, run_id=args.run_id or "",
+        init_from=args.init_from or "")
     return start_and_follow(args, SERVICE, _stub(args).StartTraining(req, timeout=30))
 
 
@@ -78,6 +79,9 @@ def register(subparsers, groups: dict | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="chunks per step (default 4)")
     p.add_argument("--steps-per-epoch", type=int, default=None, help="(default 1000)")
     p.add_argument("--run-id", default=None, help="name of the run folder (default: dataset-preset-time)")
+    p.add_argument("--init-from", default=None, metavar="RUN",
+                   help="start from this run's best weights (same network and spectrogram), e.g. to "
+                        "fine-tune on a dataset with more songs; default: random weights")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return")
     add_common_args(p, SERVICE)
     p.set_defaults(func=cmd_train)

@@ -69,7 +69,9 @@ def validate_train(data: DataRoot, params: dict) -> dict:
     for key in ("epochs", "patience", "batch_size", "steps_per_epoch"):
         if int(params[key]) < 1:
             raise InvalidArgumentError(f"{key} must be positive, got {params[key]}")
-    trainer.split_overrides(params["preset"], params.get("overrides"))
+    config, _ = trainer.split_overrides(params["preset"], params.get("overrides"))
+    if params.get("init_from"):
+        trainer.check_init_from(existing_run(data, params["init_from"]), config)
     _manifest(data, params)
     return params
 
@@ -139,7 +141,9 @@ class TrainingJobs:
             run_dir(self.data, params["run_id"]), _manifest(self.data, params), self.data.root,
             preset=params["preset"], overrides=params.get("overrides"), epochs=int(params["epochs"]),
             patience=int(params["patience"]), seed=int(params["seed"]), steps_per_epoch=int(params["steps_per_epoch"]),
-            batch_size=int(params["batch_size"]), **self._callbacks(ctx))
+            batch_size=int(params["batch_size"]),
+            init_from=existing_run(self.data, params["init_from"]) if params.get("init_from") else None,
+            **self._callbacks(ctx))
         return {k: v for k, v in result.items() if k != "history"}
 
     def resume(self, ctx: Any, params: dict) -> dict:

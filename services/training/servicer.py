@@ -33,6 +33,8 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         }
         if request.run_id:
             params["run_id"] = request.run_id
+        if request.init_from:
+            params["init_from"] = request.init_from
         params = jobs.validate_train(self.svc.data, params)
         return self.svc.submit(jobs.TRAIN, params)
 

@@ -260,12 +260,14 @@ def train_run(
     progress: Progress | None = None,
     should_stop: ShouldStop | None = None,
     changes: dict[str, Any] | None = None,
+    init_from: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Train (or continue) the run in `run_dir`; returns a summary of where it stands.
 
     A folder that already holds a run continues it from its last checkpoint: its own config, seed
     and dataset are kept (the dataset must be unchanged); `epochs` and `patience` may grow, and
     `changes` may set RESUME_KEYS from now on (recorded in run.yaml under `changes`).
+    `init_from`: a run folder whose best weights start a new run (see `check_init_from`).
     `progress(done_steps, total_steps, message, **metrics)` gets epoch, step, loss, val_loss,
     steps_per_second and eta_seconds. `should_stop()` returning true checkpoints and stops within a
     step. The result's "state" is "completed", "early_stopped" or "cancelled".
@@ -299,6 +301,7 @@ def train_run(
         raise FailedPreconditionError(f"run {run_dir.name} does not exist yet: changes apply to a resumed run")
     else:
         config, options = split_overrides(preset, overrides)
+        source = check_init_from(init_from, config) if init_from else None
         info = {
             "run_id": run_dir.name, "state": "created", "created": _now(), "preset": preset,
             "overrides": dict(overrides or {}), "config": config_to_dict(config), "options": options.model_dump(),
@@ -307,6 +310,8 @@ def train_run(
             "data_root": str(data_root.resolve()), "seed": seed, "batch_size": batch_size,
             "steps_per_epoch": steps_per_epoch, "code_version": code_version(),
         }
+        if source:
+            info["init_from"] = source
     info.update(epochs=epochs, patience=patience)
     if batch_size % strategy.num_replicas_in_sync:
         raise InvalidArgumentError(f"batch_size {batch_size} must be a multiple of the "
@@ -350,6 +355,11 @@ def train_run(
                 checkpoint.restore(manager.latest_checkpoint).expect_partial()
             log.info("resumed %s from %s (epoch %d, step %d)", run_dir.name, manager.latest_checkpoint,
                      int(state.epoch.numpy()), int(state.step_in_epoch.numpy()))
+        elif info.get("init_from"):  # a new run (no checkpoint yet) starts from another run's weights
+            with _TF_TURN:
+                network.load_weights(info["init_from"]["weights"])
+            log.info("%s starts from the weights of %s (epoch %s)", run_dir.name, info["init_from"]["run_id"],
+                     info["init_from"]["best_epoch"])
         if changes and "learning_rate" in changes:
             optimizer.learning_rate = config.learning_rate
             state.lr_changed_epoch.assign(state.epoch)
@@ -544,6 +554,34 @@ def _scalar_summary(tag: str, value: float) -> None:
     metadata = summary_pb2.SummaryMetadata()
     metadata.plugin_data.plugin_name = "scalars"
     tf.summary.write(tag, tf.constant(value, tf.float32), metadata=metadata.SerializeToString())
+
+
+# What may differ between a run and the run whose weights start it: how it trains and how the
+# mask is applied. Everything else shapes the weights or what they mean (the spectrogram).
+INIT_FREE_KEYS = ("learning_rate", "dropout", "batch_norm_momentum", "mask_exponent", "chunk_overlap",
+                  "inference_batch")
+
+
+def check_init_from(source_dir: str | os.PathLike, config: ModelConfig) -> dict[str, Any]:
+    """What run.yaml records of a run whose best weights start a new one with `config`.
+
+    Raises FailedPreconditionError when the source has no best weights yet or another network or
+    spectrogram (the differing keys named). The weights are read when the new run starts; their
+    checksum is recorded, as the source's best weights may change if it trains on.
+    """
+    source_dir = Path(source_dir)
+    info = read_run(source_dir)
+    weights = source_dir / BEST_WEIGHTS
+    if not weights.is_file():
+        raise FailedPreconditionError(f"run {source_dir.name} has no best weights yet (no epoch finished)")
+    theirs, ours = info["config"], config_to_dict(config)
+    differ = sorted(k for k in ours if k not in INIT_FREE_KEYS and theirs.get(k) != ours[k])
+    if differ:
+        raise FailedPreconditionError(
+            f"run {source_dir.name} has another network or spectrogram: "
+            + ", ".join(f"{k} {theirs.get(k)} there, {ours[k]} here" for k in differ))
+    return {"run_id": source_dir.name, "best_epoch": info.get("best_epoch"), "weights": str(weights.resolve()),
+            "sha256": _file_sha256(weights)}
 
 
 def _save_best_weights(network: keras.Model, run_dir: Path) -> None:
