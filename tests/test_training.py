@@ -242,6 +242,33 @@ def test_tiny_preset_trains_and_validation_loss_falls(trained):
     assert (done, total) == (32, 32) and {"epoch", "loss", "val_loss", "steps_per_second", "eta_seconds"} <= set(metrics)
 
 
+def test_run_yaml_follows_the_best_weights_while_training_and_an_export_then_names_their_epoch(dataset, tmp_path):
+    root, manifest = dataset
+    run_dir = tmp_path / "live"
+    seen = []
+
+    def progress(done, total, message, **metrics):
+        if " done: " in message:  # reported after the epoch's files are written
+            info = read_run(run_dir)
+            history = read_history(run_dir)
+            seen.append((info["state"], info["epochs_completed"], info["best_epoch"], history))
+            if info["epochs_completed"] == 2:  # an export while the run trains, as the service's export lane does
+                version = export_run(run_dir, tmp_path / "models", "live")
+                meta = json.loads((tmp_path / "models" / "live" / str(version) / "assets.extra" / "stemlab.json").read_text())
+                seen.append(("export", meta["best_epoch"], meta["best_val_loss"]))
+
+    train_run(run_dir, manifest, root, epochs=3, progress=progress, **FAST)
+    epochs = [s for s in seen if s[0] == "running"]
+    assert [s[1] for s in epochs] == [1, 2, 3]
+    for _, completed, best_epoch, history in epochs:
+        losses = [h["val_loss"] for h in history[:completed]]
+        assert best_epoch == 1 + losses.index(min(losses))
+    exported = next(s for s in seen if s[0] == "export")
+    best_at_two = epochs[1][2]
+    assert exported[1] == best_at_two
+    assert exported[2] == pytest.approx(epochs[1][3][best_at_two - 1]["val_loss"], abs=1e-6)
+
+
 def test_calling_again_resumes_with_epochs_and_history_intact(trained, tmp_path):
     run_dir, first, _ = trained
     # Train a copy further, so the shared run stays as it was for the other tests.
@@ -488,6 +515,7 @@ def test_two_runs_in_one_process_take_turns_and_both_finish(dataset, tmp_path, m
 
     monkeypatch.setattr(tf.train.CheckpointManager, "save", in_turn(tf.train.CheckpointManager.save))
     monkeypatch.setattr(tf.train.Checkpoint, "restore", in_turn(tf.train.Checkpoint.restore))
+    monkeypatch.setattr(trainer, "_save_best_weights", in_turn(trainer._save_best_weights))
     root, manifest = dataset
     results, errors = {}, []
 
@@ -505,9 +533,16 @@ def test_two_runs_in_one_process_take_turns_and_both_finish(dataset, tmp_path, m
         t.join(timeout=300)
     assert not errors, errors
     assert {r["state"] for r in results.values()} == {"completed"} and len(results) == 2
-    # 3 epochs of steps plus a validation pass per epoch, in turns; every save and restore inside one.
-    assert order.count("a") == order.count("b") == 3 * (FAST["steps_per_epoch"] + 1) + 3 + 1
-    assert not any(overlaps) and len(outside_turn) == 2 * (3 + 1) and not any(outside_turn)
+    # 3 epochs of steps plus a validation pass per epoch, a checkpoint save per epoch, the restore,
+    # and a save of the best weights per epoch that beat the ones before: each in a turn of its own.
+    def improving(name):
+        losses = [h["val_loss"] for h in results[name]["history"]]
+        return sum(loss < min(losses[:i], default=np.inf) for i, loss in enumerate(losses))
+
+    for name in ("a", "b"):
+        assert order.count(name) == 3 * (FAST["steps_per_epoch"] + 1) + 3 + 1 + improving(name)
+    assert not any(overlaps) and not any(outside_turn)
+    assert len(outside_turn) == 2 * (3 + 1) + improving("a") + improving("b")
 
 
 def test_cancel_while_decoding_stops_before_training(dataset, tmp_path):

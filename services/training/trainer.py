@@ -472,7 +472,13 @@ def train_run(
                 state.best_val_loss.assign(val_loss)
                 state.best_epoch.assign(epoch)
                 if chief:
-                    _save_best_weights(network, run_dir)
+                    # The weights and run.yaml's record of them change in one turn: an export (in
+                    # its own lane, while this run trains) reads both in its turn, so the exported
+                    # version's provenance names the epoch its weights come from.
+                    info.update(best_epoch=epoch, best_val_loss=val_loss)
+                    with _TF_TURN:
+                        _save_best_weights(network, run_dir)
+                        _write_run(run_dir, {**info, "state": "running", "updated": _now(), "epochs_completed": epoch})
             reduced = _plateau_learning_rate(options, learning_rate, epoch, int(state.best_epoch.numpy()),
                                              int(state.lr_changed_epoch.numpy()))
             if reduced is not None:
@@ -486,6 +492,7 @@ def train_run(
             state.history.assign(json.dumps(history))
             save_checkpoint()
             if chief:
+                _write_run(run_dir, {**info, "state": "running", "updated": _now(), "epochs_completed": epoch})
                 _write_history(run_dir, history)
                 with writer.as_default(step=epoch):
                     _scalar_summary("loss", train_loss)
@@ -620,10 +627,11 @@ def export_run(run_dir: str | os.PathLike, models_root: str | os.PathLike, model
         model_dir = safe_join(models_root, model_name)
     except PathError as e:
         raise InvalidArgumentError(str(e)) from e
-    info = read_run(run_dir)
     # Building, loading and saving the network run TF functions: in turn with the service's
-    # training runs, like their own checkpoint saves (_TF_TURN).
+    # training runs, like their own checkpoint saves (_TF_TURN). run.yaml is read in the same
+    # turn, as a training run updates it with its best weights.
     with _TF_TURN:
+        info = read_run(run_dir)
         network, config = load_best_network(run_dir)
         try:
             config = with_inference_overrides(config, overrides)
