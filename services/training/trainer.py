@@ -77,13 +77,12 @@ _TF_TURN = threading.Lock()
 
 HISTORY_FILE = "history.csv"
 HISTORY_FIELDS = ("epoch", "loss", "val_loss", "seconds", "steps_per_second", "learning_rate")
-# What `resume` may change: how the optimiser steps and what it minimises, never the network or
-# the data it sees.
-# What a resumed run may change. A change of what training optimises or sees (TARGET_KEYS: the
-# loss weighting, the augmentation) starts the best-epoch choice afresh: the loss weighting puts
-# val_loss on another scale, and a stronger augmentation (a fine-tune with an equaliser for
-# unheard timbres, say) raises val_loss on the unaugmented validation chunks of the training
-# fonts, so the old best would be exported for ever and the fine-tune never.
+# What a resumed run may change: how the optimiser steps, what it minimises and how the training
+# chunks are augmented, never the network or the dataset. A change of what training optimises or
+# sees (TARGET_KEYS) starts the best-epoch choice afresh: the loss weighting puts val_loss on
+# another scale, and a stronger augmentation (a fine-tune with an equaliser for unheard timbres,
+# say) raises val_loss on the unaugmented validation chunks of the training fonts, so the old best
+# would be exported for ever and the fine-tune never.
 TARGET_KEYS = ("loss_peak_power", "augment_gain_db", "remix_probability", "augment_eq_db")
 RESUME_KEYS = ("learning_rate", "lr_plateau_patience", "lr_plateau_factor", "min_learning_rate", *TARGET_KEYS)
 
@@ -356,7 +355,8 @@ def train_run(
             log.info("resumed %s from %s (epoch %d, step %d)", run_dir.name, manager.latest_checkpoint,
                      int(state.epoch.numpy()), int(state.step_in_epoch.numpy()))
         elif info.get("init_from"):  # a new run (no checkpoint yet) starts from another run's weights
-            with _TF_TURN:
+            with _TF_TURN:  # a source still training saves its best weights in its turns
+                info["init_from"]["sha256"] = _file_sha256(Path(info["init_from"]["weights"]))
                 network.load_weights(info["init_from"]["weights"])
             log.info("%s starts from the weights of %s (epoch %s)", run_dir.name, info["init_from"]["run_id"],
                      info["init_from"]["best_epoch"])
@@ -573,8 +573,8 @@ def check_init_from(source_dir: str | os.PathLike, config: ModelConfig) -> dict[
     """What run.yaml records of a run whose best weights start a new one with `config`.
 
     Raises FailedPreconditionError when the source has no best weights yet or another network or
-    spectrogram (the differing keys named). The weights are read when the new run starts; their
-    checksum is recorded, as the source's best weights may change if it trains on.
+    spectrogram (the differing keys named). The weights are read when the new run starts, and
+    the checksum of what was read is recorded, as the source's best weights change if it trains on.
     """
     source_dir = Path(source_dir)
     info = read_run(source_dir)
@@ -587,8 +587,7 @@ def check_init_from(source_dir: str | os.PathLike, config: ModelConfig) -> dict[
         raise FailedPreconditionError(
             f"run {source_dir.name} has another network or spectrogram: "
             + ", ".join(f"{k} {theirs.get(k)} there, {ours[k]} here" for k in differ))
-    return {"run_id": source_dir.name, "best_epoch": info.get("best_epoch"), "weights": str(weights.resolve()),
-            "sha256": _file_sha256(weights)}
+    return {"run_id": source_dir.name, "best_epoch": info.get("best_epoch"), "weights": str(weights.resolve())}
 
 
 def _save_best_weights(network: keras.Model, run_dir: Path) -> None:
