@@ -43,6 +43,7 @@ from tensorflow.core.framework import summary_pb2
 
 from model.checkpoint import BEST_WEIGHTS, RUN_FILE, load_best_network, read_run
 from model.config import (
+    INFERENCE_KEYS,
     ConfigError,
     ModelConfig,
     config_from_dict,
@@ -468,17 +469,11 @@ def train_run(
             history.append({"epoch": epoch, "loss": round(train_loss, 6), "val_loss": round(val_loss, 6),
                             "seconds": round(seconds, 3), "steps_per_second": round((steps_per_epoch - skip) / seconds, 3),
                             "learning_rate": float(f"{learning_rate:.6g}")})  # 4.5e-05, not 4.4999999999999996e-05
-            if val_loss < float(state.best_val_loss.numpy()):
+            improved = val_loss < float(state.best_val_loss.numpy())
+            if improved:
                 state.best_val_loss.assign(val_loss)
                 state.best_epoch.assign(epoch)
-                if chief:
-                    # The weights and run.yaml's record of them change in one turn: an export (in
-                    # its own lane, while this run trains) reads both in its turn, so the exported
-                    # version's provenance names the epoch its weights come from.
-                    info.update(best_epoch=epoch, best_val_loss=val_loss)
-                    with _TF_TURN:
-                        _save_best_weights(network, run_dir)
-                        _write_run(run_dir, {**info, "state": "running", "updated": _now(), "epochs_completed": epoch})
+                info.update(best_epoch=epoch, best_val_loss=val_loss)
             reduced = _plateau_learning_rate(options, learning_rate, epoch, int(state.best_epoch.numpy()),
                                              int(state.lr_changed_epoch.numpy()))
             if reduced is not None:
@@ -492,7 +487,13 @@ def train_run(
             state.history.assign(json.dumps(history))
             save_checkpoint()
             if chief:
-                _write_run(run_dir, {**info, "state": "running", "updated": _now(), "epochs_completed": epoch})
+                # The best weights and run.yaml's record of them change in one turn: an export (in
+                # its own lane, while this run trains) reads both in its turn, so the exported
+                # version's provenance names the epoch its weights come from.
+                with _TF_TURN:
+                    if improved:
+                        _save_best_weights(network, run_dir)
+                    _write_run(run_dir, {**info, "state": "running", "updated": _now(), "epochs_completed": epoch})
                 _write_history(run_dir, history)
                 with writer.as_default(step=epoch):
                     _scalar_summary("loss", train_loss)
@@ -565,8 +566,7 @@ def _scalar_summary(tag: str, value: float) -> None:
 
 # What may differ between a run and the run whose weights start it: how it trains and how the
 # mask is applied. Everything else shapes the weights or what they mean (the spectrogram).
-INIT_FREE_KEYS = ("learning_rate", "dropout", "batch_norm_momentum", "mask_exponent", "chunk_overlap",
-                  "inference_batch")
+INIT_FREE_KEYS = ("learning_rate", "dropout", "batch_norm_momentum", *INFERENCE_KEYS)
 
 
 def check_init_from(source_dir: str | os.PathLike, config: ModelConfig) -> dict[str, Any]:
