@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 
 import numpy as np
 import pytest
@@ -102,6 +103,14 @@ def test_a_track_marked_bleed_after_mixing_is_left_out_in_a_new_version(tmp_path
     result = build_dataset(tmp_path, "g22", "guitar", RATE, workers=1)
     assert result["created"] and result["version"] == 2 and result["pairs"] == 2
     assert result["left_out"] == [{"track": "Synth01", "reason": "not usable for guitar now (marked bleed)"}]
+
+
+def test_a_track_removed_from_the_library_after_mixing_is_left_out(tmp_path):
+    _library(tmp_path, synthetic=3, solo=0)
+    shutil.rmtree(Library(tmp_path).track_dir("Synth02"))  # its mix stays behind
+    result = build_dataset(tmp_path, "g22", "guitar", RATE, workers=1)
+    assert result["created"] and result["pairs"] == 2
+    assert result["left_out"] == [{"track": "Synth02", "reason": "no longer in the library"}]
 
 
 def test_a_silence_adjusted_dataset_leaves_out_discarded_tracks(tmp_path):

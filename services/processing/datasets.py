@@ -17,7 +17,7 @@ from pathlib import Path
 
 from services.common.audio import audio_info
 from services.common.errors import FailedPreconditionError, InvalidArgumentError
-from services.common.library import SOURCES, Library, LibraryError
+from services.common.library import SOURCES, Library, LibraryError, TrackNotFoundError
 from services.common.manifest import Manifest, Pair, publish_manifest, validate_dataset_name
 from services.common.paths import DataRoot
 from services.processing.mixing import MIXING_VERSION, stem_roles, stems_fingerprint
@@ -142,7 +142,7 @@ def build_dataset(data_root: str | Path, name: str, instrument: str, rate_hz: in
             continue
         try:
             track = library.load(track_id)
-        except LibraryError:
+        except (LibraryError, TrackNotFoundError):  # removed (or unreadable) since it was mixed
             left_out.append({"track": track_id, "reason": "no longer in the library"})
             continue
         if not track.usable_for(instrument, include_unchecked=include_unchecked, ignore_marks=ignore_marks):
