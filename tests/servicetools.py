@@ -46,7 +46,7 @@ class ServiceProcess:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self) -> ServiceProcess:
+    def _spawn(self) -> None:
         self.data_root.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "STEMLAB_DATA": str(self.data_root),
                f"STEMLAB_{self.name.upper()}_PORT": str(self.port),
@@ -56,6 +56,17 @@ class ServiceProcess:
         self.proc = subprocess.Popen([sys.executable, "-m", self.module], cwd=REPO, env=env,
                                      stdout=log, stderr=subprocess.STDOUT)
         log.close()
+
+    def run_to_exit(self, timeout: float = 30.0) -> int:
+        """Start the process and wait for it to exit by itself (a start that must fail); its exit code."""
+        self._spawn()
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.kill()
+
+    def start(self) -> ServiceProcess:
+        self._spawn()
         deadline = time.time() + self.startup_timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:

@@ -179,6 +179,35 @@ def test_sigterm_turns_health_not_serving_and_exits_cleanly(tmp_path):
         assert job.state == jobs_pb2.FAILED and job.error.startswith("interrupted")
 
 
+def test_a_second_copy_on_the_same_data_root_or_port_refuses_to_start_and_the_first_keeps_its_job(tmp_path):
+    with ServiceProcess("ingestion", tmp_path / "data", module=DEMO) as first:
+        ch = first.channel()
+        job_id = submit(ch, "demo.count", steps=150, seconds_per_step=0.1)
+        jobs = jobs_pb2_grpc.JobsStub(ch)
+        assert wait_for_state(jobs, job_id, jobs_pb2.RUNNING)
+        # Same data root, another port: it must not take the running job for a dead one.
+        same_root = ServiceProcess("ingestion", tmp_path / "data", module=DEMO)
+        assert same_root.run_to_exit() == 1
+        assert f"run by another process (pid {first.proc.pid})" in same_root.log()
+        # Another data root, the same port: it must not share the port (gRPC would, by default).
+        same_port = ServiceProcess("ingestion", tmp_path / "other", port=first.port, module=DEMO)
+        assert same_port.run_to_exit() == 1
+        assert f"cannot listen on port {first.port}" in same_port.log()
+        assert jobs.GetJob(jobs_pb2.GetJobRequest(id=job_id)).state == jobs_pb2.RUNNING
+        done = wait_job(ch, job_id)
+        assert done.state == jobs_pb2.SUCCEEDED, done.error
+        assert health_status(first.address) == health_pb2.HealthCheckResponse.SERVING
+
+
+def wait_for_state(jobs, job_id: str, state: int, timeout: float = 10.0) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if jobs.GetJob(jobs_pb2.GetJobRequest(id=job_id)).state == state:
+            return True
+        time.sleep(0.05)
+    return False
+
+
 @pytest.mark.parametrize("wind_down", [0.5, 5.0])
 def test_a_job_cancelled_just_before_a_shutdown_stays_cancelled(tmp_path, wind_down):
     """Within the grace period or past it, a job the user cancelled is CANCELLED, never

@@ -7,13 +7,17 @@ progress with `ctx.progress(done, total, message, **metrics)` and stops cooperat
 Every state change is written to SQLite at once; progress is written at most every
 `PROGRESS_WRITE_SECONDS` (watchers in this process still see every update), so a busy job
 does not hammer the disk. A job found RUNNING when the store is opened belonged to a process
-that died: it is marked FAILED with the error "interrupted".
+that died: it is marked FAILED with the error "interrupted". A service claims its store first
+(`JobStore.claim`, an exclusive lock the kernel drops when the process dies), so a second copy
+of it cannot take the first one's running jobs for a dead process's.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -33,6 +37,10 @@ STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 PROGRESS_WRITE_SECONDS = 0.5
 INTERRUPTED = "interrupted"
+
+
+class StoreInUseError(RuntimeError):
+    """Another process runs the jobs of this store (a second copy of a service on one data root)."""
 
 
 class JobCancelled(Exception):
@@ -98,6 +106,7 @@ class JobStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        self._owner_fd: int | None = None
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         with self._lock:
@@ -108,6 +117,30 @@ class JobStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            if self._owner_fd is not None:
+                os.close(self._owner_fd)  # releases the claim
+                self._owner_fd = None
+
+    def claim(self) -> None:
+        """Become the one process that runs this store's jobs, or raise StoreInUseError.
+
+        A second copy of a service on the same data root would otherwise take the first one's
+        running jobs for those of a dead process, mark them interrupted, and (training) resume
+        the same run twice.
+        """
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise StoreInUseError(f"the jobs in {self.path} are run by another process (pid {owner}); "
+                                  "is this service already running on this data root?") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        with self._lock:
+            self._owner_fd = fd
 
     @staticmethod
     def _record(row: sqlite3.Row) -> JobRecord:

@@ -201,6 +201,7 @@ class Service:
         self.settings = self.config.service(name)
         self.data = DataRoot(self.config.data_root).ensure()
         self.store = jobstore.JobStore(self.data.jobs / f"{name}.sqlite")
+        self.store.claim()  # before the runner marks "running" jobs interrupted: they may be another copy's
         self.runner = jobstore.JobRunner(self.store, name, workers=self.settings.workers, data=self.data)
         self._servicers: list[tuple[Callable, Any, str]] = []
         self._stopped = threading.Event()
@@ -221,6 +222,10 @@ class Service:
         options = [
             ("grpc.max_send_message_length", self.config.max_message_bytes),
             ("grpc.max_receive_message_length", self.config.max_message_bytes),
+            # gRPC shares a port between processes by default: a second copy of a service would
+            # start "fine" and take half of the calls, and a job's watcher could land on the copy
+            # that does not run it. One process per port, or a clear "cannot listen".
+            ("grpc.so_reuseport", 0),
         ]
         # Streams (WatchJob) hold a thread each; leave room for many watchers.
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=options)
@@ -234,9 +239,12 @@ class Service:
             [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             self.server)
         port = self.settings.port if port is None else port
-        bound = self.server.add_insecure_port(f"{self.config.bind_host}:{port}")
+        try:
+            bound = self.server.add_insecure_port(f"{self.config.bind_host}:{port}")
+        except RuntimeError:  # newer grpcio raises where older returned 0
+            bound = 0
         if bound == 0:
-            raise RuntimeError(f"{self.name}: cannot listen on port {port}")
+            raise RuntimeError(f"{self.name}: cannot listen on port {port} (in use by another process?)")
         self.server.start()
         self.runner.start()
         for n in ["", *names]:

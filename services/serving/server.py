@@ -81,7 +81,8 @@ class ModelServer:
         args = self.args
         if args.port:
             max_bytes = args.grpc_max_message_mb * 1024 * 1024
-            options = [("grpc.max_receive_message_length", max_bytes), ("grpc.max_send_message_length", max_bytes)]
+            options = [("grpc.max_receive_message_length", max_bytes), ("grpc.max_send_message_length", max_bytes),
+                       ("grpc.so_reuseport", 0)]  # one server per port: a second copy fails to bind
             self.grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=args.grpc_max_threads), options=options)
             prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
                 PredictionServicer(self.registry), self.grpc_server)
