@@ -133,7 +133,7 @@ def test_report_files_exist_and_parse(evaluated):
 def test_compare_puts_two_reports_side_by_side(evaluated, tmp_path):
     data, _, summary, _ = evaluated
     worse = evaluate_dataset(data, HalfMix(), "evalset", settings=EvaluationSettings(
-        baselines=("mixture",), workers=1, max_tracks=2, plot_tracks=0))
+        baselines=("mixture",), workers=1, max_tracks=3, plot_tracks=0))
     a = report.load_report(data.evaluations, summary["report_id"])
     b = report.load_report(data.evaluations, worse["report_id"])
     cmp = report.compare_reports(a, b)
@@ -142,6 +142,26 @@ def test_compare_puts_two_reports_side_by_side(evaluated, tmp_path):
     assert row["delta"] == pytest.approx(row["b"] - row["a"]) and row["delta"] < -30
     assert "| model | whole | instrument | SDR |" in cmp["markdown"]
     assert any("scored tracks" in w for w in cmp["warnings"])
+    # Per track, over the songs both scored: half the mix loses on each of them.
+    paired = cmp["paired"]
+    scored_a, scored_b = ([t["track"] for t in doc["tracks"] if t["status"] == "scored"] for doc in (a, b))
+    assert len(scored_b) == 2 and set(scored_b) < set(scored_a)
+    assert (paired["tracks"], paired["only_a"], paired["only_b"]) == (2, len(scored_a) - 2, 0)
+    sdr = next(r for r in paired["rows"] if (r["method"], r["source"], r["metric"]) == ("model", "instrument", "sdr"))
+    per_track = [_whole(b, t, "model", "sdr") - _whole(a, t, "model", "sdr") for t in scored_b]
+    assert sdr["median"] == pytest.approx(np.median(per_track)) and sdr["mean"] == pytest.approx(np.mean(per_track))
+    assert (sdr["tracks"], sdr["better"], sdr["worse"]) == (2, 0, 2) and sdr["median"] < -30
+    assert "| model | instrument | SDR |" in cmp["markdown"] and "0 of 2 | 2 of 2 |" in cmp["markdown"]
+    # The mixture baseline is the same on both: listed in the data, left out of the table.
+    mixture = next(r for r in paired["rows"] if (r["method"], r["source"], r["metric"]) == ("mixture", "instrument", "sdr"))
+    assert (mixture["better"], mixture["worse"], mixture["median"]) == (0, 0, 0.0)
+    assert "| mixture | instrument |" not in cmp["markdown"]
+    assert any("only one report" in w for w in cmp["warnings"])
+
+
+def _whole(doc: dict, track: str, method: str, metric: str) -> float:
+    entry = next(t for t in doc["tracks"] if t["track"] == track)
+    return float(entry["methods"][method]["whole"]["instrument"][metric])
 
 
 def test_bad_requests_raise_clear_errors(tmp_path):

@@ -300,11 +300,46 @@ def compare_reports(a: dict, b: dict) -> dict:
                     rows.append({"method": method, "kind": kind, "source": source, "metric": value,
                                  "a": va, "b": vb, "delta": vb - va if math.isfinite(va) and math.isfinite(vb)
                                  else math.nan})
+    paired = paired_differences(a, b)
+    if paired["only_a"] or paired["only_b"]:
+        warnings.append(f"{paired['only_a'] + paired['only_b']} tracks scored in only one report are left out "
+                        "of the per-track differences")
     result = {"a": {"id": a["id"], "label": model_label(a)}, "b": {"id": b["id"], "label": model_label(b)},
-              "rows": rows, "warnings": warnings}
+              "rows": rows, "paired": paired, "warnings": warnings}
     result = json_safe(result)
     result["markdown"] = render_comparison(result)
     return result
+
+
+def _scored(doc: dict) -> dict[str, dict]:
+    return {t["track"]: t.get("methods", {}) for t in doc.get("tracks", []) if t.get("status") == "scored"}
+
+
+def paired_differences(a: dict, b: dict) -> dict:
+    """Per-track B − A of the whole-track metrics, over the tracks both reports scored.
+
+    Two medians can differ because of a few tracks, or be equal while most tracks moved; the
+    median and mean of the per-track differences, and on how many tracks B is ahead, say which.
+    rows: one per (method, source, metric) with a finite value in both reports for some track.
+    """
+    ta, tb = _scored(a), _scored(b)
+    common = sorted(set(ta) & set(tb))
+    methods = [m for m in METHOD_ORDER if any(m in ta[t] and m in tb[t] for t in common)]
+    rows = []
+    for method in methods:
+        for source in SOURCES:
+            for metric in METRICS:
+                diffs = []
+                for track in common:
+                    va, vb = (number(((side[track].get(method) or {}).get("whole") or {}).get(source, {}).get(metric))
+                              for side in (ta, tb))
+                    if math.isfinite(va) and math.isfinite(vb):
+                        diffs.append(vb - va)
+                if diffs:
+                    rows.append({"method": method, "source": source, "metric": metric, "tracks": len(diffs),
+                                 "median": float(np.median(diffs)), "mean": float(np.mean(diffs)),
+                                 "better": sum(d > 0 for d in diffs), "worse": sum(d < 0 for d in diffs)})
+    return {"tracks": len(common), "only_a": len(set(ta) - set(tb)), "only_b": len(set(tb) - set(ta)), "rows": rows}
 
 
 def render_comparison(cmp: dict) -> str:
@@ -317,4 +352,17 @@ def render_comparison(cmp: dict) -> str:
     if cmp["warnings"]:
         lines.append("")
     lines.append(_md_table(head, rows))
+    paired = cmp.get("paired") or {}
+    # Rows where no track moved (a baseline scored twice on the same songs) say nothing.
+    moved = [r for r in paired.get("rows", []) if r["better"] or r["worse"]]
+    if moved:
+        lines += ["", f"Per track, B − A over the {paired['tracks']} tracks both reports scored (whole track):", ""]
+        lines.append(_md_table(
+            ["Method", "Source", "Metric", "Median", "Mean", "B ahead", "B behind"],
+            [[r["method"], r["source"], r["metric"].upper(), _signed(r["median"]), _signed(r["mean"]),
+              f"{r['better']} of {r['tracks']}", f"{r['worse']} of {r['tracks']}"] for r in moved]))
     return "\n".join(lines) + "\n"
+
+
+def _signed(value: float) -> str:
+    return ("+" if value > 0 else "") + fmt(value)
