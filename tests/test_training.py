@@ -19,7 +19,7 @@ import yaml
 
 from model.config import make_config
 from model.separate import separate_waveform
-from services.common.errors import InvalidArgumentError
+from services.common.errors import FailedPreconditionError, InvalidArgumentError
 from services.common.manifest import Manifest, Pair
 from services.training import data
 from services.training.trainer import (
@@ -543,6 +543,18 @@ def test_two_runs_in_one_process_take_turns_and_both_finish(dataset, tmp_path, m
     assert order.count("a") == order.count("b") == 3 * (FAST["steps_per_epoch"] + 1) + 3 + 1 + 3
     assert not any(overlaps) and not any(outside_turn)
     assert len(outside_turn) == 2 * (3 + 1) + improving("a") + improving("b")
+
+
+def test_a_run_folder_in_training_refuses_a_second_trainer_and_is_free_again_after(dataset, tmp_path):
+    from services.training import trainer
+
+    root, manifest = dataset
+    run_dir = tmp_path / "held"
+    held = trainer._lock_run(run_dir)  # as a trainer holds it for the whole run
+    with pytest.raises(FailedPreconditionError, match=f"being trained by another process \\(pid {os.getpid()}\\)"):
+        train_run(run_dir, manifest, root, epochs=1, **FAST)
+    held.release()
+    assert train_run(run_dir, manifest, root, epochs=1, **FAST)["state"] == "completed"
 
 
 def test_cancel_while_decoding_stops_before_training(dataset, tmp_path):

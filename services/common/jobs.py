@@ -14,10 +14,8 @@ of it cannot take the first one's running jobs for a dead process's.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
-import os
 import queue
 import sqlite3
 import threading
@@ -29,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from services.common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from services.common.paths import ExclusiveLock, LockHeldError
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +105,7 @@ class JobStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._owner_fd: int | None = None
+        self._claim: ExclusiveLock | None = None
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         with self._lock:
@@ -117,9 +116,9 @@ class JobStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
-            if self._owner_fd is not None:
-                os.close(self._owner_fd)  # releases the claim
-                self._owner_fd = None
+            if self._claim is not None:
+                self._claim.release()
+                self._claim = None
 
     def claim(self) -> None:
         """Become the one process that runs this store's jobs, or raise StoreInUseError.
@@ -128,19 +127,13 @@ class JobStore:
         running jobs for those of a dead process, mark them interrupted, and (training) resume
         the same run twice.
         """
-        lock_path = self.path.with_name(self.path.name + ".lock")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise StoreInUseError(f"the jobs in {self.path} are run by another process (pid {owner}); "
+            claim = ExclusiveLock(self.path.with_name(self.path.name + ".lock"))
+        except LockHeldError as e:
+            raise StoreInUseError(f"the jobs in {self.path} are run by another process (pid {e.owner}); "
                                   "is this service already running on this data root?") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         with self._lock:
-            self._owner_fd = fd
+            self._claim = claim
 
     @staticmethod
     def _record(row: sqlite3.Row) -> JobRecord:

@@ -8,6 +8,7 @@ looks. `safe_join` keeps names that come from metadata or requests inside the da
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import tempfile
@@ -102,6 +103,41 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+class LockHeldError(RuntimeError):
+    """Another process (or another open in this one) holds the lock; `owner` is its pid as written."""
+
+    def __init__(self, path: Path, owner: str):
+        super().__init__(f"{path} is locked by pid {owner}")
+        self.owner = owner
+
+
+class ExclusiveLock:
+    """An exclusive lock on `path`, held until `release()`; raises LockHeldError if taken.
+
+    flock: the kernel drops it when the holder dies, even by kill -9, so a crash never leaves a
+    stale lock. The file holds the holder's pid, for the message of whoever is refused.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise LockHeldError(path, owner) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the only descriptor drops the flock
+            self._fd = None
 
 
 class DataRoot:

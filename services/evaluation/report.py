@@ -345,7 +345,7 @@ def paired_differences(a: dict, b: dict) -> dict:
 def render_comparison(cmp: dict) -> str:
     head = ["Method", "Kind", "Source", "Metric", f"A: {cmp['a']['label']}", f"B: {cmp['b']['label']}", "B − A"]
     rows = [[r["method"], r["kind"], r["source"], r["metric"].upper(), fmt(r["a"]), fmt(r["b"]),
-             ("+" if isinstance(r["delta"], float) and r["delta"] > 0 else "") + fmt(r["delta"])]
+             _signed(r["delta"])]
             for r in cmp["rows"]]
     lines = [f"A = {cmp['a']['id']}, B = {cmp['b']['id']}", ""]
     lines += [f"> warning: {w}" for w in cmp["warnings"]]
@@ -364,5 +364,6 @@ def render_comparison(cmp: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _signed(value: float) -> str:
-    return ("+" if value > 0 else "") + fmt(value)
+def _signed(value) -> str:
+    """A difference with its sign; None (no value) and "inf" strings as fmt writes them."""
+    return ("+" if isinstance(value, float) and value > 0 else "") + fmt(value)

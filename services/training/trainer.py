@@ -17,7 +17,6 @@ Keras 3; the same loop serves the default strategy (CPU or one GPU) and Mirrored
 from __future__ import annotations
 
 import csv
-import fcntl
 import hashlib
 import io
 import json
@@ -57,7 +56,7 @@ from model.network import build_network
 from services.common.config import first_error
 from services.common.errors import FailedPreconditionError, InvalidArgumentError
 from services.common.manifest import load_manifest
-from services.common.paths import PathError, atomic_write_text, safe_join
+from services.common.paths import ExclusiveLock, LockHeldError, PathError, atomic_write_text, safe_join
 from services.training import data
 
 log = logging.getLogger(__name__)
@@ -207,21 +206,12 @@ def _write_history(run_dir: Path, history: list[dict[str, float]]) -> None:
     atomic_write_text(run_dir / HISTORY_FILE, out.getvalue())
 
 
-class _RunLock:
-    """An exclusive lock on a run folder (flock: the kernel drops it when the process dies, even by kill -9)."""
-
-    def __init__(self, run_dir: Path):
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(run_dir / ".lock", "a+")  # noqa: SIM115 - held for the whole run
-        try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._file.close()
-            raise FailedPreconditionError(f"run {run_dir.name} is being trained by another process") from None
-
-    def release(self) -> None:
-        fcntl.flock(self._file, fcntl.LOCK_UN)
-        self._file.close()
+def _lock_run(run_dir: Path) -> ExclusiveLock:
+    """One trainer per run folder, or checkpoints clash."""
+    try:
+        return ExclusiveLock(run_dir / ".lock")
+    except LockHeldError as e:
+        raise FailedPreconditionError(f"run {run_dir.name} is being trained by another process (pid {e.owner})") from None
 
 
 class _State:
@@ -316,7 +306,7 @@ def train_run(
     if batch_size % strategy.num_replicas_in_sync:
         raise InvalidArgumentError(f"batch_size {batch_size} must be a multiple of the "
                                    f"{strategy.num_replicas_in_sync} replicas")
-    lock = _RunLock(run_dir) if chief else None  # one trainer per run folder, or checkpoints clash
+    lock = _lock_run(run_dir) if chief else None
     try:
         if chief:
             _write_run(run_dir, {**info, "state": "running", "updated": _now()})
