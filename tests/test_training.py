@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -205,6 +206,30 @@ def test_audio_is_decoded_once_and_then_memory_mapped(dataset, tmp_path, monkeyp
     assert len(calls) == 16  # second load reads the cache
     assert isinstance(again["train"][0].instrument, np.memmap)
     np.testing.assert_array_equal(again["train"][0].instrument, tracks["train"][0].instrument)
+
+
+def _mapped_files_under(folder: Path) -> set[str]:
+    """Files under `folder` this process has memory-mapped (Linux: /proc/self/maps)."""
+    prefix = str(folder.resolve())
+    lines = Path("/proc/self/maps").read_text().splitlines()
+    return {line.split(maxsplit=5)[-1] for line in lines if prefix in line}
+
+
+def test_a_run_that_ends_leaves_none_of_its_decoded_audio_mapped(tmp_path):
+    # A training service runs many jobs in one process: each run's decoded pairs must be unmapped
+    # when it ends, or deleting DATA/cache never frees the disk and memory grows run after run.
+    root = tmp_path / "data"
+    manifest = make_dataset(root)
+    cache = data.decoded_cache_dir(root)
+    done = [0]  # cancelled in the middle of its first epoch, while the input pipeline prefetches
+    cancelled = train_run(tmp_path / "cancelled", manifest, root, epochs=2,
+                          progress=lambda steps, *a, **kw: done.append(steps), should_stop=lambda: done[-1] >= 3, **FAST)
+    assert cancelled["state"] == "cancelled" and cancelled["epochs_completed"] == 0
+    assert len(list(cache.glob("*.npy"))) == 16
+    completed = train_run(tmp_path / "completed", manifest, root, epochs=1, **FAST)
+    assert completed["state"] == "completed"
+    gc.collect()
+    assert _mapped_files_under(cache) == set()
 
 
 def test_a_dataset_at_another_rate_is_refused(dataset):

@@ -176,6 +176,15 @@ class ChunkSampler:
         self.frequencies_hz = np.fft.rfftfreq(segment_samples, 1.0 / rate_hz)
         self.track_probability = self._track_probabilities(tracks, source_weights)
 
+    def release(self) -> None:
+        """Drop the tracks, and with them their memory maps of DATA/cache/decoded.
+
+        TensorFlow keeps the generator of every `training_dataset` (and so this sampler) alive for
+        the life of the process; without this a training service would hold every finished run's
+        decoded audio mapped, and a deleted cache's disk space would never come back.
+        """
+        self.tracks = []
+
     @staticmethod
     def _track_probabilities(tracks: list[TrackAudio], source_weights: dict[str, float]) -> np.ndarray:
         """P(track) = P(source) x share of the source's samples; sources without a weight get none,
@@ -225,6 +234,8 @@ def training_segments(sampler: ChunkSampler, seed: int, epoch: int, steps: int, 
     """Batches (instrument, rest) (batch, segment_samples) for steps skip_steps..steps-1 of `epoch`."""
     rng = epoch_rng(seed, epoch, worker)
     for step in range(steps):
+        if not sampler.tracks:  # released: the run has ended (a prefetch may still be asking)
+            return
         segments = sampler.draw(rng, batch)
         if step >= skip_steps:
             yield segments

@@ -307,6 +307,7 @@ def train_run(
         raise InvalidArgumentError(f"batch_size {batch_size} must be a multiple of the "
                                    f"{strategy.num_replicas_in_sync} replicas")
     lock = _lock_run(run_dir) if chief else None
+    sampler = None
     try:
         if chief:
             _write_run(run_dir, {**info, "state": "running", "updated": _now()})
@@ -515,6 +516,8 @@ def train_run(
             _write_run(run_dir, {**info, "state": "failed", "error": f"{type(e).__name__}: {e}", "updated": _now()})
         raise
     finally:
+        if sampler is not None:
+            sampler.release()
         if lock:
             lock.release()
 
