@@ -103,3 +103,18 @@ def read_export_info(version_dir: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise ExportError(f"{version_dir} has no assets.extra/{STEMLAB_ASSET}")
     return json.loads(path.read_text())
+
+
+def load_exported_weights(network: keras.Model, config: ModelConfig, version_dir: str | os.PathLike) -> None:
+    """Set `network`'s weights to an exported version's (built with the same network settings).
+
+    The SavedModel's variables are a checkpoint of `_Separator`, so the same object graph reads
+    them back; a variable missing on either side raises, a silent partial load would not.
+    """
+    prefix = Path(version_dir) / "variables" / "variables"
+    status = tf.train.Checkpoint(_Separator(network, config)).read(str(prefix))
+    try:
+        status.assert_consumed()
+    except AssertionError as e:
+        raise ExportError(f"{version_dir} holds another network's weights: {e}") from e
+

@@ -461,6 +461,61 @@ def test_the_service_checks_init_from_when_the_job_is_asked_for(dataset, trained
         jobs.validate_train(data, {**asked, "init_from": "tiny-source", "overrides": {"hourglass_filters": 12}})
 
 
+def test_a_new_run_can_start_from_an_exported_model(dataset, trained, tmp_path):
+    # The shipped models come without their runs: fine-tuning one on your own songs starts from the
+    # SavedModel's variables.
+    from services.common.errors import FailedPreconditionError
+    from services.training.trainer import check_init_from
+
+    root, manifest = dataset
+    source, _, _ = trained
+    version = export_run(source, tmp_path / "models", "synth")
+    exported = tmp_path / "models" / "synth" / str(version)
+    source_weights = [w.numpy() for w in load_best_network(source)[0].trainable_weights]
+
+    warm = tmp_path / "warm"
+    train_run(warm, manifest, root, epochs=1, overrides={"learning_rate": 1e-12}, init_from=exported,
+              **{**FAST, "seed": 11})
+    weights = [w.numpy() for w in load_best_network(warm)[0].trainable_weights]
+    assert max(float(np.max(np.abs(a - b))) for a, b in zip(weights, source_weights, strict=True)) < 1e-6
+    info = read_run(warm)["init_from"]
+    assert (info["model"], info["version"], info["run_id"]) == ("synth", version, "run-a")
+    assert info["best_epoch"] == read_run(source)["best_epoch"] and len(info["sha256"]) == 64
+
+    with pytest.raises(FailedPreconditionError, match=f"model synth version {version} has another network"):
+        train_run(tmp_path / "wider", manifest, root, epochs=1, init_from=exported,
+                  overrides={"hourglass_filters": 12}, **FAST)
+    assert not (tmp_path / "wider").exists()
+    with pytest.raises(FailedPreconditionError, match="neither a training run nor an exported model"):
+        check_init_from(tmp_path / "models" / "synth", split_overrides("tiny", None)[0])
+
+
+def test_the_service_resolves_init_from_model_to_one_version_when_the_job_is_asked_for(dataset, trained, tmp_path):
+    from services.common.errors import InvalidArgumentError, NotFoundError
+    from services.common.paths import DataRoot
+    from services.training import jobs
+
+    root, _ = dataset
+    data = DataRoot(root)
+    for _ in range(2):
+        export_run(trained[0], data.models, "tiny-shipped")
+    asked = {"dataset": "synth", "preset": "tiny", "run_id": "from-model"}
+    # The newest version when none is named, written into the job, so a restarted job starts alike;
+    # with no preset asked for, the source's network.
+    job = jobs.validate_train(data, {"dataset": "synth", "run_id": "from-model", "init_from_model": "tiny-shipped"})
+    assert (job["init_from_model"], job["preset"]) == ("tiny-shipped:2", "tiny")
+    assert jobs.validate_train(data, {"dataset": "synth", "run_id": "x"})["preset"] == "thesis"
+    assert jobs.validate_train(data, {**asked, "init_from_model": "tiny-shipped:1"})["init_from_model"] == "tiny-shipped:1"
+    with pytest.raises(NotFoundError, match="has no version 7 \\(it has 1, 2\\)"):
+        jobs.validate_train(data, {**asked, "init_from_model": "tiny-shipped:7"})
+    with pytest.raises(NotFoundError, match="no exported model 'nothing'"):
+        jobs.validate_train(data, {**asked, "init_from_model": "nothing"})
+    with pytest.raises(InvalidArgumentError, match="invalid model"):
+        jobs.validate_train(data, {**asked, "init_from_model": "../models"})
+    with pytest.raises(InvalidArgumentError, match="not both"):
+        jobs.validate_train(data, {**asked, "init_from_model": "tiny-shipped", "init_from": "run-a"})
+
+
 def test_plateau_rule_reduces_after_patience_epochs_without_a_better_loss():
     from services.training.trainer import TrainingOptions, _plateau_learning_rate
 
@@ -812,5 +867,25 @@ def test_service_trains_resumes_after_a_crash_and_exports(tmp_path):
             with pytest.raises(grpc.RpcError) as e:
                 training.GetRun(training_pb2.GetRunRequest(run_id="../r1"))
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+            # Fine-tuning the exported model: its preset by default; its network must be the new run's.
+            with pytest.raises(grpc.RpcError) as e:
+                training.StartTraining(training_pb2.StartTrainingRequest(dataset="synth", init_from_model="guitar:5"))
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND and "has no version 5" in e.value.details()
+            with pytest.raises(grpc.RpcError) as e:
+                training.StartTraining(training_pb2.StartTrainingRequest(dataset="synth", init_from_model="guitar"))
+            assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "model guitar version 1 has another network" in e.value.details() and "hourglass_filters" in e.value.details()
+            tune = training.StartTraining(training_pb2.StartTrainingRequest(
+                dataset="synth", run_id="r2", init_from_model="guitar", epochs=1, steps_per_epoch=2, batch_size=8,
+                overrides={"hourglass_filters": "6"}))
+            done = _wait_job(job_stub, tune.id, (jobs_pb2.SUCCEEDED, jobs_pb2.FAILED))
+            assert done.state == jobs_pb2.SUCCEEDED, done.error
+            assert done.params["init_from_model"] == "guitar:1" and done.params["preset"] == "tiny"
+            assert read_run(tmp_path / "runs" / "r2")["init_from"]["model"] == "guitar"
+            export = training.ExportModel(training_pb2.ExportModelRequest(run_id="r2", model_name="tuned"))
+            assert _wait_job(job_stub, export.id, (jobs_pb2.SUCCEEDED, jobs_pb2.FAILED)).state == jobs_pb2.SUCCEEDED
+            provenance = json.loads((tmp_path / "models" / "tuned" / "1" / "assets.extra" / "stemlab.json").read_text())
+            assert (provenance["init_from"]["model"], provenance["init_from"]["version"]) == ("guitar", 1)
     finally:
         service.kill()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -29,6 +30,18 @@ _DIR_MODE = 0o777 & ~_umask()
 
 class PathError(ValueError):
     """A path from metadata or a request would leave the folder it must stay in."""
+
+
+# Names of an exported model: "guitar" or "guitar:3".
+_MODEL_REF = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]{0,63})(?::(\d+))?$")
+
+
+def parse_model_ref(text: str) -> tuple[str, int | None]:
+    """"guitar" -> ("guitar", None); "guitar:3" -> ("guitar", 3). Raises ValueError otherwise."""
+    match = _MODEL_REF.match(text or "")
+    if not match:
+        raise ValueError(f"invalid model {text!r}: use NAME or NAME:VERSION (e.g. guitar:3)")
+    return match.group(1), int(match.group(2)) if match.group(2) else None
 
 
 def safe_join(root: str | os.PathLike, *parts: str | os.PathLike) -> Path:

@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import abc
 import json
-import re
 from pathlib import Path
 
 import numpy as np
 
 from model.config import ConfigError, config_from_dict, config_to_dict, with_inference_overrides
+from services.common import paths
 from services.common.audio import AudioError, read_audio, resample
 from services.common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from services.common.paths import DataRoot, PathError, safe_join
 
-# Names of a served model: "guitar" or "guitar:3".
-_MODEL_REF = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]{0,63})(?::(\d+))?$")
 # An estimate may be this much longer or shorter than the mix (codec padding) and is trimmed/padded.
 LENGTH_TOLERANCE_SECONDS = 0.1
 
@@ -59,10 +57,10 @@ class ModelSource(abc.ABC):
 
 def parse_model_ref(text: str) -> tuple[str, int | None]:
     """"guitar" -> ("guitar", None); "guitar:3" -> ("guitar", 3)."""
-    match = _MODEL_REF.match(text or "")
-    if not match:
-        raise InvalidArgumentError(f"invalid model {text!r}: use NAME or NAME:VERSION (e.g. guitar:3)")
-    return match.group(1), int(match.group(2)) if match.group(2) else None
+    try:
+        return paths.parse_model_ref(text)
+    except ValueError as e:
+        raise InvalidArgumentError(str(e)) from e
 
 
 def fit_length(signal: np.ndarray, samples: int) -> np.ndarray:

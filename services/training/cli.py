@@ -21,10 +21,10 @@ def cmd_train(args) -> int:
     from stemlab.v1 import training_pb2
 
     req = training_pb2.StartTrainingRequest(
-        dataset=args.dataset, dataset_version=args.dataset_version or 0, preset=args.preset,
+        dataset=args.dataset, dataset_version=args.dataset_version or 0, preset=args.preset or "",
         overrides=dict(args.set), epochs=args.epochs or 0, patience=args.patience or 0, seed=args.seed,
         batch_size=args.batch_size or 0, steps_per_epoch=args.steps_per_epoch or 0, run_id=args.run_id or "",
-        init_from=args.init_from or "")
+        init_from=args.init_from or "", init_from_model=args.init_from_model or "")
     return start_and_follow(args, SERVICE, _stub(args).StartTraining(req, timeout=30))
 
 
@@ -70,7 +70,8 @@ def register(subparsers, groups: dict | None = None) -> None:
     p = subparsers.add_parser("train", help="train the separation network on a dataset")
     p.add_argument("--dataset", required=True, help="dataset name")
     p.add_argument("--dataset-version", type=int, default=None, help="version (default: latest)")
-    p.add_argument("--preset", choices=PRESETS, default="thesis")
+    p.add_argument("--preset", choices=PRESETS, default=None,
+                   help="network size (default: thesis, or the preset of --init-from / --init-from-model)")
     p.add_argument("--set", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                    help="override a model or training setting, e.g. hourglass_filters=128 (repeatable)")
     p.add_argument("--epochs", type=int, default=None, help="(default 36)")
@@ -79,9 +80,13 @@ def register(subparsers, groups: dict | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="chunks per step (default 4)")
     p.add_argument("--steps-per-epoch", type=int, default=None, help="(default 1000)")
     p.add_argument("--run-id", default=None, help="name of the run folder (default: dataset-preset-time)")
-    p.add_argument("--init-from", default=None, metavar="RUN",
-                   help="start from this run's best weights (same network and spectrogram), e.g. to "
-                        "fine-tune on a dataset with more songs; default: random weights")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--init-from", default=None, metavar="RUN",
+                       help="start from this run's best weights (same network and spectrogram), e.g. to "
+                            "fine-tune on a dataset with more songs; default: random weights")
+    start.add_argument("--init-from-model", default=None, metavar="NAME[:VERSION]",
+                       help="start from an exported model's weights (newest version unless named), e.g. "
+                            "--init-from-model guitar to fine-tune the shipped guitar model on your songs")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return")
     add_common_args(p, SERVICE)
     p.set_defaults(func=cmd_train)

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from model.config import ConfigError, config_from_dict, with_inference_overrides
+from model.export import versions
 from services.common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from services.common.jobs import INTERRUPTED, QUEUED, RUNNING, JobStore
 from services.common.manifest import ManifestError, find_manifest
-from services.common.paths import DataRoot, PathError, safe_join
+from services.common.paths import DataRoot, PathError, parse_model_ref, safe_join
 from services.training import trainer
 
 TRAIN = "training.train"
@@ -47,6 +48,34 @@ def existing_run(data: DataRoot, run_id: str) -> Path:
     return path
 
 
+def exported_version(data: DataRoot, ref: str) -> tuple[str, Path]:
+    """"guitar" or "guitar:6" -> ("guitar:6", DATA/models/guitar/6): the newest version when none is named."""
+    try:
+        name, version = parse_model_ref(ref)
+        folder = safe_join(data.models, name)
+    except (ValueError, PathError) as e:
+        raise InvalidArgumentError(str(e)) from e
+    found = versions(folder)
+    if not found:
+        raise NotFoundError(f"no exported model {name!r} in {data.models}")
+    if version is None:
+        version = found[-1]
+    elif version not in found:
+        raise NotFoundError(f"model {name!r} has no version {version} (it has {', '.join(map(str, found))})")
+    return f"{name}:{version}", folder / str(version)
+
+
+def init_source(data: DataRoot, params: dict) -> Path | None:
+    """The folder whose weights start a new run: a run (init_from) or an exported model (init_from_model)."""
+    if params.get("init_from") and params.get("init_from_model"):
+        raise InvalidArgumentError("start from a run (init_from) or an exported model (init_from_model), not both")
+    if params.get("init_from"):
+        return existing_run(data, params["init_from"])
+    if params.get("init_from_model"):
+        return exported_version(data, params["init_from_model"])[1]
+    return None
+
+
 def new_run_id(dataset: str, preset: str) -> str:
     """<dataset>-<preset>-<UTC time>-<4 hex>: readable, sorted by time, unique within a second."""
     return f"{dataset}-{preset}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
@@ -61,7 +90,13 @@ def _manifest(data: DataRoot, params: dict) -> Path:
 
 def validate_train(data: DataRoot, params: dict) -> dict:
     """Complete `params` with defaults and check them; returns the parameters a job will use."""
-    params = {**DEFAULTS, **{k: v for k, v in params.items() if v not in (None, "", 0) or k == "seed"}}
+    params = {k: v for k, v in params.items() if v not in (None, "", 0) or k == "seed"}
+    if params.get("init_from_model"):  # the version is fixed now: a job that restarts starts from the same
+        params["init_from_model"] = exported_version(data, params["init_from_model"])[0]
+    source = init_source(data, params)
+    if source and not params.get("preset"):  # fine-tuning keeps the source's network unless told otherwise
+        params["preset"] = trainer.source_preset(source) or DEFAULTS["preset"]
+    params = {**DEFAULTS, **params}
     validate_name(params.get("dataset", ""), "dataset name")
     params.setdefault("run_id", new_run_id(params["dataset"], params["preset"]))
     if (run_dir(data, params["run_id"]) / trainer.RUN_FILE).exists():
@@ -70,8 +105,8 @@ def validate_train(data: DataRoot, params: dict) -> dict:
         if int(params[key]) < 1:
             raise InvalidArgumentError(f"{key} must be positive, got {params[key]}")
     config, _ = trainer.split_overrides(params["preset"], params.get("overrides"))
-    if params.get("init_from"):
-        trainer.check_init_from(existing_run(data, params["init_from"]), config)
+    if source:
+        trainer.check_init_from(source, config)
     _manifest(data, params)
     return params
 
@@ -142,7 +177,7 @@ class TrainingJobs:
             preset=params["preset"], overrides=params.get("overrides"), epochs=int(params["epochs"]),
             patience=int(params["patience"]), seed=int(params["seed"]), steps_per_epoch=int(params["steps_per_epoch"]),
             batch_size=int(params["batch_size"]),
-            init_from=existing_run(self.data, params["init_from"]) if params.get("init_from") else None,
+            init_from=init_source(self.data, params),
             **self._callbacks(ctx))
         return {k: v for k, v in result.items() if k != "history"}
 

@@ -26,7 +26,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     def StartTraining(self, request, context):
         params = {
             "dataset": request.dataset, "dataset_version": request.dataset_version,
-            "preset": request.preset or jobs.DEFAULTS["preset"], "overrides": parse_overrides(dict(request.overrides)),
+            "preset": request.preset, "overrides": parse_overrides(dict(request.overrides)),
             "epochs": request.epochs or jobs.DEFAULTS["epochs"], "patience": request.patience or jobs.DEFAULTS["patience"],
             "seed": request.seed, "batch_size": request.batch_size or jobs.DEFAULTS["batch_size"],
             "steps_per_epoch": request.steps_per_epoch or jobs.DEFAULTS["steps_per_epoch"],
@@ -35,6 +35,8 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
             params["run_id"] = request.run_id
         if request.init_from:
             params["init_from"] = request.init_from
+        if request.init_from_model:
+            params["init_from_model"] = request.init_from_model
         params = jobs.validate_train(self.svc.data, params)
         return self.svc.submit(jobs.TRAIN, params)
 

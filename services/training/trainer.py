@@ -43,6 +43,7 @@ from tensorflow.core.framework import summary_pb2
 from model.checkpoint import BEST_WEIGHTS, RUN_FILE, load_best_network, read_run
 from model.config import (
     INFERENCE_KEYS,
+    PRESETS,
     ConfigError,
     ModelConfig,
     config_from_dict,
@@ -50,7 +51,7 @@ from model.config import (
     make_config,
     with_inference_overrides,
 )
-from model.export import export_saved_model
+from model.export import ExportError, export_saved_model, load_exported_weights, read_export_info
 from model.loss import masked_l1_per_chunk
 from model.network import build_network
 from services.common.config import first_error
@@ -257,7 +258,8 @@ def train_run(
     A folder that already holds a run continues it from its last checkpoint: its own config, seed
     and dataset are kept (the dataset must be unchanged); `epochs` and `patience` may grow, and
     `changes` may set RESUME_KEYS from now on (recorded in run.yaml under `changes`).
-    `init_from`: a run folder whose best weights start a new run (see `check_init_from`).
+    `init_from`: a run folder whose best weights, or an exported model version whose weights, start a
+    new run (see `check_init_from`).
     `progress(done_steps, total_steps, message, **metrics)` gets epoch, step, loss, val_loss,
     steps_per_second and eta_seconds. `should_stop()` returning true checkpoints and stops within a
     step. The result's "state" is "completed", "early_stopped" or "cancelled".
@@ -348,10 +350,11 @@ def train_run(
                      int(state.epoch.numpy()), int(state.step_in_epoch.numpy()))
         elif info.get("init_from"):  # a new run (no checkpoint yet) starts from another run's weights
             with _TF_TURN:  # a source still training saves its best weights in its turns
-                info["init_from"]["sha256"] = _file_sha256(Path(info["init_from"]["weights"]))
-                network.load_weights(info["init_from"]["weights"])
-            log.info("%s starts from the weights of %s (epoch %s)", run_dir.name, info["init_from"]["run_id"],
-                     info["init_from"]["best_epoch"])
+                info["init_from"]["sha256"] = _load_initial_weights(network, config, info["init_from"])
+            source = info["init_from"]
+            log.info("%s starts from the weights of %s (epoch %s)", run_dir.name,
+                     f"model {source['model']}:{source['version']}" if source.get("saved_model") else source["run_id"],
+                     source["best_epoch"])
         if changes and "learning_rate" in changes:
             optimizer.learning_rate = config.learning_rate
             state.lr_changed_epoch.assign(state.epoch)
@@ -563,24 +566,74 @@ INIT_FREE_KEYS = ("learning_rate", "dropout", "batch_norm_momentum", *INFERENCE_
 
 
 def check_init_from(source_dir: str | os.PathLike, config: ModelConfig) -> dict[str, Any]:
-    """What run.yaml records of a run whose best weights start a new one with `config`.
+    """What run.yaml records of the weights that start a new run with `config`.
 
-    Raises FailedPreconditionError when the source has no best weights yet or another network or
+    `source_dir` is a training run (its best weights) or an exported model version
+    (models/<name>/<version>/, e.g. a shipped model, to fine-tune it on one's own songs).
+    Raises FailedPreconditionError when the source has no weights yet or another network or
     spectrogram (the differing keys named). The weights are read when the new run starts, and
-    the checksum of what was read is recorded, as the source's best weights change if it trains on.
+    the checksum of what was read is recorded, as a run's best weights change if it trains on.
     """
     source_dir = Path(source_dir)
-    info = read_run(source_dir)
-    weights = source_dir / BEST_WEIGHTS
-    if not weights.is_file():
-        raise FailedPreconditionError(f"run {source_dir.name} has no best weights yet (no epoch finished)")
+    if (source_dir / RUN_FILE).is_file():
+        info = read_run(source_dir)
+        weights = source_dir / BEST_WEIGHTS
+        if not weights.is_file():
+            raise FailedPreconditionError(f"run {source_dir.name} has no best weights yet (no epoch finished)")
+        what = f"run {source_dir.name}"
+        record = {"run_id": source_dir.name, "best_epoch": info.get("best_epoch"), "weights": str(weights.resolve())}
+    else:
+        try:
+            info = read_export_info(source_dir)
+        except (ExportError, ValueError) as e:
+            raise FailedPreconditionError(f"{source_dir} is neither a training run nor an exported model: {e}") from e
+        if not isinstance(info.get("config"), dict):
+            raise FailedPreconditionError(f"exported model {source_dir} does not record its network settings")
+        if not _exported_weight_files(source_dir):
+            raise FailedPreconditionError(f"exported model {source_dir} has no variables/ to start from")
+        what = f"model {source_dir.parent.name} version {source_dir.name}"
+        version = int(source_dir.name) if source_dir.name.isdigit() else source_dir.name
+        record = {"model": source_dir.parent.name, "version": version,
+                  "saved_model": str(source_dir.resolve()), "run_id": info.get("source_run"),
+                  "best_epoch": info.get("best_epoch")}
     theirs, ours = info["config"], config_to_dict(config)
     differ = sorted(k for k in ours if k not in INIT_FREE_KEYS and theirs.get(k) != ours[k])
     if differ:
         raise FailedPreconditionError(
-            f"run {source_dir.name} has another network or spectrogram: "
+            f"{what} has another network or spectrogram: "
             + ", ".join(f"{k} {theirs.get(k)} there, {ours[k]} here" for k in differ))
-    return {"run_id": source_dir.name, "best_epoch": info.get("best_epoch"), "weights": str(weights.resolve())}
+    return record
+
+
+def source_preset(source_dir: str | os.PathLike) -> str | None:
+    """The preset a run or an exported model was trained with (None when it does not say)."""
+    source_dir = Path(source_dir)
+    try:
+        info = read_run(source_dir) if (source_dir / RUN_FILE).is_file() else read_export_info(source_dir)
+    except (ExportError, ValueError, OSError):
+        return None  # check_init_from explains what is wrong with the source
+    preset = info.get("preset")
+    return preset if isinstance(preset, str) and preset in PRESETS else None
+
+
+def _exported_weight_files(version_dir: Path) -> list[Path]:
+    return sorted((version_dir / "variables").glob("variables.*"))
+
+
+def _load_initial_weights(network: keras.Model, config: ModelConfig, source: dict[str, Any]) -> str:
+    """Load the weights `check_init_from` named into `network`; returns the sha256 of what was read."""
+    if source.get("saved_model"):
+        version_dir = Path(source["saved_model"])
+        digest = hashlib.sha256()
+        for path in _exported_weight_files(version_dir):
+            digest.update(_file_sha256(path).encode())
+        try:
+            load_exported_weights(network, config, version_dir)
+        except (ExportError, tf.errors.OpError) as e:
+            raise FailedPreconditionError(f"cannot start from {version_dir}: {e}") from e
+        return digest.hexdigest()
+    network.load_weights(source["weights"])
+    return _file_sha256(Path(source["weights"]))
 
 
 def _save_best_weights(network: keras.Model, run_dir: Path) -> None:
@@ -633,6 +686,8 @@ def export_run(run_dir: str | os.PathLike, models_root: str | os.PathLike, model
                     "best_epoch": info.get("best_epoch"), "best_val_loss": info.get("best_val_loss"),
                     "dataset": info.get("manifest", {}), "instrument": _instrument_of(info),
                     "code_version": code_version(), "exported": _now()}
+        if info.get("init_from"):  # a fine-tune names the weights it started from
+            metadata["init_from"] = info["init_from"]
         return export_saved_model(network, config, model_dir, metadata)
 
 
