@@ -214,3 +214,23 @@ def test_saved_model_cli_lists_the_signatures(tiny, tmp_path):
                          capture_output=True, text=True, timeout=120, check=True).stdout
     assert "signature_def['serving_default']" in out and "signature_def['sample_rate']" in out
     assert "inputs['waveform']" in out and "outputs['instrument']" in out and "outputs['rest']" in out
+
+
+def test_loss_error_power_two_is_the_squared_error_and_weighs_a_large_leak_more():
+    from model.loss import masked_l1_per_chunk
+
+    mix = np.abs(_noise((2, 8, 4, 1))) + 0.1
+    target = 0.5 * mix
+    # Two masks with the same summed error: one leaks a little everywhere, one a lot in one bin.
+    spread = np.full_like(mix, 0.5)
+    spread += 0.1 / mix  # error 0.1 in every bin (in magnitude units)
+    lumped = np.full_like(mix, 0.5)
+    lumped[:, 0, 0, 0] += 0.1 * mix[0].size / mix[:, 0, 0, 0]  # the same total error in one bin
+    args = (tf.constant(mix), tf.constant(target))
+    l1 = [masked_l1_per_chunk(*args, tf.constant(m), 1e-6, peak_power=1.0).numpy() for m in (spread, lumped)]
+    l2 = [masked_l1_per_chunk(*args, tf.constant(m), 1e-6, peak_power=1.0, error_power=2.0).numpy()
+          for m in (spread, lumped)]
+    np.testing.assert_allclose(l1[0], l1[1], rtol=1e-4)  # L1 cannot tell them apart ...
+    assert np.all(l2[1] > 10 * l2[0])  # ... the squared error weighs the lumped leak far more
+    expected = ((target - spread * mix) ** 2).mean(axis=(1, 2, 3))
+    np.testing.assert_allclose(l2[0], expected, rtol=1e-4)  # peak_power 1: plain squared magnitudes

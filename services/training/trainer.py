@@ -84,7 +84,7 @@ HISTORY_FIELDS = ("epoch", "loss", "val_loss", "seconds", "steps_per_second", "l
 # another scale, and a stronger augmentation (a fine-tune with an equaliser for unheard timbres,
 # say) raises val_loss on the unaugmented validation chunks of the training fonts, so the old best
 # would be exported for ever and the fine-tune never.
-TARGET_KEYS = ("loss_peak_power", "augment_gain_db", "remix_probability", "augment_eq_db")
+TARGET_KEYS = ("loss_peak_power", "loss_error_power", "augment_gain_db", "remix_probability", "augment_eq_db")
 RESUME_KEYS = ("learning_rate", "lr_plateau_patience", "lr_plateau_factor", "min_learning_rate", *TARGET_KEYS)
 
 
@@ -112,6 +112,9 @@ class TrainingOptions(BaseModel):
     # powers are not comparable; changing it on resume starts the best-epoch choice afresh (as a
     # change of the augmentation does: TARGET_KEYS).
     loss_peak_power: float = Field(0.0, ge=0.0, le=1.0)
+    # 1: L1 of each bin's error (the thesis); 2: its square, which weighs a loud bin of the rest let
+    # through as an energy ratio (SDR) does. A TARGET_KEY too: val_loss changes units.
+    loss_error_power: float = Field(1.0, ge=1.0, le=2.0)
 
 
 def split_overrides(preset: str, overrides: dict[str, Any] | None) -> tuple[ModelConfig, TrainingOptions]:
@@ -383,7 +386,7 @@ def train_run(
                 with tf.GradientTape() as tape:
                     mask = network(mix_rows, training=True)
                     per_chunk = masked_l1_per_chunk(mix_rows, instrument_rows, mask, config.normalise_eps,
-                                                    options.loss_peak_power)
+                                                    options.loss_peak_power, options.loss_error_power)
                     loss = tf.nn.compute_average_loss(per_chunk, global_batch_size=batch_size)
                 gradients = tape.gradient(loss, network.trainable_variables)
                 optimizer.apply_gradients(zip(gradients, network.trainable_variables, strict=True))
@@ -396,7 +399,7 @@ def train_run(
         def validation_step(mix_rows, instrument_rows):
             mask = network(mix_rows, training=False)
             per_chunk = masked_l1_per_chunk(mix_rows, instrument_rows, mask, config.normalise_eps,
-                                            options.loss_peak_power)
+                                            options.loss_peak_power, options.loss_error_power)
             return tf.reduce_sum(per_chunk), tf.cast(tf.shape(per_chunk)[0], tf.float32)
 
         writer = tf.summary.create_file_writer(str(run_dir / "logs")) if chief else tf.summary.create_noop_writer()
