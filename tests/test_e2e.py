@@ -198,6 +198,19 @@ def test_up_twice_changes_nothing_status_down_leaves_nothing_and_up_again_works(
     assert supervised_pids(data) == before, "a second `up` must not restart anything"
     assert stack(env, "status").returncode == 0
 
+    # Code changed on disk since the services started (a `git pull`): `up` restarts them.
+    stamp = data / "run" / "code.sha256"
+    current = stamp.read_text()
+    stamp.write_text("0" * 64 + "\n")
+    r = stack(env, "up")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "the code changed since the stack started" in r.stdout
+    restarted = supervised_pids(data)
+    assert restarted["supervisord"] == before["supervisord"]
+    assert all(restarted[name] != pid for name, pid in before.items() if name != "supervisord"), (before, restarted)
+    assert stamp.read_text() == current
+    before = restarted
+
     r = stack(env, "down")
     assert r.returncode == 0, r.stderr
     time.sleep(1)

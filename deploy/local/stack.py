@@ -10,6 +10,7 @@ started service answers its health check, then prints the addresses.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import subprocess
@@ -203,16 +204,42 @@ def install_models(config, models_root: Path | None = None, pretrained: Path | N
 
 
 # -- commands ---------------------------------------------------------------------------------
+# The sources the services run. A running service keeps the code it imported, and TensorFlow's
+# AutoGraph re-reads a function's source from disk when it traces, so after a `git pull` a new
+# training run would mix old code with new lines and fail obscurely: `up` restarts them instead.
+CODE_DIRS = ("services", "model", "stemlab")
+
+
+def code_fingerprint() -> str:
+    """sha256 over the paths and contents of every Python file the services import."""
+    digest = hashlib.sha256()
+    for folder in CODE_DIRS:
+        for path in sorted((REPO / folder).rglob("*.py")):
+            digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def up_local(config, timeout: float) -> int:
     install_models(config)
     progs = programs(config)
     conf = write_supervisor_config(config, progs)
+    stamp = config.data_root / "run" / "code.sha256"
+    code = code_fingerprint()
     if supervisord_running(config):
         supervisorctl(conf, "reread")
         supervisorctl(conf, "update")
-        supervisorctl(conf, "start", "all")
+        started_with = stamp.read_text().strip() if stamp.is_file() else ""
+        if started_with != code:
+            # Jobs in flight are interrupted as after a crash (training resumes from its checkpoint).
+            print("the code changed since the stack started: restarting its services")
+            supervisorctl(conf, "restart", "all")
+        else:
+            supervisorctl(conf, "start", "all")
     else:
         subprocess.run([str(VENV_BIN / "supervisord"), "-c", str(conf)], check=True)
+    tmp = stamp.with_name(f".{stamp.name}.tmp")
+    tmp.write_text(code + "\n")
+    os.replace(tmp, stamp)
     missing = wait_healthy(progs, timeout)
     if missing:
         print(f"not healthy after {timeout:.0f}s: {', '.join(missing)} "
