@@ -117,4 +117,3 @@ def load_exported_weights(network: keras.Model, config: ModelConfig, version_dir
         status.assert_consumed()
     except AssertionError as e:
         raise ExportError(f"{version_dir} holds another network's weights: {e}") from e
-

@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from services.common.config import GRPC_SERVICES, load_config  # noqa: E402
+from services.common.paths import atomic_write_text  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -237,9 +238,7 @@ def up_local(config, timeout: float) -> int:
             supervisorctl(conf, "start", "all")
     else:
         subprocess.run([str(VENV_BIN / "supervisord"), "-c", str(conf)], check=True)
-    tmp = stamp.with_name(f".{stamp.name}.tmp")
-    tmp.write_text(code + "\n")
-    os.replace(tmp, stamp)
+    atomic_write_text(stamp, code + "\n")
     missing = wait_healthy(progs, timeout)
     if missing:
         print(f"not healthy after {timeout:.0f}s: {', '.join(missing)} "

@@ -568,6 +568,30 @@ def _scalar_summary(tag: str, value: float) -> None:
 INIT_FREE_KEYS = ("learning_rate", "dropout", "batch_norm_momentum", *INFERENCE_KEYS)
 
 
+def _read_source(source_dir: Path) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(how to name it, its run.yaml or export info, what a new run records of it) for a run or an
+    exported model version; FailedPreconditionError when it is neither or has no weights yet."""
+    if (source_dir / RUN_FILE).is_file():
+        info = read_run(source_dir)
+        weights = source_dir / BEST_WEIGHTS
+        if not weights.is_file():
+            raise FailedPreconditionError(f"run {source_dir.name} has no best weights yet (no epoch finished)")
+        return (f"run {source_dir.name}", info,
+                {"run_id": source_dir.name, "best_epoch": info.get("best_epoch"), "weights": str(weights.resolve())})
+    try:
+        info = read_export_info(source_dir)
+    except (ExportError, ValueError) as e:
+        raise FailedPreconditionError(f"{source_dir} is neither a training run nor an exported model: {e}") from e
+    if not isinstance(info.get("config"), dict):
+        raise FailedPreconditionError(f"exported model {source_dir} does not record its network settings")
+    if not _exported_weight_files(source_dir):
+        raise FailedPreconditionError(f"exported model {source_dir} has no variables/ to start from")
+    version = int(source_dir.name) if source_dir.name.isdigit() else source_dir.name
+    return (f"model {source_dir.parent.name} version {source_dir.name}", info,
+            {"model": source_dir.parent.name, "version": version, "saved_model": str(source_dir.resolve()),
+             "run_id": info.get("source_run"), "best_epoch": info.get("best_epoch")})
+
+
 def check_init_from(source_dir: str | os.PathLike, config: ModelConfig) -> dict[str, Any]:
     """What run.yaml records of the weights that start a new run with `config`.
 
@@ -577,28 +601,7 @@ def check_init_from(source_dir: str | os.PathLike, config: ModelConfig) -> dict[
     spectrogram (the differing keys named). The weights are read when the new run starts, and
     the checksum of what was read is recorded, as a run's best weights change if it trains on.
     """
-    source_dir = Path(source_dir)
-    if (source_dir / RUN_FILE).is_file():
-        info = read_run(source_dir)
-        weights = source_dir / BEST_WEIGHTS
-        if not weights.is_file():
-            raise FailedPreconditionError(f"run {source_dir.name} has no best weights yet (no epoch finished)")
-        what = f"run {source_dir.name}"
-        record = {"run_id": source_dir.name, "best_epoch": info.get("best_epoch"), "weights": str(weights.resolve())}
-    else:
-        try:
-            info = read_export_info(source_dir)
-        except (ExportError, ValueError) as e:
-            raise FailedPreconditionError(f"{source_dir} is neither a training run nor an exported model: {e}") from e
-        if not isinstance(info.get("config"), dict):
-            raise FailedPreconditionError(f"exported model {source_dir} does not record its network settings")
-        if not _exported_weight_files(source_dir):
-            raise FailedPreconditionError(f"exported model {source_dir} has no variables/ to start from")
-        what = f"model {source_dir.parent.name} version {source_dir.name}"
-        version = int(source_dir.name) if source_dir.name.isdigit() else source_dir.name
-        record = {"model": source_dir.parent.name, "version": version,
-                  "saved_model": str(source_dir.resolve()), "run_id": info.get("source_run"),
-                  "best_epoch": info.get("best_epoch")}
+    what, info, record = _read_source(Path(source_dir))
     theirs, ours = info["config"], config_to_dict(config)
     differ = sorted(k for k in ours if k not in INIT_FREE_KEYS and theirs.get(k) != ours[k])
     if differ:
@@ -610,12 +613,7 @@ def check_init_from(source_dir: str | os.PathLike, config: ModelConfig) -> dict[
 
 def source_preset(source_dir: str | os.PathLike) -> str | None:
     """The preset a run or an exported model was trained with (None when it does not say)."""
-    source_dir = Path(source_dir)
-    try:
-        info = read_run(source_dir) if (source_dir / RUN_FILE).is_file() else read_export_info(source_dir)
-    except (ExportError, ValueError, OSError):
-        return None  # check_init_from explains what is wrong with the source
-    preset = info.get("preset")
+    preset = _read_source(Path(source_dir))[1].get("preset")
     return preset if isinstance(preset, str) and preset in PRESETS else None
 
 
