@@ -149,3 +149,25 @@ def test_install_models_copies_whole_shipped_versions_only(tmp_path):
     assert sorted(p.name for p in (data / "models" / "piano").iterdir()) == ["4"]
     assert (data / "models" / "guitar" / "5" / "saved_model.pb").read_bytes() == b"graph"
     assert 'name: "guitar"' in (data / "serving" / "models.config").read_text()
+
+
+def test_make_up_under_docker_rebuilds_the_images_from_the_code_on_disk(tmp_path):
+    """Without --build, `make up` after a `git pull` would start the old images again."""
+    import os
+    import sys
+
+    calls = tmp_path / "calls"
+    fake = tmp_path / "bin" / "docker"
+    fake.parent.mkdir()
+    # A docker client whose engine answers: `info` succeeds, every call is recorded.
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nexit 0\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}",
+           "STEMLAB_DATA": str(tmp_path / "data")}
+    env.pop("STEMLAB_MODE", None)
+    r = subprocess.run([sys.executable, str(REPO / "deploy" / "local" / "stack.py"), "up"],
+                       capture_output=True, text=True, env=env, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    up = [line.split() for line in calls.read_text().splitlines() if line.startswith("compose")]
+    assert len(up) == 1 and up[0][-4:] == ["up", "-d", "--build", "--wait"], up
+    assert up[0][up[0].index("-f") + 1] == str(REPO / "docker-compose.yml")

@@ -311,7 +311,9 @@ def main(argv=None) -> int:
     use_docker = args.docker or (not args.local and os.environ.get("STEMLAB_MODE") != "local"
                                  and docker_engine_available())
     if use_docker:
-        return compose(*{"up": ["up", "-d", "--wait"], "down": ["down"], "status": ["ps"],
+        # --build: images are rebuilt from the code on disk (layer cache makes it quick when
+        # nothing changed), so `make up` after a `git pull` never runs the old code.
+        return compose(*{"up": ["up", "-d", "--build", "--wait"], "down": ["down"], "status": ["ps"],
                          "logs": ["logs", "--tail", "200"]}[args.command])
     if args.command == "up":
         return up_local(config, args.timeout)
