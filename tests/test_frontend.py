@@ -198,7 +198,8 @@ def test_link_is_downloaded_with_yt_dlp_and_separated(client, make_app, tmp_path
         assert wait_done(client, again.get_json()["id"])["state"] == "succeeded"
         # Downloads obey their own limits: size, and the song length once decoded.
         for limits, words in (({"download_max_mb": 0.05}, "larger than"), ({"max_song_seconds": 1.0}, "at most 1 s")):
-            limited = make_app(**limits).test_client()
+            # A server of its own: one data root runs one web server's queue.
+            limited = make_app(data_root=str(tmp_path / f"data-{next(iter(limits))}"), **limits).test_client()
             reply = limited.post("/api/separations", data={"url": f"http://127.0.0.1:{port}/song.wav", "model": "guitar"})
             refused = wait_done(limited, reply.get_json()["id"])
             assert refused["state"] == "failed" and words in refused["error"], refused
@@ -224,6 +225,31 @@ def test_separation_running_when_the_server_died_reads_as_failed(make_app, tmp_p
     client = make_app().test_client()
     job = client.get("/api/separations/web-0123456789ab").get_json()
     assert job["state"] == "failed" and "restarted" in job["error"]
+
+
+def test_a_second_web_server_on_the_same_data_root_is_refused_and_leaves_the_first_ones_jobs(make_app, tmp_path):
+    """Two servers on one queue would each take the other's running separations for a dead
+    process's (marking them failed) and run queued ones twice."""
+    import json
+    import subprocess
+    import sys
+
+    first = make_app()
+    store = first.extensions["stemlab_queue"].store
+    store.create("web-0123456789ab", "web.separate", {"folder": "a" * 32, "model": "guitar"})
+    store.update("web-0123456789ab", state=jobstore.RUNNING, started=time.time())
+    config = {"data_root": str(tmp_path / "data"), "serving_rest_address": "127.0.0.1:9"}
+    second = subprocess.run([sys.executable, "-c", "import json, sys\n"
+                             "from services.frontend.app import create_app\n"
+                             "create_app(json.loads(sys.argv[1]))", json.dumps(config)],
+                            capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=120)
+    assert second.returncode != 0
+    assert "StoreInUseError" in second.stderr and "already running on this data root" in second.stderr
+    assert store.get("web-0123456789ab").state == jobstore.RUNNING
+    # Once the first has stopped, a server starts on the same root (a restart).
+    first.extensions["stemlab_queue"].stop(1)
+    restarted = make_app().test_client()
+    assert restarted.get("/api/separations/web-0123456789ab").get_json()["state"] == "failed"
 
 
 def test_cleanup_sweep_deletes_old_results(make_app):

@@ -116,6 +116,11 @@ class JobStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            self.release_claim()
+
+    def release_claim(self) -> None:
+        """Let another process run this store's jobs (after this one stopped running them)."""
+        with self._lock:
             if self._claim is not None:
                 self._claim.release()
                 self._claim = None
