@@ -7,7 +7,7 @@ progress with `ctx.progress(done, total, message, **metrics)` and stops cooperat
 Every state change is written to SQLite at once; progress is written at most every
 `PROGRESS_WRITE_SECONDS` (watchers in this process still see every update), so a busy job
 does not hammer the disk. A job found RUNNING when the store is opened belonged to a process
-that died: it is marked FAILED with the error "interrupted". A service claims its store first
+that died: it is marked FAILED with the error "interrupted". A runner claims its store first
 (`JobStore.claim`, an exclusive lock the kernel drops when the process dies), so a second copy
 of it cannot take the first one's running jobs for a dead process's.
 """
@@ -132,6 +132,8 @@ class JobStore:
         running jobs for those of a dead process, mark them interrupted, and (training) resume
         the same run twice.
         """
+        if self._claim is not None:
+            return
         try:
             claim = ExclusiveLock(self.path.with_name(self.path.name + ".lock"))
         except LockHeldError as e:
@@ -268,6 +270,10 @@ class JobRunner:
         self._last_write: dict[str, float] = {}
         self._accepting = True
         self._enqueued: set[str] = set()
+        # Claim the store before marking "running" jobs interrupted: they may be another process's
+        # (a second copy of a service, a second web server on one data root), which would also
+        # run queued jobs twice. That copy is refused with StoreInUseError instead.
+        store.claim()
         self.interrupted = store.mark_interrupted()
         for job in self.interrupted:
             log.warning("job %s (%s) was running when the service stopped: marked failed", job.id, job.kind)

@@ -201,7 +201,6 @@ class Service:
         self.settings = self.config.service(name)
         self.data = DataRoot(self.config.data_root).ensure()
         self.store = jobstore.JobStore(self.data.jobs / f"{name}.sqlite")
-        self.store.claim()  # before the runner marks "running" jobs interrupted: they may be another copy's
         self.runner = jobstore.JobRunner(self.store, name, workers=self.settings.workers, data=self.data)
         self._servicers: list[tuple[Callable, Any, str]] = []
         self._stopped = threading.Event()

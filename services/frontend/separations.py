@@ -182,11 +182,6 @@ class SeparationQueue:
         self.root = settings.web_root / "separations"
         self.root.mkdir(parents=True, exist_ok=True)
         self.store = jobstore.JobStore(settings.web_root / "separations.sqlite")
-        if settings.start_workers:
-            # Before the runner marks "running" jobs interrupted: they may be another web server's
-            # on this data root (a second `gunicorn --workers`), which would also run queued ones
-            # twice. A second server is refused with StoreInUseError, as a second gRPC service is.
-            self.store.claim()
         self.runner = jobstore.JobRunner(self.store, "web", workers=settings.workers)
         self.runner.register(JOB_KIND, self._job)
         self._submit_lock = threading.Lock()
@@ -207,7 +202,7 @@ class SeparationQueue:
         if self._started:
             self._started = False
             self.runner.shutdown(grace_seconds)
-        self.store.release_claim()
+        self.store.release_claim()  # the runner claimed it; a restart in this process claims it again
 
     # -- folders --------------------------------------------------------------------------
     def new_folder(self) -> tuple[str, Path]:
