@@ -191,6 +191,38 @@ def test_validation_segments_are_fixed_and_unaugmented():
     np.testing.assert_array_equal(one[0] + one[1], 0)
 
 
+def test_phase_sensitive_target_makes_the_squared_error_that_of_the_played_back_spectrum():
+    from model.loss import masked_l1_per_chunk
+    from model.spectral import stft
+
+    config = make_config("tiny")
+    rng = np.random.default_rng(3)
+    instrument = tf.constant(rng.standard_normal((2, config.segment_samples)), tf.float32)
+    rest = tf.constant(rng.standard_normal((2, config.segment_samples)), tf.float32)
+    mix_rows, magnitude_rows = data.chunk_features(instrument, rest, config)
+    _, target_rows = data.chunk_features(instrument, rest, config, phase_sensitive=True)
+    assert target_rows.shape == magnitude_rows.shape
+    # The projection is never longer than |S|, and with independent noises often against the mix.
+    assert np.all(target_rows.numpy() <= magnitude_rows.numpy() + 1e-4)
+    assert 0.1 < np.mean(target_rows.numpy() < 0) < 0.5
+    # Where the rest is silent, the instrument is the mix: the target is its magnitude.
+    _, alone = data.chunk_features(instrument, tf.zeros_like(rest), config, phase_sensitive=True)
+    np.testing.assert_allclose(alone.numpy(), magnitude_rows.numpy(), rtol=1e-4, atol=1e-4)
+
+    # For any real mask, squared error against the target = |m X - S|^2 minus a constant.
+    mix_spectrum = stft(instrument + rest, config, center=False).numpy()[:, :, 1:]
+    source_spectrum = stft(instrument, config, center=False).numpy()[:, :, 1:]
+    differences = []
+    for seed in (1, 2):
+        mask = np.random.default_rng(seed).uniform(size=mix_rows.shape).astype(np.float32)
+        loss = masked_l1_per_chunk(mix_rows, target_rows, tf.constant(mask), 1e-6,
+                                   peak_power=1.0, error_power=2.0).numpy()
+        played = mask[..., 0].transpose(0, 2, 1) * mix_spectrum
+        differences.append(loss - np.mean(np.abs(played - source_spectrum) ** 2, axis=(1, 2)))
+    np.testing.assert_allclose(differences[0], differences[1], rtol=1e-3)
+    assert np.all(differences[0] < 0)  # the constant: the part of S orthogonal to the mix's phase
+
+
 def test_audio_is_decoded_once_and_then_memory_mapped(dataset, tmp_path, monkeypatch):
     root, manifest_path = dataset
     from services.common.manifest import load_manifest
@@ -404,6 +436,30 @@ def test_resume_with_another_augmentation_draws_with_it_and_chooses_the_best_epo
     # A new learning rate alone keeps the choice: epoch 6 is the best only if it beats epoch 5.
     again = resume_run(copy, epochs=6, changes={"learning_rate": 1e-12})
     assert again["best_epoch"] == 5 or again["history"][-1]["val_loss"] < result["history"][-1]["val_loss"]
+
+
+def test_resume_with_the_phase_sensitive_target_trains_and_validates_on_it(trained, tmp_path, monkeypatch):
+    import shutil
+
+    from services.training import data as training_data
+
+    run_dir, _, _ = trained
+    copy = tmp_path / "run-psa"
+    shutil.copytree(run_dir, copy)
+    features = training_data.chunk_features
+    targets = []
+
+    def recording(instrument, rest, config, phase_sensitive=False):
+        targets.append(phase_sensitive)  # once per traced map function: training and validation
+        return features(instrument, rest, config, phase_sensitive)
+
+    monkeypatch.setattr(training_data, "chunk_features", recording)
+    result = resume_run(copy, epochs=5, changes={"loss_phase_sensitive": True})
+    assert targets and all(targets)
+    assert len(targets) >= 2  # the validation chunks too, or val_loss would judge another target
+    info = read_run(copy)
+    assert info["options"]["loss_phase_sensitive"] is True
+    assert result["best_epoch"] == info["best_epoch"] == 5  # a TARGET_KEY: the best epoch afresh
 
 
 def test_a_new_run_can_start_from_another_runs_best_weights(dataset, trained, tmp_path):

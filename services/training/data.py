@@ -258,21 +258,35 @@ def validation_segments(tracks: list[TrackAudio], segment_samples: int, per_trac
     return np.stack(instrument), np.stack(rest)
 
 
-def chunk_features(instrument: tf.Tensor, rest: tf.Tensor, config: ModelConfig) -> tuple[tf.Tensor, tf.Tensor]:
+def chunk_features(instrument: tf.Tensor, rest: tf.Tensor, config: ModelConfig,
+                   phase_sensitive: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
     """Network input and target for segments.
 
     instrument, rest: (batch, segment_samples). Returns mix_rows, instrument_rows, each
     (batch, freq_rows, chunk_frames, 1): magnitudes of the uncentred STFT (every frame sees real
     audio, none reflect-padded), DC row dropped.
+    With `phase_sensitive` the target is not |S| but its projection on the mix's phase,
+    |S| cos(angle(S) - angle(X)) = Re(S conj(X)) / |X| (Erdogan et al. 2015): the masked mix
+    m|X| e^(i angle X) is what separation plays back, and |m X - S|^2 equals
+    (m|X| - Re(S conj X)/|X|)^2 plus a term no mask changes, so a squared error against this target
+    is the error of the played-back spectrum, which is what SDR counts. It can be negative (the
+    source against the mix's phase); a [0, 1] mask then aims at 0.
     """
     mix = instrument + rest
-    mix_rows = to_network_rows(magnitude(stft(mix, config, center=False)))
-    instrument_rows = to_network_rows(magnitude(stft(instrument, config, center=False)))
-    return mix_rows, instrument_rows
+    mix_spectrum = stft(mix, config, center=False)
+    instrument_spectrum = stft(instrument, config, center=False)
+    mix_magnitude = magnitude(mix_spectrum)
+    if phase_sensitive:
+        projection = tf.math.real(instrument_spectrum * tf.math.conj(mix_spectrum))
+        target = tf.math.divide_no_nan(projection, mix_magnitude)  # 0 where the mix is silent
+    else:
+        target = magnitude(instrument_spectrum)
+    return to_network_rows(mix_magnitude), to_network_rows(target)
 
 
 def training_dataset(sampler: ChunkSampler, config: ModelConfig, seed: int, epoch: int, steps: int,
-                     batch: int, worker: int = 0, skip_steps: int = 0) -> tf.data.Dataset:
+                     batch: int, worker: int = 0, skip_steps: int = 0,
+                     phase_sensitive: bool = False) -> tf.data.Dataset:
     """tf.data of (mix_rows, instrument_rows) batches for one epoch (see `training_segments`)."""
     seg = config.segment_samples
     spec = tf.TensorSpec((batch, seg), tf.float32)
@@ -284,10 +298,11 @@ def training_dataset(sampler: ChunkSampler, config: ModelConfig, seed: int, epoc
     # Each worker draws its own stream (seeded by worker index); nothing to shard.
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     dataset = dataset.with_options(options)
-    return dataset.map(lambda i, r: chunk_features(i, r, config), num_parallel_calls=1).prefetch(2)
+    return dataset.map(lambda i, r: chunk_features(i, r, config, phase_sensitive), num_parallel_calls=1).prefetch(2)
 
 
-def validation_dataset(segments: tuple[np.ndarray, np.ndarray], config: ModelConfig, batch: int) -> tf.data.Dataset:
+def validation_dataset(segments: tuple[np.ndarray, np.ndarray], config: ModelConfig, batch: int,
+                       phase_sensitive: bool = False) -> tf.data.Dataset:
     """tf.data of (mix_rows, instrument_rows) over the fixed validation segments, in order."""
     dataset = tf.data.Dataset.from_tensor_slices(segments).batch(batch)
-    return dataset.map(lambda i, r: chunk_features(i, r, config))
+    return dataset.map(lambda i, r: chunk_features(i, r, config, phase_sensitive))

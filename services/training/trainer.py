@@ -84,7 +84,8 @@ HISTORY_FIELDS = ("epoch", "loss", "val_loss", "seconds", "steps_per_second", "l
 # another scale, and a stronger augmentation (a fine-tune with an equaliser for unheard timbres,
 # say) raises val_loss on the unaugmented validation chunks of the training fonts, so the old best
 # would be exported for ever and the fine-tune never.
-TARGET_KEYS = ("loss_peak_power", "loss_error_power", "augment_gain_db", "remix_probability", "augment_eq_db")
+TARGET_KEYS = ("loss_peak_power", "loss_error_power", "loss_phase_sensitive", "augment_gain_db", "remix_probability",
+               "augment_eq_db")
 RESUME_KEYS = ("learning_rate", "lr_plateau_patience", "lr_plateau_factor", "min_learning_rate", *TARGET_KEYS)
 
 
@@ -115,6 +116,10 @@ class TrainingOptions(BaseModel):
     # 1: L1 of each bin's error (the thesis); 2: its square, which weighs a loud bin of the rest let
     # through as an energy ratio (SDR) does. A TARGET_KEY too: val_loss changes units.
     loss_error_power: float = Field(1.0, ge=1.0, le=2.0)
+    # False: the target is the instrument's magnitude (the thesis). True: its projection on the mix's
+    # phase (data.chunk_features), with which loss_error_power 2 is the error of the spectrum that
+    # separation plays back. A TARGET_KEY: val_loss changes meaning.
+    loss_phase_sensitive: bool = False
 
 
 def split_overrides(preset: str, overrides: dict[str, Any] | None) -> tuple[ModelConfig, TrainingOptions]:
@@ -334,7 +339,7 @@ def train_run(
                                     augmentation)
         validation = data.validation_dataset(
             data.validation_segments(tracks["validation"], config.segment_samples, options.validation_chunks_per_track),
-            config, batch_size)
+            config, batch_size, options.loss_phase_sensitive)
 
         keras.utils.set_random_seed(seed)
         with strategy.scope():
@@ -433,7 +438,8 @@ def train_run(
             def dataset_fn(context: tf.distribute.InputContext, epoch=epoch, skip=skip):
                 per_replica = context.get_per_replica_batch_size(batch_size)
                 return data.training_dataset(sampler, config, seed, epoch, steps_per_epoch, per_replica,
-                                             worker=context.input_pipeline_id, skip_steps=skip)
+                                             worker=context.input_pipeline_id, skip_steps=skip,
+                                             phase_sensitive=options.loss_phase_sensitive)
 
             iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
             cancelled = False
