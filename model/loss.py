@@ -1,4 +1,8 @@
-"""Training loss: L1 between the target magnitude and the masked mix magnitude."""
+"""Training loss: L1 (or squared) error between the target and the masked mix magnitude.
+
+The target is the instrument's magnitude, or with `loss_phase_sensitive` its part in phase with
+the mix (services/training/data.chunk_features); the loss does not need to know which.
+"""
 
 from __future__ import annotations
 
