@@ -3,6 +3,8 @@ the GPU override, and the Kubernetes manifests (names, ports, volumes, environme
 
 import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -130,14 +132,20 @@ def test_kustomization_lists_every_manifest_but_the_jobs():
     assert listed <= on_disk
 
 
-def test_install_models_copies_whole_shipped_versions_only(tmp_path):
-    """After a pull that replaced guitar/4 by guitar/5, git leaves guitar/4/assets/ behind, empty."""
+def _stack_module():
     import importlib.util
-    from types import SimpleNamespace
 
     spec = importlib.util.spec_from_file_location("stack", Path(__file__).parents[1] / "deploy" / "local" / "stack.py")
     stack = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(stack)
+    return stack
+
+
+def test_install_models_copies_whole_shipped_versions_only(tmp_path):
+    """After a pull that replaced guitar/4 by guitar/5, git leaves guitar/4/assets/ behind, empty."""
+    from types import SimpleNamespace
+
+    stack = _stack_module()
     shipped = tmp_path / "pretrained"
     (shipped / "guitar" / "4" / "assets").mkdir(parents=True)
     for version in ("guitar/5", "piano/4"):
@@ -154,7 +162,6 @@ def test_install_models_copies_whole_shipped_versions_only(tmp_path):
 def test_make_up_under_docker_rebuilds_the_images_from_the_code_on_disk(tmp_path):
     """Without --build, `make up` after a `git pull` would start the old images again."""
     import os
-    import sys
 
     calls = tmp_path / "calls"
     fake = tmp_path / "bin" / "docker"
@@ -171,3 +178,32 @@ def test_make_up_under_docker_rebuilds_the_images_from_the_code_on_disk(tmp_path
     up = [line.split() for line in calls.read_text().splitlines() if line.startswith("compose")]
     assert len(up) == 1 and up[0][-4:] == ["up", "-d", "--build", "--wait"], up
     assert up[0][up[0].index("-f") + 1] == str(REPO / "docker-compose.yml")
+
+
+def test_a_stale_supervisord_pid_file_does_not_count_as_a_running_stack(tmp_path):
+    """A supervisord killed without cleanup leaves its pid file; the pid may since be another
+    process's, and `make up` must then start the stack rather than restart a dead one."""
+    from types import SimpleNamespace
+
+    stack = _stack_module()
+    config = SimpleNamespace(data_root=tmp_path)
+    (tmp_path / "run").mkdir()
+    pid_file = tmp_path / "run" / "supervisord.pid"
+    assert not stack.supervisord_running(config)  # no pid file
+    other = subprocess.Popen(["sleep", "60"])
+    lookalike = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "supervisord"])
+    deadline = time.time() + 10
+    while b"supervisord" not in Path(f"/proc/{lookalike.pid}/cmdline").read_bytes() and time.time() < deadline:
+        time.sleep(0.05)  # Popen may return before the child's exec shows in /proc
+    try:
+        pid_file.write_text(f"{other.pid}\n")
+        assert not stack.supervisord_running(config)  # alive, but not a supervisord
+        pid_file.write_text(f"{lookalike.pid}\n")
+        assert stack.supervisord_running(config)
+    finally:
+        for proc in (other, lookalike):
+            proc.kill()
+            proc.wait()
+    assert not stack.supervisord_running(config)  # the pid is gone
+    pid_file.write_text("not a pid\n")
+    assert not stack.supervisord_running(config)

@@ -125,9 +125,18 @@ def supervisord_running(config) -> bool:
     try:
         pid = int(pid_file.read_text().strip())
         os.kill(pid, 0)
-        return True
     except (OSError, ValueError):
         return False
+    # A supervisord that died without cleaning up (a killed session, a reboot) leaves its pid file,
+    # and the pid may since belong to another process: then `up` would talk to a dead socket and
+    # never start the services. Where /proc exists, the pid must be a supervisord's.
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    try:
+        return b"supervisord" in cmdline.read_bytes()
+    except FileNotFoundError:
+        return not Path("/proc/self").exists()
+    except OSError:
+        return True
 
 
 def supervisorctl(conf: Path, *args: str, check: bool = False) -> subprocess.CompletedProcess:
