@@ -16,13 +16,15 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import keras
 import tensorflow as tf
 
-from model.config import ModelConfig, config_to_dict
+from model.config import ModelConfig, config_from_dict, config_to_dict
+from model.network import build_network
 from model.separate import separate_waveform
 
 STEMLAB_ASSET = "stemlab.json"
@@ -32,17 +34,31 @@ class ExportError(RuntimeError):
     """The model could not be exported or published."""
 
 
-class _Separator(tf.Module):
-    """What the SavedModel holds: the network's weights and the two serving functions."""
+# An ensemble's networks must cut and read the same spectrogram chunks; each may have its own layers.
+ENSEMBLE_SHARED_KEYS = ("rate_hz", "n_fft", "hop_length", "window", "chunk_frames")
 
-    def __init__(self, network: keras.Model, config: ModelConfig):
+
+class _Separator(tf.Module):
+    """What the SavedModel holds: the network's weights and the two serving functions.
+
+    One network is tracked as `network` (the layout every single-network export has); an
+    ensemble's as `members`, in order.
+    """
+
+    def __init__(self, networks: keras.Model | Sequence[keras.Model], config: ModelConfig):
         super().__init__(name="stemlab_separator")
-        self.network = network
+        if isinstance(networks, Sequence) and len(networks) > 1:
+            self.members = list(networks)
+        else:
+            self.network = networks[0] if isinstance(networks, Sequence) else networks
         self._config = config
+
+    def _networks(self) -> list[keras.Model]:
+        return self.members if hasattr(self, "members") else [self.network]
 
     @tf.function(input_signature=[tf.TensorSpec([None, None], tf.float32, name="waveform")])
     def separate(self, waveform):
-        instrument, rest = separate_waveform(self.network, waveform, self._config)
+        instrument, rest = separate_waveform(self._networks(), waveform, self._config)
         return {"instrument": instrument, "rest": rest}
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.float32, name="x")])
@@ -58,18 +74,39 @@ def versions(model_dir: str | os.PathLike) -> list[int]:
     return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and re.fullmatch(r"\d+", p.name))
 
 
+def check_ensemble(configs: Sequence[ModelConfig]) -> None:
+    """Raise ExportError when an ensemble's networks do not share ENSEMBLE_SHARED_KEYS."""
+    first = configs[0]
+    for i, other in enumerate(configs[1:], start=2):
+        differ = [k for k in ENSEMBLE_SHARED_KEYS if getattr(other, k) != getattr(first, k)]
+        if differ:
+            raise ExportError(f"ensemble member {i} has another spectrogram or chunk than the first: "
+                              + ", ".join(f"{k} {getattr(other, k)} there, {getattr(first, k)} in the first"
+                                          for k in differ))
+
+
 def export_saved_model(
-    network: keras.Model, config: ModelConfig, out_dir: str | os.PathLike, metadata: dict[str, Any] | None = None
+    network: keras.Model | Sequence[keras.Model], config: ModelConfig, out_dir: str | os.PathLike,
+    metadata: dict[str, Any] | None = None,
 ) -> int:
     """Write the SavedModel as the next version under `out_dir` (models/<name>/); returns the version.
 
     `metadata` (e.g. preset, source run) goes into assets.extra/stemlab.json with the config and rate.
+    For an ensemble (several networks, applied with `config`), metadata["members"] must list one
+    dict per network with its "config" (a config_to_dict), so its weights can be read back.
     """
+    networks = list(network) if isinstance(network, Sequence) else [network]
+    if len(networks) > 1:
+        members = (metadata or {}).get("members")
+        if not isinstance(members, list) or len(members) != len(networks) or not all(
+                isinstance(m, dict) and isinstance(m.get("config"), dict) for m in members):
+            raise ExportError(f"an ensemble of {len(networks)} networks needs metadata['members'] with each one's config")
+        check_ensemble([config, *(config_from_dict(m["config"]) for m in members)])
     model_dir = Path(out_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     tmp = model_dir / f".tmp-{uuid.uuid4().hex}"
     try:
-        module = _Separator(network, config)
+        module = _Separator(networks, config)
         signatures = {
             "serving_default": module.separate.get_concrete_function(),
             "sample_rate": module.sample_rate.get_concrete_function(),
@@ -105,14 +142,40 @@ def read_export_info(version_dir: str | os.PathLike) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def member_configs(info: dict[str, Any]) -> list[ModelConfig]:
+    """The network config of each member of an export (one for a single network), from its stemlab.json."""
+    members = info.get("members")
+    if isinstance(members, list) and len(members) > 1:
+        return [config_from_dict(m["config"]) for m in members]
+    return [config_from_dict(info["config"])]
+
+
 def load_exported_weights(network: keras.Model, config: ModelConfig, version_dir: str | os.PathLike) -> None:
     """Set `network`'s weights to an exported version's (built with the same network settings).
 
     The SavedModel's variables are a checkpoint of `_Separator`, so the same object graph reads
-    them back; a variable missing on either side raises, a silent partial load would not.
+    them back; a variable missing on either side raises, a silent partial load would not. From an
+    ensemble, `network` gets its first member's weights (the others are read into throwaway copies).
     """
+    info = read_export_info(version_dir) if (Path(version_dir) / "assets.extra" / STEMLAB_ASSET).is_file() else {}
+    others = [build_network(c) for c in member_configs(info)[1:]] if info.get("config") else []
+    _read_weights([network, *others], config, version_dir)
+
+
+def load_exported_networks(version_dir: str | os.PathLike) -> tuple[list[keras.Model], ModelConfig]:
+    """An export's networks (one, or an ensemble's members) with its weights, and the config it applies them with."""
+    info = read_export_info(version_dir)
+    if not isinstance(info.get("config"), dict):
+        raise ExportError(f"{version_dir} records no network config in assets.extra/{STEMLAB_ASSET}")
+    networks = [build_network(c) for c in member_configs(info)]
+    config = config_from_dict(info["config"])
+    _read_weights(networks, config, version_dir)
+    return networks, config
+
+
+def _read_weights(networks: list[keras.Model], config: ModelConfig, version_dir: str | os.PathLike) -> None:
     prefix = Path(version_dir) / "variables" / "variables"
-    status = tf.train.Checkpoint(_Separator(network, config)).read(str(prefix))
+    status = tf.train.Checkpoint(_Separator(networks, config)).read(str(prefix))
     try:
         status.assert_consumed()
     except AssertionError as e:

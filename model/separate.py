@@ -3,10 +3,14 @@
 Chunks overlap (config.chunk_overlap) and their masks are blended with a triangular weight, so the
 mask does not jump at chunk borders (the thesis' clicks every 1.1 s). The instrument gets the mix
 phase; rest = mix - instrument in the time domain, so the two always sum to the input exactly.
+Several networks (an ensemble of runs trained apart) each give a mask; their mean is applied, so
+the instrument is the mean of the instruments each would give alone.
 Pure TensorFlow: the same code runs eagerly, in training and inside the exported SavedModel.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import keras
 import tensorflow as tf
@@ -62,19 +66,26 @@ def spectrogram_mask(network: keras.Model, mix_magnitude: tf.Tensor, config: Mod
     return from_network_rows(mask_rows[..., tf.newaxis])
 
 
-def separate_waveform(network: keras.Model, waveform: tf.Tensor, config: ModelConfig) -> tuple[tf.Tensor, tf.Tensor]:
+def separate_waveform(network: keras.Model | Sequence[keras.Model], waveform: tf.Tensor,
+                      config: ModelConfig) -> tuple[tf.Tensor, tf.Tensor]:
     """Split mono waveforms at config.rate_hz into (instrument, rest).
 
+    network: one network, or several (an ensemble) sharing config's spectrogram and chunks.
     waveform: (batch, samples) float32; channels of a stereo file travel as batch rows.
     Returns instrument, rest: (batch, samples) each, with instrument + rest == waveform.
     """
+    networks = list(network) if isinstance(network, Sequence) else [network]
     waveform = tf.convert_to_tensor(waveform, tf.float32)
     length = tf.shape(waveform)[1]
     # Reflect padding needs more than n_fft // 2 samples; very short inputs get trailing zeros.
     padded = tf.pad(waveform, [[0, 0], [0, tf.maximum(0, config.n_fft - length)]])
     spectrum = stft(padded, config)
-    mask = spectrogram_mask(network, magnitude(spectrum), config)
-    if config.mask_exponent != 1.0:
-        mask = tf.pow(mask, config.mask_exponent)
+    mix_magnitude = magnitude(spectrum)
+    masks = []
+    for member in networks:
+        mask = spectrogram_mask(member, mix_magnitude, config)
+        # The exponent shapes each member's mask before the mean, as each was chosen alone.
+        masks.append(tf.pow(mask, config.mask_exponent) if config.mask_exponent != 1.0 else mask)
+    mask = masks[0] if len(masks) == 1 else tf.add_n(masks) / float(len(masks))
     instrument = istft(spectrum * tf.cast(mask, tf.complex64), config, tf.shape(padded)[1])[:, :length]
     return instrument, waveform - instrument

@@ -92,8 +92,36 @@ def test_a_run_can_be_scored_with_a_softer_mask_like_its_export_with_one(tiny_mo
 
     with pytest.raises(InvalidArgumentError, match="cannot change after training"):
         RunSource(data, run.name, {"n_fft": 512})
-    with pytest.raises(InvalidArgumentError, match="training run only"):
-        open_source(data, saved_model_dir=str(exported), overrides={"mask_exponent": 0.5})
+    with pytest.raises(InvalidArgumentError, match="training run or a SavedModel folder only"):
+        open_source(data, estimates_dir=str(tmp_path), overrides={"mask_exponent": 0.5})
+
+
+def test_an_export_can_be_scored_with_another_mask_exponent_like_a_run(tiny_model, tmp_path):
+    """--saved-model --set: the export's weights applied with other inference settings, as its run would be."""
+    from services.common.errors import InvalidArgumentError
+    from services.evaluation.report import model_label
+
+    data, run, version_dir, config = tiny_model
+    mix = np.sum(track_signals(1, seconds=1.0), axis=0)
+    changed = {"mask_exponent": 0.5, "chunk_overlap": 0.75}
+    source = open_source(data, saved_model_dir=str(version_dir), overrides=changed)
+    by_export, rest = source.separate(mix, RATE_HZ, "Song01")
+    by_run, _ = RunSource(data, run.name, changed).separate(mix, RATE_HZ, "Song01")
+    as_exported, _ = SavedModelSource(version_dir).separate(mix, RATE_HZ, "Song01")
+    np.testing.assert_allclose(by_export, by_run, atol=1e-5)
+    np.testing.assert_allclose(by_export + rest, mix, atol=1e-5)
+    assert np.sum(by_export**2) > 1.05 * np.sum(as_exported**2)  # the override took effect
+    assert source.provenance()["overrides"] == changed
+    assert source.model_config()["mask_exponent"] == 0.5 and source.model_config()["n_fft"] == config.n_fft
+    doc = {"provenance": {"model": source.provenance()}}
+    assert model_label(doc) == f"SavedModel {version_dir.name} (chunk_overlap=0.75, mask_exponent=0.5)"
+    with pytest.raises(InvalidArgumentError, match="cannot change after training"):
+        SavedModelSource(version_dir, {"n_fft": 512})
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "saved_model.pb").write_bytes((version_dir / "saved_model.pb").read_bytes())
+    with pytest.raises(FailedPreconditionError, match="records no network config"):
+        SavedModelSource(bare, {"mask_exponent": 0.5})
 
 
 @pytest.mark.slow

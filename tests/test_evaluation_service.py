@@ -58,7 +58,7 @@ def test_an_evaluation_job_runs_in_the_service_and_publishes_a_report(service):
     ({"baselines_only": True, "dataset": "evalset", "split": "train"},
      grpc.StatusCode.FAILED_PRECONDITION, "no tracks in split 'train'"),
     ({"estimates_dir": "/tmp", "dataset": "evalset", "overrides": {"mask_exponent": "0.5"}},
-     grpc.StatusCode.INVALID_ARGUMENT, "apply to a training run only"),
+     grpc.StatusCode.INVALID_ARGUMENT, "apply to a training run or a SavedModel folder only"),
     ({"estimates_dir": "/tmp", "dataset": "evalset", "overrides": {"mask_exponent": "[1"}},
      grpc.StatusCode.INVALID_ARGUMENT, "override mask_exponent: cannot read"),
 ])

@@ -752,6 +752,71 @@ def test_export_can_soften_the_mask_but_not_change_the_network(trained, tmp_path
     assert sorted(p.name for p in (tmp_path / "models" / "guitar").iterdir()) == ["1"]  # nothing half-written
 
 
+def test_export_with_more_runs_serves_the_mean_of_their_masks_and_fine_tunes_from_the_first(dataset, trained,
+                                                                                             tmp_path):
+    """An ensemble export: runs trained apart, one SavedModel, the mean of their (exponent-shaped) masks."""
+    import shutil
+
+    from services.common.errors import NotFoundError
+    from services.common.paths import DataRoot
+    from services.evaluation.sources import SavedModelSource
+    from services.training import jobs
+
+    root, manifest = dataset
+    run_a, _, _ = trained
+    run_b = tmp_path / "run-b"
+    train_run(run_b, manifest, root, epochs=1, **{**FAST, "seed": 11})
+    models = tmp_path / "models"
+    assert export_run(run_a, models, "ens", {"mask_exponent": 1.5}, with_runs=[run_b]) == 1
+    exported = models / "ens" / "1"
+    info = json.loads((exported / "assets.extra" / "stemlab.json").read_text())
+    assert [m["source_run"] for m in info["members"]] == ["run-a", "run-b"]
+    assert info["source_run"] == "run-a" and info["config"]["mask_exponent"] == 1.5
+
+    (net_a, config), (net_b, _) = load_best_network(run_a), load_best_network(run_b)
+    config = config.model_copy(update={"mask_exponent": 1.5})
+    mix = (np.random.default_rng(5).standard_normal((2, 20_000)) * 0.2).astype(np.float32)
+    served = tf.saved_model.load(str(exported)).signatures["serving_default"](waveform=tf.constant(mix))
+    alone = [separate_waveform(net, mix, config)[0].numpy() for net in (net_a, net_b)]
+    np.testing.assert_allclose(served["instrument"].numpy(), (alone[0] + alone[1]) / 2, atol=1e-5)
+    np.testing.assert_allclose(served["instrument"].numpy() + served["rest"].numpy(), mix, atol=1e-6)
+    assert np.max(np.abs(alone[0] - alone[1])) > 1e-3  # two different networks, so the mean is news
+    # Evaluation can apply the ensemble's weights with other settings, as its members' runs could be.
+    plain, _ = SavedModelSource(exported, {"mask_exponent": 1.0}).separate(mix[0], config.rate_hz, "t")
+    alone = [separate_waveform(net, mix[:1], config.model_copy(update={"mask_exponent": 1.0}))[0].numpy()[0]
+             for net in (net_a, net_b)]
+    np.testing.assert_allclose(plain, (alone[0] + alone[1]) / 2, atol=1e-5)
+
+    # Fine-tuning the ensemble (e.g. a shipped one) starts from its first member's weights.
+    warm = tmp_path / "warm"
+    train_run(warm, manifest, root, epochs=1, overrides={"learning_rate": 1e-12}, init_from=exported,
+              **{**FAST, "seed": 11})
+    weights = [w.numpy() for w in load_best_network(warm)[0].trainable_weights]
+    first = [w.numpy() for w in net_a.trainable_weights]
+    assert max(float(np.max(np.abs(a - b))) for a, b in zip(weights, first, strict=True)) < 1e-6
+    assert read_run(warm)["init_from"]["run_id"] == "run-a"
+
+    # The service checks the members when the export is asked for: each once, existing, alike.
+    data = DataRoot(root)
+    shutil.copytree(run_a, data.runs / "ens-a")
+    shutil.copytree(run_b, data.runs / "ens-b")
+    other = yaml.safe_load((run_b / "run.yaml").read_text())
+    other["config"]["hop_length"] //= 2
+    shutil.copytree(run_b, data.runs / "ens-c")
+    (data.runs / "ens-c" / "run.yaml").write_text(yaml.safe_dump(other))
+    asked = {"run_id": "ens-a", "model_name": "ens"}
+    assert jobs.validate_export(data, {**asked, "with_runs": ["ens-b"]})["with_runs"] == ["ens-b"]
+    with pytest.raises(InvalidArgumentError, match="each run once"):
+        jobs.validate_export(data, {**asked, "with_runs": ["ens-b", "ens-a"]})
+    with pytest.raises(NotFoundError):
+        jobs.validate_export(data, {**asked, "with_runs": ["no-such-run"]})
+    with pytest.raises(FailedPreconditionError, match="member 2 has another spectrogram or chunk than the first: hop"):
+        jobs.validate_export(data, {**asked, "with_runs": ["ens-c"]})
+    with pytest.raises(FailedPreconditionError, match="hop_length"):
+        export_run(data.runs / "ens-a", models, "ens", with_runs=[data.runs / "ens-c"])
+    assert sorted(p.name for p in (models / "ens").iterdir()) == ["1"]  # nothing half-written
+
+
 # ---- processes: kill -9 and multi-worker ------------------------------------------------------
 
 _CHILD = """

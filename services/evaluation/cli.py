@@ -47,7 +47,8 @@ def register(subparsers, groups=None) -> None:
                    help=f"comma-separated, from {','.join(BASELINES)} (default mixture,oracle)")
     p.add_argument("--max-tracks", type=int, default=0, help="evaluate N tracks spread evenly over the split, sorted by name (0: all)")
     p.add_argument("--set", action="append", type=key_value, default=[], metavar="KEY=VALUE",
-                   help="with --run: apply the network differently, e.g. mask_exponent=0.7 (repeatable)")
+                   help="with --run or --saved-model: apply the network differently, e.g. mask_exponent=0.7 "
+                        "(mask_exponent, chunk_overlap, inference_batch; repeatable)")
     p.add_argument("--serving-address", default="", help="where the served model is (default: configured)")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
     add_common_args(p, SERVICE)

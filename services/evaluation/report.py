@@ -141,11 +141,12 @@ def model_label(doc: dict) -> str:
     kind = model.get("kind", "")
     if kind == "served_model":
         return f"{model.get('model')}" + (f":{model['version']}" if model.get("version") else "")
+    changed = ", ".join(f"{k}={v}" for k, v in sorted((model.get("overrides") or {}).items()))
+    changed = f" ({changed})" if changed else ""
     if kind == "run":
-        changed = ", ".join(f"{k}={v}" for k, v in sorted((model.get("overrides") or {}).items()))
-        return f"run {model.get('run')}" + (f" ({changed})" if changed else "")
+        return f"run {model.get('run')}{changed}"
     if kind == "saved_model":
-        return f"SavedModel {Path(str(model.get('saved_model', ''))).name}"
+        return f"SavedModel {Path(str(model.get('saved_model', ''))).name}{changed}"
     if kind == "estimates":
         return f"estimates from {Path(str(model.get('estimates_dir', ''))).name}/"
     return "baselines only"

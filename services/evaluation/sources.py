@@ -149,25 +149,44 @@ class SavedModelSource(_WaveformModelSource):
 
     kind = "saved_model"
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, overrides: dict | None = None):
         self.path = Path(path)
         if not (self.path / "saved_model.pb").is_file():
             raise NotFoundError(f"{self.path} is not a SavedModel folder (no saved_model.pb)")
         self.info = _export_info(self.path)
         self.model_rate_hz = int(self.info["rate_hz"]) if self.info.get("rate_hz") else None
         self._signature = None
+        # With overrides the export's weights are read into a network of its recorded config and
+        # applied here (the serving signature has the export's mask_exponent etc. built in).
+        self.overrides = dict(overrides or {})
+        self.config = None
+        self._networks = None
+        if self.overrides:
+            if not isinstance(self.info.get("config"), dict):
+                raise FailedPreconditionError(
+                    f"{self.path} records no network config (assets.extra/stemlab.json), so it can only "
+                    "be applied as exported")
+            try:
+                self.config = with_inference_overrides(config_from_dict(self.info["config"]), self.overrides)
+            except ConfigError as e:
+                raise InvalidArgumentError(str(e)) from e
 
     def provenance(self) -> dict:
         extra = {k: v for k, v in self.info.items() if k != "config"}
-        return {"kind": self.kind, "saved_model": str(self.path.resolve()), "rate_hz": self.model_rate_hz,
-                "export_info": extra}
+        found = {"kind": self.kind, "saved_model": str(self.path.resolve()), "rate_hz": self.model_rate_hz,
+                 "export_info": extra}
+        if self.overrides:
+            found["overrides"] = self.overrides
+        return found
 
     def model_config(self):
-        return self.info.get("config")
+        return config_to_dict(self.config) if self.config is not None else self.info.get("config")
 
     def _run(self, waveform):
         import tensorflow as tf
 
+        if self.config is not None:
+            return self._run_with_overrides(tf.constant(waveform, tf.float32))
         if self._signature is None:
             loaded = tf.saved_model.load(str(self.path))
             if "serving_default" not in loaded.signatures:
@@ -178,6 +197,18 @@ class SavedModelSource(_WaveformModelSource):
         if "instrument" not in outputs:
             raise FailedPreconditionError(f"{self.path}: serving_default has no 'instrument' output")
         return outputs["instrument"].numpy(), outputs.get("rest")
+
+    def _run_with_overrides(self, waveform):
+        from model.export import ExportError, load_exported_networks
+        from model.separate import separate_waveform
+
+        if self._networks is None:
+            try:
+                self._networks = load_exported_networks(self.path)[0]  # an ensemble's members too
+            except ExportError as e:
+                raise FailedPreconditionError(str(e)) from e
+        instrument, rest = separate_waveform(self._networks, waveform, self.config)
+        return instrument.numpy(), rest.numpy()
 
 
 def _export_info(version_dir: Path) -> dict:
@@ -281,17 +312,17 @@ def open_source(data: DataRoot, *, model: str = "", run: str = "", estimates_dir
                 overrides: dict | None = None) -> ModelSource:
     """The one source a request names (exactly one of model, run, estimates_dir, saved_model_dir).
 
-    `overrides` (config.INFERENCE_KEYS, e.g. mask_exponent) change how a run's network is applied;
-    an exported model carries its own, so they are refused for every other source.
+    `overrides` (config.INFERENCE_KEYS, e.g. mask_exponent) change how a run's or a SavedModel's
+    network is applied; served models and estimates have no network here, so they are refused there.
     """
     given = [k for k, v in (("model", model), ("run", run), ("estimates_dir", estimates_dir),
                             ("saved_model_dir", saved_model_dir)) if v]
     if len(given) != 1:
         raise InvalidArgumentError(
             f"name exactly one of model, run, estimates_dir, saved_model_dir (got {given or 'none'})")
-    if overrides and not run:
-        raise InvalidArgumentError(f"overrides {sorted(overrides)} apply to a training run only (export "
-                                   "with them to change a model)")
+    if overrides and not (run or saved_model_dir):
+        raise InvalidArgumentError(f"overrides {sorted(overrides)} apply to a training run or a SavedModel "
+                                   "folder only (export with them to change a served model)")
     if model:
         name, version = parse_model_ref(model)
         return ServedModelSource(name, version, serving_address)
@@ -299,4 +330,4 @@ def open_source(data: DataRoot, *, model: str = "", run: str = "", estimates_dir
         return RunSource(data, run, overrides)
     if estimates_dir:
         return EstimatesFolderSource(estimates_dir)
-    return SavedModelSource(saved_model_dir)
+    return SavedModelSource(saved_model_dir, overrides)

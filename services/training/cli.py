@@ -62,7 +62,8 @@ def cmd_export(args) -> int:
 
     if not args.model:
         raise CliError("give the served model's name with --model (e.g. guitar)")
-    req = training_pb2.ExportModelRequest(run_id=args.run, model_name=args.model, overrides=dict(args.set))
+    req = training_pb2.ExportModelRequest(run_id=args.run, model_name=args.model, overrides=dict(args.set),
+                                          with_runs=args.with_runs)
     return start_and_follow(args, SERVICE, _stub(args).ExportModel(req, timeout=30))
 
 
@@ -114,6 +115,8 @@ def register(subparsers, groups: dict | None = None) -> None:
     p.add_argument("--model", required=True, help="served model name, e.g. guitar")
     p.add_argument("--set", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                    help="how the network is applied: mask_exponent, chunk_overlap or inference_batch (repeatable)")
+    p.add_argument("--with", dest="with_runs", action="append", default=[], metavar="RUN",
+                   help="another run whose network's mask is averaged with RUN's: an ensemble (repeatable)")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return")
     add_common_args(p, SERVICE)
     p.set_defaults(func=cmd_export)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from model.config import ConfigError, config_from_dict, with_inference_overrides
-from model.export import versions
+from model.export import ExportError, check_ensemble, versions
 from services.common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from services.common.jobs import INTERRUPTED, QUEUED, RUNNING, JobStore
 from services.common.manifest import ManifestError, find_manifest
@@ -124,14 +124,22 @@ def validate_resume(data: DataRoot, params: dict) -> dict:
 
 
 def validate_export(data: DataRoot, params: dict) -> dict:
-    path = existing_run(data, params.get("run_id", ""))
+    run_ids = [params.get("run_id", ""), *(params.get("with_runs") or [])]
+    if len(set(run_ids)) != len(run_ids):
+        raise InvalidArgumentError(f"an ensemble names each run once (got {run_ids})")
+    paths = [existing_run(data, run_id) for run_id in run_ids]
     validate_name(params.get("model_name", ""), "model name")
-    if not (path / trainer.BEST_WEIGHTS).is_file():
-        raise FailedPreconditionError(f"run {params['run_id']} has no finished epoch to export yet")
+    for run_id, path in zip(run_ids, paths, strict=True):
+        if not (path / trainer.BEST_WEIGHTS).is_file():
+            raise FailedPreconditionError(f"run {run_id} has no finished epoch to export yet")
     try:
-        with_inference_overrides(config_from_dict(trainer.read_run(path)["config"]), params.get("overrides"))
+        configs = [config_from_dict(trainer.read_run(path)["config"]) for path in paths]
+        with_inference_overrides(configs[0], params.get("overrides"))
+        check_ensemble(configs)
     except ConfigError as e:
         raise InvalidArgumentError(str(e)) from e
+    except ExportError as e:
+        raise FailedPreconditionError(str(e)) from e
     return params
 
 
@@ -192,7 +200,8 @@ class TrainingJobs:
         validate_export(self.data, params)
         ctx.progress(0, 1, f"exporting {params['run_id']} as {params['model_name']}")
         version = trainer.export_run(existing_run(self.data, params["run_id"]), self.data.models, params["model_name"],
-                                     params.get("overrides"))
+                                     params.get("overrides"),
+                                     [existing_run(self.data, r) for r in params.get("with_runs") or []])
         ctx.progress(1, 1, f"published {params['model_name']} version {version}")
         return {"model": params["model_name"], "version": version,
                 "path": str(self.data.models / params["model_name"] / str(version))}

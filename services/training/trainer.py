@@ -51,7 +51,13 @@ from model.config import (
     make_config,
     with_inference_overrides,
 )
-from model.export import ExportError, export_saved_model, load_exported_weights, read_export_info
+from model.export import (
+    ExportError,
+    check_ensemble,
+    export_saved_model,
+    load_exported_weights,
+    read_export_info,
+)
 from model.loss import masked_l1_per_chunk
 from model.network import build_network
 from services.common.config import first_error
@@ -667,12 +673,15 @@ def resume_run(run_dir: str | os.PathLike, epochs: int | None = None, patience: 
 
 
 def export_run(run_dir: str | os.PathLike, models_root: str | os.PathLike, model_name: str,
-               overrides: dict[str, Any] | None = None) -> int:
+               overrides: dict[str, Any] | None = None,
+               with_runs: list[str | os.PathLike] | None = None) -> int:
     """Export the run's best weights as the next version of models/<model_name>/; returns the version.
 
     `overrides` may change how the network is applied (config.INFERENCE_KEYS, e.g. mask_exponent).
+    `with_runs`: more runs whose networks join the first in an ensemble (the mean of their masks);
+    stemlab.json then lists every member under "members", the first one's record staying on top.
     """
-    run_dir = Path(run_dir)
+    run_dirs = [Path(run_dir), *(Path(r) for r in with_runs or [])]
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", model_name or ""):
         raise InvalidArgumentError(f"invalid model name {model_name!r}: use letters, digits, '.', '_' and '-'")
     try:
@@ -683,19 +692,33 @@ def export_run(run_dir: str | os.PathLike, models_root: str | os.PathLike, model
     # training runs, like their own checkpoint saves (_TF_TURN). run.yaml is read in the same
     # turn, as a training run updates it with its best weights.
     with _TF_TURN:
-        info = read_run(run_dir)
-        network, config = load_best_network(run_dir)
+        networks, members = [], []
+        for path in run_dirs:
+            info = read_run(path)
+            network, member_config = load_best_network(path)
+            record = {"preset": info.get("preset"), "source_run": info.get("run_id", path.name),
+                      "best_epoch": info.get("best_epoch"), "best_val_loss": info.get("best_val_loss"),
+                      "dataset": info.get("manifest", {}), "instrument": _instrument_of(info)}
+            if info.get("init_from"):  # a fine-tune names the weights it started from
+                record["init_from"] = info["init_from"]
+            networks.append(network)
+            members.append({**record, "config": config_to_dict(member_config)})
+        instruments = {m["instrument"] for m in members if m["instrument"]}
+        if len(instruments) > 1:
+            raise InvalidArgumentError(f"an ensemble separates one instrument; these runs learnt {sorted(instruments)}")
         try:
-            config = with_inference_overrides(config, overrides)
+            config = with_inference_overrides(config_from_dict(members[0]["config"]), overrides)
         except ConfigError as e:
             raise InvalidArgumentError(str(e)) from e
-        metadata = {"preset": info.get("preset"), "source_run": info.get("run_id", run_dir.name),
-                    "best_epoch": info.get("best_epoch"), "best_val_loss": info.get("best_val_loss"),
-                    "dataset": info.get("manifest", {}), "instrument": _instrument_of(info),
-                    "code_version": code_version(), "exported": _now()}
-        if info.get("init_from"):  # a fine-tune names the weights it started from
-            metadata["init_from"] = info["init_from"]
-        return export_saved_model(network, config, model_dir, metadata)
+        metadata = {k: v for k, v in members[0].items() if k != "config"}
+        metadata.update(code_version=code_version(), exported=_now())
+        if len(members) > 1:
+            metadata["members"] = members
+        try:
+            check_ensemble([config_from_dict(m["config"]) for m in members])
+        except ExportError as e:
+            raise FailedPreconditionError(str(e)) from e
+        return export_saved_model(networks if len(networks) > 1 else networks[0], config, model_dir, metadata)
 
 
 def _instrument_of(info: dict[str, Any]) -> str | None:
