@@ -156,8 +156,9 @@ class SavedModelSource(_WaveformModelSource):
         self.info = _export_info(self.path)
         self.model_rate_hz = int(self.info["rate_hz"]) if self.info.get("rate_hz") else None
         self._signature = None
-        # With overrides the export's weights are read into a network of its recorded config and
-        # applied here (the serving signature has the export's mask_exponent etc. built in).
+        # With overrides the export's weights are read into networks of its recorded configs (an
+        # ensemble's members too) and applied here: the serving signature has the export's
+        # mask_exponent etc. built in.
         self.overrides = dict(overrides or {})
         self.config = None
         self._networks = None
