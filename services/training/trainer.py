@@ -692,7 +692,7 @@ def export_run(run_dir: str | os.PathLike, models_root: str | os.PathLike, model
     # training runs, like their own checkpoint saves (_TF_TURN). run.yaml is read in the same
     # turn, as a training run updates it with its best weights.
     with _TF_TURN:
-        networks, members = [], []
+        networks, configs, records = [], [], []
         for path in run_dirs:
             info = read_run(path)
             network, member_config = load_best_network(path)
@@ -702,22 +702,22 @@ def export_run(run_dir: str | os.PathLike, models_root: str | os.PathLike, model
             if info.get("init_from"):  # a fine-tune names the weights it started from
                 record["init_from"] = info["init_from"]
             networks.append(network)
-            members.append({**record, "config": config_to_dict(member_config)})
-        instruments = {m["instrument"] for m in members if m["instrument"]}
+            configs.append(member_config)
+            records.append(record)
+        instruments = {r["instrument"] for r in records if r["instrument"]}
         if len(instruments) > 1:
             raise InvalidArgumentError(f"an ensemble separates one instrument; these runs learnt {sorted(instruments)}")
         try:
-            config = with_inference_overrides(config_from_dict(members[0]["config"]), overrides)
-        except ConfigError as e:
-            raise InvalidArgumentError(str(e)) from e
-        metadata = {k: v for k, v in members[0].items() if k != "config"}
-        metadata.update(code_version=code_version(), exported=_now())
-        if len(members) > 1:
-            metadata["members"] = members
-        try:
-            check_ensemble([config_from_dict(m["config"]) for m in members])
+            check_ensemble(configs)
         except ExportError as e:
             raise FailedPreconditionError(str(e)) from e
+        try:
+            config = with_inference_overrides(configs[0], overrides)
+        except ConfigError as e:
+            raise InvalidArgumentError(str(e)) from e
+        metadata = {**records[0], "code_version": code_version(), "exported": _now()}
+        if len(records) > 1:
+            metadata["members"] = [{**r, "config": config_to_dict(c)} for r, c in zip(records, configs, strict=True)]
         return export_saved_model(networks if len(networks) > 1 else networks[0], config, model_dir, metadata)
 
 
