@@ -134,12 +134,24 @@ def export_saved_model(
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def read_export_info(version_dir: str | os.PathLike) -> dict[str, Any]:
-    """assets.extra/stemlab.json of an exported version."""
+def read_export_info(version_dir: str | os.PathLike, missing_ok: bool = False) -> dict[str, Any]:
+    """assets.extra/stemlab.json of an exported version ({} when it has none and `missing_ok`).
+
+    A SavedModel exported elsewhere may have no such file; one that is not a JSON object raises
+    ExportError either way.
+    """
     path = Path(version_dir) / "assets.extra" / STEMLAB_ASSET
     if not path.is_file():
+        if missing_ok:
+            return {}
         raise ExportError(f"{version_dir} has no assets.extra/{STEMLAB_ASSET}")
-    return json.loads(path.read_text())
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(info, dict):
+        raise ExportError(f"{path} is not a JSON object")
+    return info
 
 
 def member_configs(info: dict[str, Any]) -> list[ModelConfig]:
@@ -157,7 +169,7 @@ def load_exported_weights(network: keras.Model, config: ModelConfig, version_dir
     them back; a variable missing on either side raises, a silent partial load would not. From an
     ensemble, `network` gets its first member's weights (the others are read into throwaway copies).
     """
-    info = read_export_info(version_dir) if (Path(version_dir) / "assets.extra" / STEMLAB_ASSET).is_file() else {}
+    info = read_export_info(version_dir, missing_ok=True)
     others = [build_network(c) for c in member_configs(info)[1:]] if info.get("config") else []
     _read_weights([network, *others], config, version_dir)
 

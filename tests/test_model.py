@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 from model.config import ConfigError, config_from_dict, config_to_dict, make_config
-from model.export import export_saved_model, read_export_info, versions
+from model.export import ExportError, export_saved_model, read_export_info, versions
 from model.loss import masked_l1
 from model.network import build_network, trainable_parameter_count
 from model.separate import separate_waveform, spectrogram_mask
@@ -234,3 +234,20 @@ def test_loss_error_power_two_is_the_squared_error_and_weighs_a_large_leak_more(
     assert np.all(l2[1] > 10 * l2[0])  # ... the squared error weighs the lumped leak far more
     expected = ((target - spread * mix) ** 2).mean(axis=(1, 2, 3))
     np.testing.assert_allclose(l2[0], expected, rtol=1e-4)  # peak_power 1: plain squared magnitudes
+
+
+def test_export_info_is_read_in_one_place_and_a_broken_one_is_refused(tmp_path):
+    version = tmp_path / "7"
+    (version / "assets.extra").mkdir(parents=True)
+    assert read_export_info(version, missing_ok=True) == {}  # a SavedModel exported elsewhere
+    with pytest.raises(ExportError, match="has no assets.extra/stemlab.json"):
+        read_export_info(version)
+    info = version / "assets.extra" / "stemlab.json"
+    info.write_text('{"config": ')
+    with pytest.raises(ExportError, match="not valid JSON"):
+        read_export_info(version, missing_ok=True)
+    info.write_text("[1, 2]")
+    with pytest.raises(ExportError, match="not a JSON object"):
+        read_export_info(version)
+    info.write_text('{"rate_hz": 22050}')
+    assert read_export_info(version) == {"rate_hz": 22050}

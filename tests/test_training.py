@@ -22,7 +22,7 @@ from model.config import make_config
 from model.separate import separate_waveform
 from services.common.errors import FailedPreconditionError, InvalidArgumentError
 from services.common.manifest import Manifest, Pair
-from services.training import data
+from services.training import data, sampling
 from services.training.trainer import (
     export_run,
     load_best_network,
@@ -104,13 +104,13 @@ def trained(dataset, tmp_path_factory):
 
 
 def _fake_tracks(sources_and_lengths):
-    return [data.TrackAudio(f"t{i}", s, np.full(n, i + 1, np.float32), np.full(n, -(i + 1), np.float32))
+    return [sampling.TrackAudio(f"t{i}", s, np.full(n, i + 1, np.float32), np.full(n, -(i + 1), np.float32))
             for i, (s, n) in enumerate(sources_and_lengths)]
 
 
 def test_chunks_are_drawn_by_source_weight_across_tracks():
     tracks = _fake_tracks([("recorded", 5000)] * 3 + [("solo", 5000)])
-    sampler = data.ChunkSampler(tracks, {"recorded": 3, "solo": 1}, 1000, RATE, data.Augmentation(gain_db=0, remix_probability=0))
+    sampler = sampling.ChunkSampler(tracks, {"recorded": 3, "solo": 1}, 1000, RATE, sampling.Augmentation(gain_db=0, remix_probability=0))
     instrument, rest = sampler.draw(np.random.default_rng(0), 4000)
     track_of = instrument[:, 0].astype(int) - 1
     assert abs(np.mean(track_of == 3) - 0.25) < 0.03  # the solo source gets its 1 in 4
@@ -120,13 +120,13 @@ def test_chunks_are_drawn_by_source_weight_across_tracks():
 
 def test_remixing_and_gain_change_training_chunks_but_are_seeded():
     tracks = _fake_tracks([("a", 3000)] * 4)
-    sampler = data.ChunkSampler(tracks, {}, 1000, RATE, data.Augmentation(gain_db=6, remix_probability=1.0))
+    sampler = sampling.ChunkSampler(tracks, {}, 1000, RATE, sampling.Augmentation(gain_db=6, remix_probability=1.0))
     inst, rest = sampler.draw(np.random.default_rng(5), 200)
     assert np.mean(np.abs(inst[:, 0]) != np.abs(rest[:, 0])) > 0.5  # rest from another track, other gain
     again = sampler.draw(np.random.default_rng(5), 200)
     np.testing.assert_array_equal(inst, again[0])
-    first = list(data.training_segments(sampler, 1, 2, 4, 3))
-    replay = list(data.training_segments(sampler, 1, 2, 4, 3, skip_steps=2))
+    first = list(sampling.training_segments(sampler, 1, 2, 4, 3))
+    replay = list(sampling.training_segments(sampler, 1, 2, 4, 3, skip_steps=2))
     np.testing.assert_array_equal(first[2][0], replay[0][0])  # skipping replays the same epoch
 
 
@@ -139,7 +139,7 @@ def _band_energy(audio, lo_hz, hi_hz, rate=RATE):
 def test_random_eq_curves_are_bounded_smooth_and_sometimes_low_pass():
     f = np.fft.rfftfreq(8192, 1.0 / RATE)
     rng = np.random.default_rng(1)
-    curves = np.stack([data.random_eq_db(rng, f, 9.0) for _ in range(300)])
+    curves = np.stack([sampling.random_eq_db(rng, f, 9.0) for _ in range(300)])
     assert curves.max() <= 9.0 and curves.min() >= -60.0
     # Smooth, so a short filter: its impulse response has all but 0.1 % of its energy within
     # 20 ms of time zero, and the circular FFT filter barely wraps around a chunk's ends.
@@ -149,16 +149,16 @@ def test_random_eq_curves_are_bounded_smooth_and_sometimes_low_pass():
     top = curves[:, np.argmin(np.abs(f - 10_500))] - curves[:, np.argmin(np.abs(f - 5000))]
     assert 0.15 < np.mean(top < -15) < 0.5  # about a third roll off steeply (low-pass)
     assert np.std(curves[:, np.argmin(np.abs(f - 1000))]) > 1.0  # and the mids move too
-    np.testing.assert_array_equal(data.random_eq_db(np.random.default_rng(1), f, 9.0), curves[0])
+    np.testing.assert_array_equal(sampling.random_eq_db(np.random.default_rng(1), f, 9.0), curves[0])
 
 
 def test_equalise_is_a_filter_flat_curve_identity_low_pass_removes_highs():
     t = np.arange(8192) / RATE
     low, high = np.sin(2 * np.pi * 200 * t), np.sin(2 * np.pi * 8000 * t)
     f = np.fft.rfftfreq(t.shape[0], 1.0 / RATE)
-    np.testing.assert_allclose(data.equalise((low + high).astype(np.float32), np.zeros_like(f)), low + high, atol=1e-5)
+    np.testing.assert_allclose(sampling.equalise((low + high).astype(np.float32), np.zeros_like(f)), low + high, atol=1e-5)
     cut = np.where(f > 2000, -60.0, 0.0)
-    out = data.equalise((low + high).astype(np.float32), cut)
+    out = sampling.equalise((low + high).astype(np.float32), cut)
     assert _band_energy(out, 7000, 9000) < 1e-5 * _band_energy(high, 7000, 9000)
     assert abs(_band_energy(out, 100, 300) / _band_energy(low, 100, 300) - 1) < 0.01
 
@@ -166,9 +166,9 @@ def test_equalise_is_a_filter_flat_curve_identity_low_pass_removes_highs():
 def test_eq_augmentation_bends_each_source_on_its_own_and_is_seeded():
     rng = np.random.default_rng(0)
     noise = [rng.standard_normal(6000).astype(np.float32) for _ in range(4)]
-    tracks = [data.TrackAudio(f"t{i}", "a", noise[i], noise[(i + 1) % 4]) for i in range(4)]
-    plain = data.ChunkSampler(tracks, {}, 4096, RATE, data.Augmentation(gain_db=0, remix_probability=0))
-    eq = data.ChunkSampler(tracks, {}, 4096, RATE, data.Augmentation(gain_db=0, remix_probability=0, eq_db=9))
+    tracks = [sampling.TrackAudio(f"t{i}", "a", noise[i], noise[(i + 1) % 4]) for i in range(4)]
+    plain = sampling.ChunkSampler(tracks, {}, 4096, RATE, sampling.Augmentation(gain_db=0, remix_probability=0))
+    eq = sampling.ChunkSampler(tracks, {}, 4096, RATE, sampling.Augmentation(gain_db=0, remix_probability=0, eq_db=9))
     inst0, rest0 = plain.draw(np.random.default_rng(7), 64)
     inst, rest = eq.draw(np.random.default_rng(7), 64)
     # Brightness (high band over low band) of each source, relative to the unequalised chunk.
@@ -184,8 +184,8 @@ def test_eq_augmentation_bends_each_source_on_its_own_and_is_seeded():
 
 def test_validation_segments_are_fixed_and_unaugmented():
     tracks = _fake_tracks([("a", 10_000), ("b", 500)])
-    one = data.validation_segments(tracks, 1000, per_track=4)
-    two = data.validation_segments(tracks, 1000, per_track=4)
+    one = sampling.validation_segments(tracks, 1000, per_track=4)
+    two = sampling.validation_segments(tracks, 1000, per_track=4)
     np.testing.assert_array_equal(one[0], two[0])
     assert one[0].shape == (5, 1000)  # 4 from the long track, 1 zero-padded from the short one
     np.testing.assert_array_equal(one[0] + one[1], 0)
@@ -408,7 +408,7 @@ def test_resume_with_another_augmentation_draws_with_it_and_chooses_the_best_epo
                                                                                          monkeypatch):
     import shutil
 
-    from services.training import data as training_data
+    from services.training import sampling as training_sampling
 
     run_dir, _, _ = trained
     copy = tmp_path / "run-eq"
@@ -416,16 +416,16 @@ def test_resume_with_another_augmentation_draws_with_it_and_chooses_the_best_epo
     before = read_run(copy)
     used = []
 
-    class Recording(training_data.ChunkSampler):
+    class Recording(training_sampling.ChunkSampler):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             used.append(self.augmentation)
 
-    monkeypatch.setattr(training_data, "ChunkSampler", Recording)
+    monkeypatch.setattr(training_sampling, "ChunkSampler", Recording)
     # A huge equaliser makes epoch 5 worse on the unaugmented validation chunks than the earlier
     # best, so only a fresh choice makes it the best (and the weights an export takes).
     result = resume_run(copy, epochs=5, changes={"augment_eq_db": 24.0, "remix_probability": 0.5})
-    assert used == [training_data.Augmentation(before["options"]["augment_gain_db"], 0.5, 24.0)]
+    assert used == [training_sampling.Augmentation(before["options"]["augment_gain_db"], 0.5, 24.0)]
     info = read_run(copy)
     assert info["options"]["augment_eq_db"] == 24.0 and info["options"]["remix_probability"] == 0.5
     assert info["changes"] == [{"from_epoch": 5, "from_step": 1, "augment_eq_db": 24.0, "remix_probability": 0.5}]

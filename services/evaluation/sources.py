@@ -8,7 +8,6 @@ client are imported only by the sources that need them.
 from __future__ import annotations
 
 import abc
-import json
 from pathlib import Path
 
 import numpy as np
@@ -213,14 +212,13 @@ class SavedModelSource(_WaveformModelSource):
 
 
 def _export_info(version_dir: Path) -> dict:
-    path = version_dir / "assets.extra" / "stemlab.json"
-    if not path.is_file():
-        return {}
+    """The export's stemlab.json, {} for a SavedModel made elsewhere (then applied as it is)."""
+    from model.export import ExportError, read_export_info
+
     try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise FailedPreconditionError(f"{path} is not valid JSON: {e}") from e
-    return info if isinstance(info, dict) else {}
+        return read_export_info(version_dir, missing_ok=True)
+    except ExportError as e:
+        raise FailedPreconditionError(str(e)) from e
 
 
 class ServedModelSource(ModelSource):

@@ -64,7 +64,7 @@ from services.common.config import first_error
 from services.common.errors import FailedPreconditionError, InvalidArgumentError
 from services.common.manifest import load_manifest
 from services.common.paths import ExclusiveLock, LockHeldError, PathError, atomic_write_text, safe_join
-from services.training import data
+from services.training import data, sampling
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class TrainingOptions(BaseModel):
 
     augment_gain_db: float = Field(6.0, ge=0.0, le=40.0)
     remix_probability: float = Field(0.25, ge=0.0, le=1.0)
-    # Random equaliser per source and chunk, up to this many dB (data.random_eq_db); 0 = off.
+    # Random equaliser per source and chunk, up to this many dB (sampling.random_eq_db); 0 = off.
     augment_eq_db: float = Field(0.0, ge=0.0, le=24.0)
     validation_chunks_per_track: int = Field(8, ge=1)
     checkpoints_kept: int = Field(2, ge=1)
@@ -212,7 +212,8 @@ def read_history(run_dir: str | os.PathLike) -> list[dict[str, float]]:
                 for row in csv.DictReader(f)]
 
 
-def _write_history(run_dir: Path, history: list[dict[str, float]]) -> None:
+def write_history(run_dir: Path, history: list[dict[str, float]]) -> None:
+    """history.csv of `history` rows (HISTORY_FIELDS; others ignored), replaced in one rename."""
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=HISTORY_FIELDS, lineterminator="\n")
     writer.writeheader()
@@ -340,11 +341,11 @@ def train_run(
                     "epochs_completed": int(info.get("epochs_completed") or 0), "global_step": None,
                     "best_epoch": int(info.get("best_epoch") or 0), "best_val_loss": info.get("best_val_loss"),
                     "history": read_history(run_dir) if chief else []}
-        augmentation = data.Augmentation(options.augment_gain_db, options.remix_probability, options.augment_eq_db)
-        sampler = data.ChunkSampler(tracks["train"], manifest.sources, config.segment_samples, config.rate_hz,
+        augmentation = sampling.Augmentation(options.augment_gain_db, options.remix_probability, options.augment_eq_db)
+        sampler = sampling.ChunkSampler(tracks["train"], manifest.sources, config.segment_samples, config.rate_hz,
                                     augmentation)
         validation = data.validation_dataset(
-            data.validation_segments(tracks["validation"], config.segment_samples, options.validation_chunks_per_track),
+            sampling.validation_segments(tracks["validation"], config.segment_samples, options.validation_chunks_per_track),
             config, batch_size, options.loss_phase_sensitive)
 
         keras.utils.set_random_seed(seed)
@@ -503,7 +504,7 @@ def train_run(
                     if improved:
                         _save_best_weights(network, run_dir)
                     _write_run(run_dir, {**info, "state": "running", "updated": _now(), "epochs_completed": epoch})
-                _write_history(run_dir, history)
+                write_history(run_dir, history)
                 with writer.as_default(step=epoch):
                     _scalar_summary("loss", train_loss)
                     _scalar_summary("val_loss", val_loss)
