@@ -755,9 +755,11 @@ def test_export_can_soften_the_mask_but_not_change_the_network(trained, tmp_path
 def test_export_with_more_runs_serves_the_mean_of_their_masks_and_fine_tunes_from_the_first(dataset, trained,
                                                                                              tmp_path):
     """An ensemble export: runs trained apart, one SavedModel, the mean of their (exponent-shaped) masks."""
+    import dataclasses
     import shutil
 
     from services.common.errors import NotFoundError
+    from services.common.manifest import load_manifest, publish_manifest
     from services.common.paths import DataRoot
     from services.evaluation.sources import SavedModelSource
     from services.training import jobs
@@ -814,6 +816,17 @@ def test_export_with_more_runs_serves_the_mean_of_their_masks_and_fine_tunes_fro
         jobs.validate_export(data, {**asked, "with_runs": ["ens-c"]})
     with pytest.raises(FailedPreconditionError, match="hop_length"):
         export_run(data.runs / "ens-a", models, "ens", with_runs=[data.runs / "ens-c"])
+    # A run that learnt another instrument is refused when asked, not in the queued job.
+    piano = dataclasses.replace(load_manifest(manifest), name="pianoset", instrument="piano")
+    piano_path, _ = publish_manifest(data, piano)
+    other = yaml.safe_load((run_b / "run.yaml").read_text())
+    other["manifest"]["path"] = str(piano_path)
+    shutil.copytree(run_b, data.runs / "ens-d")
+    (data.runs / "ens-d" / "run.yaml").write_text(yaml.safe_dump(other))
+    with pytest.raises(InvalidArgumentError, match=r"one instrument; these runs learnt \['guitar', 'piano'\]"):
+        jobs.validate_export(data, {**asked, "with_runs": ["ens-d"]})
+    with pytest.raises(InvalidArgumentError, match="one instrument"):
+        export_run(data.runs / "ens-a", models, "ens", with_runs=[data.runs / "ens-d"])
     assert sorted(p.name for p in (models / "ens").iterdir()) == ["1"]  # nothing half-written
 
 

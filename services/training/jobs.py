@@ -132,8 +132,13 @@ def validate_export(data: DataRoot, params: dict) -> dict:
     for run_id, path in zip(run_ids, paths, strict=True):
         if not (path / trainer.BEST_WEIGHTS).is_file():
             raise FailedPreconditionError(f"run {run_id} has no finished epoch to export yet")
+    infos = [trainer.read_run(path) for path in paths]
+    # export_run checks this too; here it fails the request instead of a queued job.
+    instruments = sorted({i for i in map(trainer.run_instrument, infos) if i})
+    if len(instruments) > 1:
+        raise InvalidArgumentError(f"an ensemble separates one instrument; these runs learnt {instruments}")
     try:
-        configs = [config_from_dict(trainer.read_run(path)["config"]) for path in paths]
+        configs = [config_from_dict(info["config"]) for info in infos]
         with_inference_overrides(configs[0], params.get("overrides"))
         check_ensemble(configs)
     except ConfigError as e:

@@ -699,7 +699,7 @@ def export_run(run_dir: str | os.PathLike, models_root: str | os.PathLike, model
             network, member_config = load_best_network(path)
             record = {"preset": info.get("preset"), "source_run": info.get("run_id", path.name),
                       "best_epoch": info.get("best_epoch"), "best_val_loss": info.get("best_val_loss"),
-                      "dataset": info.get("manifest", {}), "instrument": _instrument_of(info)}
+                      "dataset": info.get("manifest", {}), "instrument": run_instrument(info)}
             if info.get("init_from"):  # a fine-tune names the weights it started from
                 record["init_from"] = info["init_from"]
             networks.append(network)
@@ -722,7 +722,8 @@ def export_run(run_dir: str | os.PathLike, models_root: str | os.PathLike, model
         return export_saved_model(networks if len(networks) > 1 else networks[0], config, model_dir, metadata)
 
 
-def _instrument_of(info: dict[str, Any]) -> str | None:
+def run_instrument(info: dict[str, Any]) -> str | None:
+    """The instrument a run learnt (its dataset's), or None when its manifest is not readable here."""
     try:
         return load_manifest(info["manifest"]["path"]).instrument
     except Exception:  # noqa: BLE001 - the dataset may have been moved since training; not needed to export
