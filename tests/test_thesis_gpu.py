@@ -101,9 +101,11 @@ def test_packed_songs_rebuild_both_instruments_pairs(tmp_path):
         load_tracks(out, "train", "other")
 
 
-def test_parse_sets_reads_numbers_and_lists():
-    assert parse_sets(["input_log_scale=1000", "dropout=0.1", "front_filters=[8, 16]"]) == {
-        "input_log_scale": 1000, "dropout": 0.1, "front_filters": [8, 16]}
+def test_parse_sets_reads_values_as_the_services_do():
+    assert parse_sets(["input_log_scale=1000", "dropout=0.1", "front_filters=[8, 16]", "x = true"]) == {
+        "input_log_scale": 1000, "dropout": 0.1, "front_filters": [8, 16], "x": True}
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        parse_sets(["dropout"])
 
 
 def _trained_output(folder, config, network, val_loss=0.5):
@@ -160,7 +162,16 @@ def test_weights_that_do_not_fit_their_config_or_are_incomplete_are_refused(tmp_
     assert not (data / "runs" / "mismatch").exists()
     _trained_output(tmp_path / "cut", config, build_network(config))
     (tmp_path / "cut" / "guitar.weights.h5.part0").rename(tmp_path / "cut" / "guitar.weights.h5.part7")
-    (tmp_path / "cut" / "guitar.weights.h5.part7").write_bytes(b"")
-    with pytest.raises(ImportFailed):
+    with pytest.raises(ImportFailed, match=r"missing weight parts \['guitar.weights.h5.part0'\]"):
+        import_run(tmp_path / "cut", "guitar", data, "cut")
+    (tmp_path / "cut" / "guitar.weights.h5.part7").rename(tmp_path / "cut" / "guitar.weights.h5.part0")
+    (tmp_path / "cut" / "guitar.weights.h5.part0").write_bytes(b"")
+    with pytest.raises(ImportFailed, match="do not load"):
+        import_run(tmp_path / "cut", "guitar", data, "cut")
+    (tmp_path / "cut" / "guitar.json").write_text('{"preset": "tiny"')
+    with pytest.raises(ImportFailed, match="not a train_jax summary"):
+        import_run(tmp_path / "cut", "guitar", data, "cut")
+    (tmp_path / "cut" / "guitar.json").write_text('{"preset": "tiny"}')
+    with pytest.raises(ImportFailed, match="lacks"):
         import_run(tmp_path / "cut", "guitar", data, "cut")
     assert not (data / "runs" / "cut").exists()

@@ -34,17 +34,28 @@ from services.training.trainer import code_version, write_history
 
 
 class ImportFailed(SystemExit):
-    """The trained files are missing, incomplete or do not fit their config (exit status 2)."""
+    """The trained files are missing, incomplete or do not fit their config (exit status 1, the
+    message on stderr; nothing is written)."""
 
     def __init__(self, message: str):
         super().__init__(f"import_run: {message}")
 
 
-def _joined_parts(source: Path, instrument: str) -> bytes:
-    parts = sorted(source.glob(f"{instrument}.weights.h5.part*"), key=lambda p: int(p.suffix[len(".part"):]))
-    if not parts:
-        raise ImportFailed(f"no {instrument}.weights.h5.part* in {source}")
-    return b"".join(p.read_bytes() for p in parts)
+def _joined_parts(source: Path, summary: dict) -> bytes:
+    """The weights file, from exactly the parts the summary lists, in its order."""
+    listed = summary.get("parts")
+    if not isinstance(listed, list) or not listed:
+        raise ImportFailed(f"{source}: the summary lists no weight parts")
+    missing = [name for name in listed if not (source / name).is_file()]
+    if missing:
+        raise ImportFailed(f"{source}: missing weight parts {missing}")
+    return b"".join((source / name).read_bytes() for name in listed)
+
+
+# What train_jax's <instrument>.json must hold for a run to be written from it.
+SUMMARY_KEYS = ("preset", "overrides", "config", "options", "seed", "batch_size", "best_epoch", "best_val_loss",
+                "history", "steps", "chunks", "training_seconds", "wall_seconds", "finished", "parts", "device",
+                "jax", "keras", "train_songs", "data_index")
 
 
 def _manifest_record(data: Path, dataset: dict) -> dict:
@@ -64,17 +75,20 @@ def import_run(source: Path, instrument: str, data: Path, run_id: str) -> Path:
     summary_path = source / f"{instrument}.json"
     if not summary_path.is_file():
         raise ImportFailed(f"no {summary_path}")
-    summary = json.loads(summary_path.read_text())
-    blob = _joined_parts(source, instrument)
-    expected = summary.get("parts") or []
-    if len(list(source.glob(f"{instrument}.weights.h5.part*"))) != len(expected):
-        raise ImportFailed(f"{source} holds other parts than the {len(expected)} its summary lists")
+    try:
+        summary = json.loads(summary_path.read_text())
+        missing = [k for k in SUMMARY_KEYS if k not in summary]
+    except (OSError, ValueError, TypeError) as e:
+        raise ImportFailed(f"{summary_path} is not a train_jax summary: {e}") from e
+    if missing:
+        raise ImportFailed(f"{summary_path} lacks {missing}; was it written by train_jax?")
+    blob = _joined_parts(source, summary)
     run_dir = data / "runs" / run_id
     if run_dir.exists():
         raise ImportFailed(f"{run_dir} exists; choose another --run-id")
     try:
         config = config_from_dict(summary["config"])
-    except (KeyError, ConfigError) as e:
+    except (ConfigError, TypeError, ValueError) as e:
         raise ImportFailed(f"{summary_path}: no valid config ({e})") from e
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / BEST_WEIGHTS

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+import yaml
 
 from model.config import config_to_dict, make_config
 from services.training.sampling import Augmentation, ChunkSampler, TrackAudio, validation_segments
@@ -53,11 +54,14 @@ def load_tracks(data: Path, split: str, instrument: str) -> list[TrackAudio]:
 
 
 def parse_sets(values: list[str]) -> dict:
+    """KEY=VALUE overrides, each value read as YAML as the services read `--set`
+    (services.common.server.parse_overrides, which this machine cannot import: no generated code)."""
     out = {}
     for item in values:
-        key, _, value = item.partition("=")
-        out[key] = json.loads(value) if value[:1] in "[{" else (float(value) if "." in value or "e" in value
-                                                                   else int(value))
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
     return out
 
 
@@ -115,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"default matmul precision kept: {e}", flush=True)
     keras.utils.set_random_seed(args.seed)
     config = make_config(args.preset, {**parse_sets(args.set), "learning_rate": args.learning_rate})
+    data_index = json.loads((args.data / "index.json").read_text())
     train = load_tracks(args.data, "train", args.instrument)
     validation = validation_segments(load_tracks(args.data, "validation", args.instrument), config.segment_samples,
                                      args.validation_chunks)
@@ -185,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             "history": history, "steps": step, "chunks": step * args.batch, "training_seconds": training_seconds,
             "wall_seconds": time.monotonic() - started, "finished": final, "parts": parts,
             "device": f"{jax.devices()[0].device_kind} ({jax.devices()[0]})", "jax": jax.__version__, "keras": keras.__version__,
-            "train_songs": [t.track for t in train], "data_index": json.loads((args.data / "index.json").read_text()),
+            "train_songs": [t.track for t in train], "data_index": data_index,
         }
         tmp = args.out / f".{args.instrument}.json.tmp"
         tmp.write_text(json.dumps(summary, indent=1))
