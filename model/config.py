@@ -140,6 +140,17 @@ PRESETS: dict[str, dict[str, Any]] = {"thesis": _THESIS, "cpu": _CPU, "tiny": _T
 
 # What may change between training and export: how a trained network is applied, not its weights.
 INFERENCE_KEYS = ("mask_exponent", "chunk_overlap", "inference_batch")
+# What may differ between a network and the one whose weights start its training: how it trains
+# and how the mask is applied. Everything else shapes the weights or what they mean (the spectrogram).
+INIT_FREE_KEYS = ("learning_rate", "dropout", "batch_norm_momentum", *INFERENCE_KEYS)
+
+
+def init_mismatch(source: dict[str, Any], config: ModelConfig) -> list[str]:
+    """The keys (beyond INIT_FREE_KEYS) where a source's recorded config differs from `config`, each
+    as "key <theirs> there, <ours> here"; empty when its weights can start `config`'s network."""
+    ours = config_to_dict(config)
+    return [f"{k} {source.get(k)} there, {ours[k]} here" for k in sorted(ours)
+            if k not in INIT_FREE_KEYS and source.get(k) != ours[k]]
 
 
 def _coerce_tuples(values: dict[str, Any]) -> dict[str, Any]:

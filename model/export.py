@@ -162,16 +162,21 @@ def member_configs(info: dict[str, Any]) -> list[ModelConfig]:
     return [config_from_dict(info["config"])]
 
 
-def load_exported_weights(network: keras.Model, config: ModelConfig, version_dir: str | os.PathLike) -> None:
+def load_exported_weights(network: keras.Model, config: ModelConfig, version_dir: str | os.PathLike,
+                          member: int = 1) -> None:
     """Set `network`'s weights to an exported version's (built with the same network settings).
 
     The SavedModel's variables are a checkpoint of `_Separator`, so the same object graph reads
     them back; a variable missing on either side raises, a silent partial load would not. From an
-    ensemble, `network` gets its first member's weights (the others are read into throwaway copies).
+    ensemble, `network` gets the weights of its `member`-th network (1: the first; the others are
+    read into throwaway copies).
     """
     info = read_export_info(version_dir, missing_ok=True)
-    others = [build_network(c) for c in member_configs(info)[1:]] if info.get("config") else []
-    _read_weights([network, *others], config, version_dir)
+    networks = [build_network(c) for c in member_configs(info)] if info.get("config") else [network]
+    if not 1 <= member <= len(networks):
+        raise ExportError(f"{version_dir} has {len(networks)} network(s), no member {member}")
+    networks[member - 1] = network
+    _read_weights(networks, config, version_dir)
 
 
 def load_exported_networks(version_dir: str | os.PathLike) -> tuple[list[keras.Model], ModelConfig]:

@@ -242,6 +242,30 @@ def test_cli_lists_gets_and_reports_errors_as_one_line(service):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not_found" in r.stderr
     r = run_cli("jobs", "get", "ingestion-x", env={"STEMLAB_INGESTION_ADDRESS": "127.0.0.1:1"})
     assert r.returncode == 2 and "unreachable" in r.stderr and r.stderr.count("\n") == 1
+    # A second stack started on other ports (STEMLAB_<SERVICE>_PORT, as `make up` reads them) is
+    # the one the CLI reaches with the same variables — not the default ports' stack.
+    port = service.address.rsplit(":", 1)[1]
+    r = run_cli("jobs", "get", job_id, env={"STEMLAB_INGESTION_ADDRESS": "", "STEMLAB_INGESTION_PORT": port})
+    assert r.returncode == 0 and "SUCCEEDED" in r.stdout, r.stderr
+
+
+def test_clients_default_to_the_configured_ports(monkeypatch):
+    from services.common.cliutil import default_address
+    from services.serving import client
+
+    for name in ("TRAINING", "SERVING", "SERVING_REST"):
+        monkeypatch.delenv(f"STEMLAB_{name}_ADDRESS", raising=False)
+    monkeypatch.delenv("STEMLAB_CONFIG", raising=False)
+    monkeypatch.setenv("STEMLAB_TRAINING_PORT", "51253")
+    monkeypatch.setenv("STEMLAB_SERVING_PORT", "51260")
+    monkeypatch.setenv("STEMLAB_SERVING_REST_PORT", "51261")
+    assert default_address("training") == "localhost:51253"
+    assert (client.default_address("grpc"), client.default_address("rest")) == ("localhost:51260", "localhost:51261")
+    monkeypatch.setenv("STEMLAB_TRAINING_ADDRESS", "elsewhere:1")  # an address, where given, wins
+    assert default_address("training") == "elsewhere:1"
+    monkeypatch.delenv("STEMLAB_TRAINING_PORT")
+    monkeypatch.delenv("STEMLAB_TRAINING_ADDRESS")
+    assert default_address("training") == "localhost:50053"
 
 
 def test_a_kind_in_its_own_lane_does_not_wait_behind_long_jobs(tmp_path):

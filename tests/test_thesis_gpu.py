@@ -74,6 +74,32 @@ def _publish(data: DataRoot, name: str, songs: dict[str, tuple[str, dict]], brok
                                     code_version="test", params={}, sources={"synthetic": 1.0}, pairs=pairs))
 
 
+def test_the_equaliser_on_the_device_filters_as_the_samplers_and_draws_the_same_chunks():
+    """A GPU trainer draws chunks unequalised and filters them in keras.ops: the same chunks as the
+    training service's sampler (same seed, same random numbers), the same filter to float32 precision."""
+    from services.training.sampling import Augmentation, ChunkSampler, TrackAudio
+
+    config = make_config("tiny")
+    rng = np.random.default_rng(4)
+    tracks = [TrackAudio(f"t{i}", "s", rng.standard_normal(3 * config.segment_samples).astype(np.float32) * 0.2,
+                         rng.standard_normal(3 * config.segment_samples).astype(np.float32) * 0.2) for i in range(5)]
+    sampler = ChunkSampler(tracks, {}, config.segment_samples, config.rate_hz, Augmentation(6.0, 0.25, 9.0))
+    instrument, rest = sampler.draw(np.random.default_rng(7), 24)
+    raw_instrument, raw_rest, eq = sampler.draw_unequalised(np.random.default_rng(7), 24)
+    assert eq.shape == (24, 2, 9) and np.all(eq[:, :, 0] != 0)  # every source got a curve
+    assert 0 < np.mean(eq[:, :, 8] > 0) < 1  # and some, not all, a low-pass
+    for numpy_side, raw, source in ((instrument, raw_instrument, 0), (rest, raw_rest, 1)):
+        device = np.asarray(features.equalise(raw, eq[:, source], config, 9.0))
+        scale = np.max(np.abs(numpy_side))
+        np.testing.assert_allclose(device, numpy_side, atol=2e-5 * scale)
+        assert np.max(np.abs(raw - numpy_side)) > 0.05 * scale  # the filter did change them
+    # Off, nothing is drawn for it and the chunks are as before.
+    plain = ChunkSampler(tracks, {}, config.segment_samples, config.rate_hz, Augmentation(6.0, 0.25, 0.0))
+    a, b, eq = plain.draw_unequalised(np.random.default_rng(7), 4)
+    np.testing.assert_array_equal(a, plain.draw(np.random.default_rng(7), 4)[0])
+    assert not eq.any()
+
+
 def test_packed_songs_rebuild_both_instruments_pairs(tmp_path):
     data = DataRoot(tmp_path / "data").ensure()
     songs = {f"Song{i}": ("validation" if i == 4 else "train", _song(i)) for i in range(5)}
@@ -99,6 +125,62 @@ def test_packed_songs_rebuild_both_instruments_pairs(tmp_path):
                 assert np.sum((got - want) ** 2) < 0.1 * np.sum(want**2)
     with pytest.raises(SystemExit, match="--instrument"):
         load_tracks(out, "train", "other")
+
+
+def test_shards_of_one_order_never_overlap_and_train_jax_joins_them(tmp_path):
+    from bench.thesis_gpu.train_jax import load_all_tracks, read_indexes
+
+    data = DataRoot(tmp_path / "data").ensure()
+    songs = {f"Song{i}": ("validation" if i == 6 else "train", _song(i, 1.0)) for i in range(7)}
+    _publish(data, "guitar", songs, broken="Song2")
+    _publish(data, "piano", songs)
+    whole = pack(data.root, tmp_path / "whole", train_songs=5, validation_songs=1, quality=0.3, seed=2)
+    first = pack(data.root, tmp_path / "s0", train_songs=2, validation_songs=1, quality=0.3, seed=2)
+    second = pack(data.root, tmp_path / "s1", train_songs=3, validation_songs=1, quality=0.3, seed=2,
+                  skip_train_songs=2)
+    assert first["songs"]["train"] + second["songs"]["train"] == whole["songs"]["train"]
+    assert not set(first["songs"]["train"]) & set(second["songs"]["train"])
+    assert sorted((tmp_path / "s1" / "train").iterdir()) == sorted(
+        tmp_path / "s1" / "train" / f"{t}.ogg" for t in second["songs"]["train"])  # nothing of shard 0 written
+    with pytest.raises(SystemExit, match="only 3 train songs are in both sets after the 2 passed over"):
+        pack(data.root, tmp_path / "s2", train_songs=4, validation_songs=1, quality=0.3, seed=2, skip_train_songs=2)
+    joined = read_indexes([tmp_path / "s0", tmp_path / "s1"])
+    assert joined["songs"] == {"train": whole["songs"]["train"], "validation": ["Song6"]}
+    assert [t.track for t in load_all_tracks([tmp_path / "s0", tmp_path / "s1"], "validation", "piano")] == ["Song6"]
+    assert len(load_all_tracks([tmp_path / "s0", tmp_path / "s1"], "train", "guitar")) == 5
+    other = json.loads((tmp_path / "s1" / "index.json").read_text())
+    other["datasets"]["guitar"]["checksum"] = "another"
+    (tmp_path / "s1" / "index.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="packed from another datasets"):
+        read_indexes([tmp_path / "s0", tmp_path / "s1"])
+
+
+def test_one_network_of_an_export_becomes_start_weights_for_a_gpu_run(tmp_path):
+    """member_weights writes an ensemble member's weights; train_jax --init-weights loads them, and
+    refuses those of another network or spectrogram before training."""
+    from bench.thesis_gpu.member_weights import write_member
+    from bench.thesis_gpu.train_jax import load_init_weights
+    from model.export import export_saved_model
+
+    config = make_config("tiny")
+    members = [build_network(config) for _ in range(2)]
+    for i, network in enumerate(members):  # two different networks
+        network.set_weights([np.full_like(w, 0.01 * (i + 1) * (j + 1)) for j, w in enumerate(network.get_weights())])
+    record = {"preset": "tiny", "config": config_to_dict(config)}
+    version = export_saved_model(members, config, tmp_path / "models" / "pair", {**record, "members": [record, record]})
+    exported = tmp_path / "models" / "pair" / str(version)
+    out = tmp_path / "init" / "guitar.weights.h5"
+    assert write_member(exported, 2, out)["member"] == 2
+    fresh = build_network(config)
+    load_init_weights(fresh, config, out)
+    for got, want in zip(fresh.get_weights(), members[1].get_weights(), strict=True):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(SystemExit, match="no member 3"):
+        write_member(exported, 3, tmp_path / "init" / "three.weights.h5")
+    assert not (tmp_path / "init" / "three.weights.h5").exists()
+    other = make_config("tiny", {"hop_length": config.hop_length // 2})
+    with pytest.raises(SystemExit, match="another network or spectrogram: hop_length"):
+        load_init_weights(build_network(other), other, out)
 
 
 def test_parse_sets_reads_values_as_the_services_do():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -830,6 +831,71 @@ def test_export_with_more_runs_serves_the_mean_of_their_masks_and_fine_tunes_fro
     assert sorted(p.name for p in (models / "ens").iterdir()) == ["1"]  # nothing half-written
 
 
+def test_one_member_of_an_exported_ensemble_starts_a_run_or_joins_another_ensemble(dataset, trained, tmp_path):
+    """A shipped ensemble's second network can be fine-tuned on its own (NAME:VERSION#MEMBER), and an
+    exported network can join a run trained since in a new ensemble (export --with-model)."""
+    from services.common.errors import NotFoundError
+    from services.common.paths import DataRoot
+    from services.training import jobs
+
+    root, manifest = dataset
+    data = DataRoot(root)
+    run_a, _, _ = trained
+    run_b = tmp_path / "run-b"
+    train_run(run_b, manifest, root, epochs=1, **{**FAST, "seed": 12})
+    assert export_run(run_a, data.models, "pair", {"mask_exponent": 1.5}, with_runs=[run_b]) == 1
+    exported = data.models / "pair" / "1"
+    (net_a, config), (net_b, _) = load_best_network(run_a), load_best_network(run_b)
+
+    def largest_difference(x, y):
+        return max(float(np.max(np.abs(a.numpy() - b.numpy())))
+                   for a, b in zip(x.trainable_weights, y.trainable_weights, strict=True))
+
+    # Member 2 starts a run: its weights, its run and epoch recorded; the job names the version.
+    job = jobs.validate_train(data, {"dataset": "synth", "run_id": "from-b", "init_from_model": "pair#2"})
+    assert (job["init_from_model"], job["preset"]) == ("pair:1#2", "tiny")
+    warm = tmp_path / "warm"
+    train_run(warm, manifest, root, epochs=1, overrides={"learning_rate": 1e-12}, init_from=exported, init_member=2,
+              **{**FAST, "seed": 13})
+    assert largest_difference(load_best_network(warm)[0], net_b) < 1e-6
+    assert largest_difference(load_best_network(warm)[0], net_a) > 1e-3
+    source = read_run(warm)["init_from"]
+    assert (source["member"], source["run_id"], source["best_epoch"]) == (2, "run-b", read_run(run_b)["best_epoch"])
+    with pytest.raises(FailedPreconditionError, match="has 2 network\\(s\\), no member 3"):
+        jobs.validate_train(data, {"dataset": "synth", "run_id": "x", "init_from_model": "pair:1#3"})
+    with pytest.raises(InvalidArgumentError, match="members counted from 1"):
+        jobs.validate_train(data, {"dataset": "synth", "run_id": "x", "init_from_model": "pair#0"})
+    with pytest.raises(FailedPreconditionError, match="members belong to exported models"):
+        train_run(tmp_path / "bad", manifest, root, epochs=1, init_from=run_a, init_member=1, **FAST)
+    assert not (tmp_path / "bad").exists()
+
+    # Run b with the export's first network (run a's): the mean of their masks, each named.
+    asked = {"run_id": "b", "model_name": "pair"}
+    shutil.copytree(run_b, data.runs / "b")
+    job = jobs.validate_export(data, {**asked, "with_models": ["pair#1"]})
+    assert job["with_models"] == ["pair:1#1"]
+    assert export_run(data.runs / "b", data.models, "pair", {"mask_exponent": 1.5},
+                      with_models=[(exported, 1)]) == 2
+    info = json.loads((data.models / "pair" / "2" / "assets.extra" / "stemlab.json").read_text())
+    assert [m["source_run"] for m in info["members"]] == ["run-b", "run-a"]
+    assert info["members"][1]["from_model"] == {"model": "pair", "version": 1, "member": 1}
+    config = config.model_copy(update={"mask_exponent": 1.5})
+    mix = (np.random.default_rng(6).standard_normal((1, 20_000)) * 0.2).astype(np.float32)
+    served = tf.saved_model.load(str(data.models / "pair" / "2")).signatures["serving_default"](waveform=tf.constant(mix))
+    alone = [separate_waveform(net, mix, config)[0].numpy() for net in (net_b, net_a)]
+    np.testing.assert_allclose(served["instrument"].numpy(), (alone[0] + alone[1]) / 2, atol=1e-5)
+    # A whole export joins with all its networks; a network named twice, or a missing model, is refused.
+    assert export_run(data.runs / "b", data.models, "trio", with_models=[(exported, None)]) == 1
+    trio = json.loads((data.models / "trio" / "1" / "assets.extra" / "stemlab.json").read_text())
+    assert [m["source_run"] for m in trio["members"]] == ["run-b", "run-a", "run-b"]
+    with pytest.raises(InvalidArgumentError, match="each network once"):
+        jobs.validate_export(data, {**asked, "with_models": ["pair:1#1", "pair:1"]})
+    with pytest.raises(NotFoundError, match="no exported model 'nothing'"):
+        jobs.validate_export(data, {**asked, "with_models": ["nothing"]})
+    with pytest.raises(FailedPreconditionError, match="no member 5"):
+        jobs.validate_export(data, {**asked, "with_models": ["pair:1#5"]})
+
+
 # ---- processes: kill -9 and multi-worker ------------------------------------------------------
 
 _CHILD = """
@@ -1021,5 +1087,15 @@ def test_service_trains_resumes_after_a_crash_and_exports(tmp_path):
             assert _wait_job(job_stub, export.id, (jobs_pb2.SUCCEEDED, jobs_pb2.FAILED)).state == jobs_pb2.SUCCEEDED
             provenance = json.loads((tmp_path / "models" / "tuned" / "1" / "assets.extra" / "stemlab.json").read_text())
             assert (provenance["init_from"]["model"], provenance["init_from"]["version"]) == ("guitar", 1)
+            # The fine-tune beside the network it started from, in one model; the version is fixed in the job.
+            export = training.ExportModel(training_pb2.ExportModelRequest(
+                run_id="r2", model_name="tuned", with_models=["guitar#1"]))
+            done = _wait_job(job_stub, export.id, (jobs_pb2.SUCCEEDED, jobs_pb2.FAILED))
+            assert done.state == jobs_pb2.SUCCEEDED and list(done.params["with_models"]) == ["guitar:1#1"], done.error
+            provenance = json.loads((tmp_path / "models" / "tuned" / "2" / "assets.extra" / "stemlab.json").read_text())
+            assert [m["source_run"] for m in provenance["members"]] == ["r2", "r1"]
+            with pytest.raises(grpc.RpcError) as e:
+                training.StartTraining(training_pb2.StartTrainingRequest(dataset="synth", init_from_model="tuned:2#3"))
+            assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "no member 3" in e.value.details()
     finally:
         service.kill()

@@ -29,6 +29,29 @@ def _rows(values):
     return ops.expand_dims(ops.transpose(values[:, :, 1:], (0, 2, 1)), -1)
 
 
+def equalise(segments, eq_params, config: ModelConfig, eq_db: float):
+    """sampling.ChunkSampler.draw's equaliser on the device: `segments` (batch, segment_samples)
+    filtered by the curves of `eq_params` (batch, sampling.EQ_PARAMETERS), as sampling.equalise and
+    sampling.eq_curve_db do in numpy (tests/test_thesis_gpu.py holds them equal). A GPU trainer
+    draws unequalised chunks (ChunkSampler.draw_unequalised) and filters them here: the numpy FFTs
+    held a piano run on a GPU to a fifth of the guitar's chunks per second."""
+    frequencies = np.fft.rfftfreq(config.segment_samples, 1.0 / config.rate_hz)
+    octaves = ops.convert_to_tensor(np.log2(np.maximum(frequencies, 20.0) / 1000.0).astype(np.float32))[None, :]
+    p = ops.cast(eq_params, "float32")
+
+    def column(i):
+        return p[:, i : i + 1]
+
+    curve = column(0) * octaves
+    for bell in (1, 4):
+        gain, centre, width = column(bell), column(bell + 1), column(bell + 2)
+        curve = curve + gain * ops.exp(-0.5 * ((octaves - centre) / (width / 2.0)) ** 2)
+    curve = ops.clip(curve - column(8) * ops.maximum(octaves - column(7), 0.0), -60.0, eq_db)
+    gain = 10.0 ** (curve / 20.0)
+    real, imag = ops.rfft(segments)
+    return ops.irfft((real * gain, imag * gain), fft_length=config.segment_samples)
+
+
 def chunk_features(instrument, rest, config: ModelConfig, phase_sensitive: bool = False):
     """Network input and target for segments (batch, segment_samples), as data.chunk_features."""
     frames, window = _frames(config), _window(config)

@@ -1,12 +1,13 @@
 """Train a network of model/network.py under Keras' JAX backend, for a fixed wall time.
 
-    KERAS_BACKEND=jax python -m bench.thesis_gpu.train_jax --data .gpu/data --instrument guitar \
+    KERAS_BACKEND=jax python -m bench.thesis_gpu.train_jax --data .gpu/data [--data .gpu/data2] --instrument guitar \
         --preset thesis --set input_log_scale=1000 --phase-sensitive --peak-power 1 --minutes 6 --out OUT
 
 For a GPU machine with JAX and no TensorFlow (the lent ones here: TensorFlow's wheels are far
 over what can be carried to them). It draws chunks with the training service's own sampler
-(services/training/sampling) from songs packed by bench.thesis_gpu.pack, computes the service's
-features and loss in keras.ops (bench/thesis_gpu/features), and trains with Adam (Keras'
+(services/training/sampling) from songs packed by bench.thesis_gpu.pack, applies its random
+equaliser (--eq-db) and computes the service's features and loss in keras.ops on the device
+(bench/thesis_gpu/features), and trains with Adam (Keras'
 epsilon). The learning rate warms up over the first steps and then follows a cosine over the wall
 time, down to a tenth, since the number of steps is not known ahead. Every --validate-seconds it
 scores the fixed validation chunks and keeps the best weights, written as OUT/<instrument>.weights.h5
@@ -30,10 +31,33 @@ import numpy as np
 import soundfile as sf
 import yaml
 
-from model.config import config_to_dict, make_config
+from model.config import config_to_dict, init_mismatch, make_config
 from services.training.sampling import Augmentation, ChunkSampler, TrackAudio, validation_segments
 
 PART_BYTES = 15 * 2**20
+
+
+def read_indexes(folders: list[Path]) -> dict:
+    """The packed folders' index.json as one: their songs joined (each once), refusing folders
+    packed from other datasets, rates or sources (pack --skip-train-songs makes shards of one set)."""
+    indexes = [json.loads((folder / "index.json").read_text()) for folder in folders]
+    first = indexes[0]
+    for folder, index in zip(folders[1:], indexes[1:], strict=True):
+        for key in ("datasets", "rate_hz", "sources"):
+            if index[key] != first[key]:
+                raise SystemExit(f"{folder} was packed from another {key} than {folders[0]}: {index[key]} != {first[key]}")
+    songs = {split: list(dict.fromkeys(t for index in indexes for t in index["songs"][split]))
+             for split in ("train", "validation")}
+    return {**first, "songs": songs, "folders": [str(f) for f in folders]}
+
+
+def load_all_tracks(folders: list[Path], split: str, instrument: str) -> list[TrackAudio]:
+    """load_tracks over several packed folders, a song found in more than one loaded once."""
+    seen: dict[str, TrackAudio] = {}
+    for folder in folders:
+        for track in load_tracks(folder, split, instrument):
+            seen.setdefault(track.track, track)
+    return list(seen.values())
 
 
 def load_tracks(data: Path, split: str, instrument: str) -> list[TrackAudio]:
@@ -78,9 +102,21 @@ def write_parts(path: Path, out: Path, name: str) -> list[str]:
     return names
 
 
+def load_init_weights(network, config, path: Path) -> None:
+    """Load `path` into `network`, refusing first a source whose recorded config (member_weights'
+    <path>.json) has another network or spectrogram — weights of the same shapes would load silently."""
+    record = path.with_name(path.name + ".json")
+    if record.is_file():
+        differ = init_mismatch(json.loads(record.read_text())["config"], config)
+        if differ:
+            raise SystemExit(f"{path} holds another network or spectrogram: " + ", ".join(differ))
+    network.load_weights(str(path))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--data", type=Path, action="append", required=True,
+                        help="a folder of bench.thesis_gpu.pack (repeatable: shards of one set)")
     parser.add_argument("--instrument", required=True)
     parser.add_argument("--preset", default="thesis")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model config override")
@@ -98,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--validation-chunks", type=int, default=8, help="per validation song")
     parser.add_argument("--validate-seconds", type=float, default=45.0)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--init-weights", type=Path, default=None,
+                        help="start from these weights (bench.thesis_gpu.member_weights, or a run's best.weights.h5)")
     args = parser.parse_args(argv)
     started = time.monotonic()
     deadline = started + 60.0 * args.minutes
@@ -110,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     import keras
     import optax
 
-    from bench.thesis_gpu.features import chunk_features, loss_per_chunk
+    from bench.thesis_gpu.features import chunk_features, equalise, loss_per_chunk
     from model.network import build_network, trainable_parameter_count
 
     try:  # TF32 convolutions on GPUs that have them; a JAX that names precisions otherwise keeps its default
@@ -119,18 +157,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"default matmul precision kept: {e}", flush=True)
     keras.utils.set_random_seed(args.seed)
     config = make_config(args.preset, {**parse_sets(args.set), "learning_rate": args.learning_rate})
-    data_index = json.loads((args.data / "index.json").read_text())
-    train = load_tracks(args.data, "train", args.instrument)
-    validation = validation_segments(load_tracks(args.data, "validation", args.instrument), config.segment_samples,
+    data_index = read_indexes(args.data)
+    train = load_all_tracks(args.data, "train", args.instrument)
+    validation = validation_segments(load_all_tracks(args.data, "validation", args.instrument), config.segment_samples,
                                      args.validation_chunks)
     sampler = ChunkSampler(train, {}, config.segment_samples, config.rate_hz,
                            Augmentation(args.gain_db, args.remix, args.eq_db))
     network = build_network(config)
+    if args.init_weights:
+        load_init_weights(network, config, args.init_weights)
     print(f"{args.instrument}: {jax.devices()}, {trainable_parameter_count(network):,} parameters, "
           f"{len(train)} train songs, {len(validation[0])} validation chunks, "
           f"loaded in {time.monotonic() - started:.1f} s", flush=True)
 
-    def loss_of(trainable, non_trainable, instrument, rest, training):
+    def loss_of(trainable, non_trainable, instrument, rest, training, eq=None):
+        if eq is not None and args.eq_db > 0:  # the sampler's equaliser, applied here on the device
+            instrument = equalise(instrument, eq[:, 0], config, args.eq_db)
+            rest = equalise(rest, eq[:, 1], config, args.eq_db)
         mix_rows, target_rows = chunk_features(instrument, rest, config, args.phase_sensitive)
         mask, non_trainable = network.stateless_call(trainable, non_trainable, mix_rows, training=training)
         errors = loss_per_chunk(mix_rows, target_rows, mask, config.normalise_eps, args.peak_power, args.error_power)
@@ -139,9 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     adam = optax.scale_by_adam(eps=1e-7)  # Keras' Adam epsilon, as the training service uses
 
     @jax.jit
-    def train_step(trainable, non_trainable, adam_state, instrument, rest, learning_rate):
+    def train_step(trainable, non_trainable, adam_state, instrument, rest, eq, learning_rate):
         (loss, non_trainable), grads = jax.value_and_grad(loss_of, has_aux=True)(
-            trainable, non_trainable, instrument, rest, True)
+            trainable, non_trainable, instrument, rest, True, eq)
         updates, adam_state = adam.update(grads, adam_state, trainable)
         trainable = jax.tree.map(lambda w, u: w - learning_rate * u, trainable, updates)
         return trainable, non_trainable, adam_state, loss
@@ -185,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
                 "augment_gain_db": args.gain_db, "remix_probability": args.remix, "augment_eq_db": args.eq_db,
                 "validation_chunks_per_track": args.validation_chunks, "loss_peak_power": args.peak_power,
                 "loss_error_power": args.error_power, "loss_phase_sensitive": args.phase_sensitive,
-                "warmup_steps": args.warmup_steps, "schedule": "cosine over the wall time to a tenth"},
+                "warmup_steps": args.warmup_steps, "schedule": "cosine over the wall time to a tenth",
+                "init_weights": str(args.init_weights) if args.init_weights else None},
             "batch_size": args.batch, "seed": args.seed, "best_epoch": best_round, "best_val_loss": best[0],
             "history": history, "steps": step, "chunks": step * args.batch, "training_seconds": training_seconds,
             "wall_seconds": time.monotonic() - started, "finished": final, "parts": parts,
@@ -203,9 +247,9 @@ def main(argv: list[str] | None = None) -> int:
         fraction = min(1.0, (now - started) / (deadline - started))
         warm = min(1.0, (step + 1) / max(args.warmup_steps, 1))
         learning_rate = args.learning_rate * warm * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * fraction)))
-        instrument, rest = sampler.draw(rng, args.batch)
+        instrument, rest, eq = sampler.draw_unequalised(rng, args.batch)
         trainable, non_trainable, adam_state, loss = train_step(
-            trainable, non_trainable, adam_state, instrument, rest, learning_rate)
+            trainable, non_trainable, adam_state, instrument, rest, eq.astype(np.float32), learning_rate)
         round_loss = round_loss + loss
         # JAX returns before the step runs; without a wait the loop would queue steps far past the
         # deadline (drawing a batch is quicker than a step). Two in flight keep the device busy.

@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
-from services.common.config import DEFAULT_PORTS
+from services.common.config import DEFAULT_PORTS, ConfigError, load_config
 
 JOB_STATE_NAMES = {0: "UNSPECIFIED", 1: "QUEUED", 2: "RUNNING", 3: "SUCCEEDED", 4: "FAILED", 5: "CANCELLED"}
 TERMINAL_STATES = {3, 4, 5}
@@ -39,15 +39,20 @@ def key_value(text: str) -> tuple[str, str]:
 
 
 def default_address(service: str) -> str:
-    env = os.environ.get(f"STEMLAB_{service.upper()}_ADDRESS")
-    return env or f"localhost:{DEFAULT_PORTS[service]}"
+    """$STEMLAB_<SERVICE>_ADDRESS, else the port the configuration gives the service (STEMLAB_CONFIG's
+    file, $STEMLAB_<SERVICE>_PORT), as `make up` started it: a second stack on other ports (another
+    data root) is reached by exporting the same variables, never the first stack by mistake."""
+    try:
+        return load_config().address(service)
+    except ConfigError:  # the services refuse that configuration with its message; here, the defaults
+        return os.environ.get(f"STEMLAB_{service.upper()}_ADDRESS") or f"localhost:{DEFAULT_PORTS[service]}"
 
 
 def add_common_args(parser: argparse.ArgumentParser, service: str | None = None) -> None:
     if service is not None:
         parser.add_argument("--address", default=None,
-                            help=f"{service} service host:port (default: $STEMLAB_{service.upper()}_ADDRESS "
-                                 f"or localhost:{DEFAULT_PORTS[service]})")
+                            help=f"{service} service host:port (default: $STEMLAB_{service.upper()}_ADDRESS, "
+                                 f"else localhost and $STEMLAB_{service.upper()}_PORT or {DEFAULT_PORTS[service]})")
         parser.set_defaults(service=service)
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
 

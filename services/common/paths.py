@@ -44,6 +44,17 @@ def parse_model_ref(text: str) -> tuple[str, int | None]:
     return match.group(1), int(match.group(2)) if match.group(2) else None
 
 
+def split_member(text: str) -> tuple[str, int | None]:
+    """"guitar:10#2" -> ("guitar:10", 2): one network of an exported ensemble (1 is the first);
+    "guitar:10" -> ("guitar:10", None). Raises ValueError for a member that is not a positive number."""
+    ref, sep, member = (text or "").partition("#")
+    if not sep:
+        return ref, None
+    if not member.isdigit() or int(member) < 1:
+        raise ValueError(f"invalid model member {text!r}: use NAME[:VERSION]#MEMBER, members counted from 1 (e.g. guitar:10#2)")
+    return ref, int(member)
+
+
 def safe_join(root: str | os.PathLike, *parts: str | os.PathLike) -> Path:
     """Join `parts` under `root`, refusing absolute parts, `..` and symlinks that lead out."""
     base = Path(root).resolve()

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from services.common.audio import StreamResampler, read_audio, write_audio
+from services.common.config import ConfigError, load_config
 
 DEFAULT_GRPC_ADDRESS = "localhost:8500"
 DEFAULT_REST_ADDRESS = "localhost:8501"
@@ -51,10 +52,14 @@ class SeparationCancelled(Exception):
 
 
 def default_address(protocol: str = "grpc") -> str:
-    """Serving address from $STEMLAB_SERVING_ADDRESS / $STEMLAB_SERVING_REST_ADDRESS or the default ports."""
-    if protocol == "rest":
-        return os.environ.get("STEMLAB_SERVING_REST_ADDRESS") or DEFAULT_REST_ADDRESS
-    return os.environ.get("STEMLAB_SERVING_ADDRESS") or DEFAULT_GRPC_ADDRESS
+    """Serving address from $STEMLAB_SERVING_ADDRESS / $STEMLAB_SERVING_REST_ADDRESS, else the configured
+    ports ($STEMLAB_SERVING_PORT / $STEMLAB_SERVING_REST_PORT, STEMLAB_CONFIG's file), else the defaults."""
+    name = "serving_rest" if protocol == "rest" else "serving"
+    try:
+        return load_config().address(name)
+    except ConfigError:
+        fallback = DEFAULT_REST_ADDRESS if protocol == "rest" else DEFAULT_GRPC_ADDRESS
+        return os.environ.get(f"STEMLAB_{name.upper()}_ADDRESS") or fallback
 
 
 # ---------------------------------------------------------------------------------------------

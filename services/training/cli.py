@@ -63,7 +63,7 @@ def cmd_export(args) -> int:
     if not args.model:
         raise CliError("give the served model's name with --model (e.g. guitar)")
     req = training_pb2.ExportModelRequest(run_id=args.run, model_name=args.model, overrides=dict(args.set),
-                                          with_runs=args.with_runs)
+                                          with_runs=args.with_runs, with_models=args.with_models)
     return start_and_follow(args, SERVICE, _stub(args).ExportModel(req, timeout=30))
 
 
@@ -85,9 +85,10 @@ def register(subparsers, groups: dict | None = None) -> None:
     start.add_argument("--init-from", default=None, metavar="RUN",
                        help="start from this run's best weights (same network and spectrogram), e.g. to "
                             "fine-tune on a dataset with more songs; default: random weights")
-    start.add_argument("--init-from-model", default=None, metavar="NAME[:VERSION]",
-                       help="start from an exported model's weights (newest version unless named), e.g. "
-                            "--init-from-model guitar to fine-tune the shipped guitar model on your songs")
+    start.add_argument("--init-from-model", default=None, metavar="NAME[:VERSION][#MEMBER]",
+                       help="start from an exported model's weights (newest version unless named; an ensemble's "
+                            "first network unless #MEMBER names another), e.g. --init-from-model guitar to "
+                            "fine-tune the shipped guitar model on your songs")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return")
     add_common_args(p, SERVICE)
     p.set_defaults(func=cmd_train)
@@ -117,6 +118,9 @@ def register(subparsers, groups: dict | None = None) -> None:
                    help="how the network is applied: mask_exponent, chunk_overlap or inference_batch (repeatable)")
     p.add_argument("--with", dest="with_runs", action="append", default=[], metavar="RUN",
                    help="another run whose network's mask is averaged with RUN's: an ensemble (repeatable)")
+    p.add_argument("--with-model", dest="with_models", action="append", default=[], metavar="NAME[:VERSION][#MEMBER]",
+                   help="an exported model's networks (or its #MEMBER-th, from 1) join the ensemble after the runs' "
+                        "(repeatable)")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return")
     add_common_args(p, SERVICE)
     p.set_defaults(func=cmd_export)

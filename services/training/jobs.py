@@ -17,7 +17,7 @@ from model.export import ExportError, check_ensemble, versions
 from services.common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from services.common.jobs import INTERRUPTED, QUEUED, RUNNING, JobStore
 from services.common.manifest import ManifestError, find_manifest
-from services.common.paths import DataRoot, PathError, parse_model_ref, safe_join
+from services.common.paths import DataRoot, PathError, parse_model_ref, safe_join, split_member
 from services.training import trainer
 
 TRAIN = "training.train"
@@ -65,15 +65,28 @@ def exported_version(data: DataRoot, ref: str) -> tuple[str, Path]:
     return f"{name}:{version}", folder / str(version)
 
 
-def init_source(data: DataRoot, params: dict) -> Path | None:
-    """The folder whose weights start a new run: a run (init_from) or an exported model (init_from_model)."""
+def exported_member(data: DataRoot, ref: str) -> tuple[str, Path, int | None]:
+    """"guitar:10#2" -> ("guitar:10#2", DATA/models/guitar/10, 2): one network of an ensemble export;
+    without "#MEMBER" the whole export (member None), the newest version when none is named."""
+    try:
+        model_ref, member = split_member(ref)
+    except ValueError as e:
+        raise InvalidArgumentError(str(e)) from e
+    resolved, path = exported_version(data, model_ref)
+    return (f"{resolved}#{member}" if member else resolved), path, member
+
+
+def init_source(data: DataRoot, params: dict) -> tuple[Path | None, int | None]:
+    """The folder whose weights start a new run — a run (init_from) or an exported model
+    (init_from_model, "NAME[:VERSION][#MEMBER]") — and the ensemble member to take (None: the first)."""
     if params.get("init_from") and params.get("init_from_model"):
         raise InvalidArgumentError("start from a run (init_from) or an exported model (init_from_model), not both")
     if params.get("init_from"):
-        return existing_run(data, params["init_from"])
+        return existing_run(data, params["init_from"]), None
     if params.get("init_from_model"):
-        return exported_version(data, params["init_from_model"])[1]
-    return None
+        _, path, member = exported_member(data, params["init_from_model"])
+        return path, member
+    return None, None
 
 
 def new_run_id(dataset: str, preset: str) -> str:
@@ -92,10 +105,10 @@ def validate_train(data: DataRoot, params: dict) -> dict:
     """Complete `params` with defaults and check them; returns the parameters a job will use."""
     params = {k: v for k, v in params.items() if v not in (None, "", 0) or k == "seed"}
     if params.get("init_from_model"):  # the version is fixed now: a job that restarts starts from the same
-        params["init_from_model"] = exported_version(data, params["init_from_model"])[0]
-    source = init_source(data, params)
+        params["init_from_model"] = exported_member(data, params["init_from_model"])[0]
+    source, member = init_source(data, params)
     if source and not params.get("preset"):  # fine-tuning keeps the source's network unless told otherwise
-        params["preset"] = trainer.source_preset(source) or DEFAULTS["preset"]
+        params["preset"] = trainer.source_preset(source, member) or DEFAULTS["preset"]
     params = {**DEFAULTS, **params}
     validate_name(params.get("dataset", ""), "dataset name")
     params.setdefault("run_id", new_run_id(params["dataset"], params["preset"]))
@@ -106,7 +119,7 @@ def validate_train(data: DataRoot, params: dict) -> dict:
             raise InvalidArgumentError(f"{key} must be positive, got {params[key]}")
     config, _ = trainer.split_overrides(params["preset"], params.get("overrides"))
     if source:
-        trainer.check_init_from(source, config)
+        trainer.check_init_from(source, config, member)
     _manifest(data, params)
     return params
 
@@ -134,9 +147,17 @@ def validate_export(data: DataRoot, params: dict) -> dict:
             raise FailedPreconditionError(f"run {run_id} has no finished epoch to export yet")
     infos = [trainer.read_run(path) for path in paths]
     # export_run checks this too; here it fails the request instead of a queued job.
-    instruments = sorted({i for i in map(trainer.run_instrument, infos) if i})
+    instruments = {i for i in map(trainer.run_instrument, infos) if i}
+    refs = [exported_member(data, ref) for ref in params.get("with_models") or []]
+    params["with_models"] = [ref for ref, _, _ in refs]  # versions fixed now, as for init_from_model
+    members = [m for _, path, member in refs for m in trainer.model_members(path, member)]
+    taken = [tuple(m["from_model"].values()) for m in members]
+    if len(set(taken)) != len(taken):
+        raise InvalidArgumentError(f"an ensemble names each network once (got {params['with_models']})")
+    infos += members
+    instruments |= {m["instrument"] for m in members if m.get("instrument")}
     if len(instruments) > 1:
-        raise InvalidArgumentError(f"an ensemble separates one instrument; these runs learnt {instruments}")
+        raise InvalidArgumentError(f"an ensemble separates one instrument; these runs learnt {sorted(instruments)}")
     try:
         configs = [config_from_dict(info["config"]) for info in infos]
         with_inference_overrides(configs[0], params.get("overrides"))
@@ -185,12 +206,13 @@ class TrainingJobs:
 
     def train(self, ctx: Any, params: dict) -> dict:
         params = validate_train(self.data, params)
+        source, member = init_source(self.data, params)
         result = trainer.train_run(
             run_dir(self.data, params["run_id"]), _manifest(self.data, params), self.data.root,
             preset=params["preset"], overrides=params.get("overrides"), epochs=int(params["epochs"]),
             patience=int(params["patience"]), seed=int(params["seed"]), steps_per_epoch=int(params["steps_per_epoch"]),
             batch_size=int(params["batch_size"]),
-            init_from=init_source(self.data, params),
+            init_from=source, init_member=member,
             **self._callbacks(ctx))
         return {k: v for k, v in result.items() if k != "history"}
 
@@ -206,7 +228,8 @@ class TrainingJobs:
         ctx.progress(0, 1, f"exporting {params['run_id']} as {params['model_name']}")
         version = trainer.export_run(existing_run(self.data, params["run_id"]), self.data.models, params["model_name"],
                                      params.get("overrides"),
-                                     [existing_run(self.data, r) for r in params.get("with_runs") or []])
+                                     [existing_run(self.data, r) for r in params.get("with_runs") or []],
+                                     [exported_member(self.data, r)[1:] for r in params.get("with_models") or []])
         ctx.progress(1, 1, f"published {params['model_name']} version {version}")
         return {"model": params["model_name"], "version": version,
                 "path": str(self.data.models / params["model_name"] / str(version))}

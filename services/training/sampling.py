@@ -50,6 +50,35 @@ class Augmentation:
     eq_db: float = 0.0
 
 
+# One source's equaliser as numbers: tilt (dB per octave), two bells (gain dB, centre and width in
+# octaves from 1 kHz), the low-pass corner (octaves from 1 kHz) and slope (dB per octave; 0: none).
+EQ_PARAMETERS = 9
+
+
+def draw_eq(rng: np.random.Generator, eq_db: float) -> np.ndarray:
+    """The random numbers of one `random_eq_db` curve, (EQ_PARAMETERS,) float64, drawn in its order."""
+    params = np.zeros(EQ_PARAMETERS)
+    params[0] = rng.uniform(-eq_db / 3.0, eq_db / 3.0)
+    for bell in range(2):
+        centre = rng.uniform(np.log2(0.1), np.log2(8.0))
+        width = rng.uniform(0.3, 2.0)
+        params[1 + 3 * bell : 4 + 3 * bell] = rng.uniform(-eq_db, eq_db), centre, width
+    if rng.random() < 1.0 / 3.0:
+        params[7] = rng.uniform(np.log2(2.0), np.log2(10.0))
+        params[8] = rng.uniform(12.0, 48.0)
+    return params
+
+
+def eq_curve_db(params: np.ndarray, frequencies_hz: np.ndarray, eq_db: float) -> np.ndarray:
+    """The gain curve in dB over `frequencies_hz` of `draw_eq`'s numbers."""
+    octaves = np.log2(np.maximum(frequencies_hz, 20.0) / 1000.0)  # 0 at 1 kHz
+    curve = params[0] * octaves
+    for gain, centre, width in (params[1:4], params[4:7]):
+        curve = curve + gain * np.exp(-0.5 * ((octaves - centre) / (width / 2.0)) ** 2)
+    curve = curve - params[8] * np.maximum(octaves - params[7], 0.0)
+    return np.clip(curve, -60.0, eq_db)
+
+
 def random_eq_db(rng: np.random.Generator, frequencies_hz: np.ndarray, eq_db: float) -> np.ndarray:
     """A smooth random gain curve in dB over `frequencies_hz`, for one source of one chunk.
 
@@ -57,16 +86,7 @@ def random_eq_db(rng: np.random.Generator, frequencies_hz: np.ndarray, eq_db: fl
     (centres 100 Hz-8 kHz, 0.3-2 octaves wide) and, one time in three, a low-pass roll-off of
     12-48 dB per octave above 2-10 kHz. Boosts are capped at +eq_db dB, cuts at -60 dB.
     """
-    octaves = np.log2(np.maximum(frequencies_hz, 20.0) / 1000.0)  # 0 at 1 kHz
-    curve = rng.uniform(-eq_db / 3.0, eq_db / 3.0) * octaves
-    for _ in range(2):
-        centre = rng.uniform(np.log2(0.1), np.log2(8.0))
-        width = rng.uniform(0.3, 2.0)
-        curve = curve + rng.uniform(-eq_db, eq_db) * np.exp(-0.5 * ((octaves - centre) / (width / 2.0)) ** 2)
-    if rng.random() < 1.0 / 3.0:
-        cutoff = rng.uniform(np.log2(2.0), np.log2(10.0))
-        curve = curve - rng.uniform(12.0, 48.0) * np.maximum(octaves - cutoff, 0.0)
-    return np.clip(curve, -60.0, eq_db)
+    return eq_curve_db(draw_eq(rng, eq_db), frequencies_hz, eq_db)
 
 
 def equalise(audio: np.ndarray, curve_db: np.ndarray) -> np.ndarray:
@@ -127,25 +147,36 @@ class ChunkSampler:
 
     def draw(self, rng: np.random.Generator, count: int) -> tuple[np.ndarray, np.ndarray]:
         """`count` segments: instrument, rest, each (count, segment_samples) float32."""
+        instrument, rest, eq = self.draw_unequalised(rng, count)
+        if self.augmentation.eq_db > 0:
+            for i in range(count):
+                for out, source in ((instrument, 0), (rest, 1)):
+                    out[i] = equalise(out[i], eq_curve_db(eq[i, source], self.frequencies_hz, self.augmentation.eq_db))
+        return instrument, rest
+
+    def draw_unequalised(self, rng: np.random.Generator, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """What `draw` draws with the same `rng`, before its equaliser: instrument, rest, and each
+        source's `draw_eq` numbers (count, 2, EQ_PARAMETERS), zero when the equaliser is off — so a
+        trainer can apply the equaliser elsewhere (on a GPU: bench/thesis_gpu/features.equalise)."""
         seg = self.segment_samples
         aug = self.augmentation
         n = len(self.tracks)
         instrument = np.empty((count, seg), np.float32)
         rest = np.empty((count, seg), np.float32)
+        eq = np.zeros((count, 2, EQ_PARAMETERS))
         for i in range(count):
             a = int(rng.choice(n, p=self.track_probability))
             b = a
             if n > 1 and rng.random() < aug.remix_probability:
                 b = int(rng.choice(n, p=self.track_probability))
-            for out, index, attr in ((instrument, a, "instrument"), (rest, b, "rest")):
+            for source, (out, index, attr) in enumerate(((instrument, a, "instrument"), (rest, b, "rest"))):
                 audio = getattr(self.tracks[index], attr)
                 start = int(rng.integers(0, max(audio.shape[0] - seg, 0) + 1))
                 gain = 10.0 ** (rng.uniform(-aug.gain_db, aug.gain_db) / 20.0) if aug.gain_db > 0 else 1.0
-                piece = _segment(audio, start, seg) * gain
+                out[i] = _segment(audio, start, seg) * gain
                 if aug.eq_db > 0:
-                    piece = equalise(piece, random_eq_db(rng, self.frequencies_hz, aug.eq_db))
-                out[i] = piece
-        return instrument, rest
+                    eq[i, source] = draw_eq(rng, aug.eq_db)
+        return instrument, rest, eq
 
 
 def epoch_rng(seed: int, epoch: int, worker: int = 0) -> np.random.Generator:

@@ -71,6 +71,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     @handle_errors
     def ExportModel(self, request, context):
         params = {"run_id": request.run_id, "model_name": request.model_name,
-                  "overrides": parse_overrides(dict(request.overrides)), "with_runs": list(request.with_runs)}
+                  "overrides": parse_overrides(dict(request.overrides)), "with_runs": list(request.with_runs),
+                  "with_models": list(request.with_models)}
         jobs.validate_export(self.svc.data, params)
         return self.svc.submit(jobs.EXPORT, params)

@@ -42,12 +42,12 @@ from tensorflow.core.framework import summary_pb2
 
 from model.checkpoint import BEST_WEIGHTS, RUN_FILE, load_best_network, read_run
 from model.config import (
-    INFERENCE_KEYS,
     PRESETS,
     ConfigError,
     ModelConfig,
     config_from_dict,
     config_to_dict,
+    init_mismatch,
     make_config,
     with_inference_overrides,
 )
@@ -55,6 +55,7 @@ from model.export import (
     ExportError,
     check_ensemble,
     export_saved_model,
+    load_exported_networks,
     load_exported_weights,
     read_export_info,
 )
@@ -267,6 +268,7 @@ def train_run(
     should_stop: ShouldStop | None = None,
     changes: dict[str, Any] | None = None,
     init_from: str | os.PathLike | None = None,
+    init_member: int | None = None,
 ) -> dict[str, Any]:
     """Train (or continue) the run in `run_dir`; returns a summary of where it stands.
 
@@ -274,7 +276,8 @@ def train_run(
     and dataset are kept (the dataset must be unchanged); `epochs` and `patience` may grow, and
     `changes` may set RESUME_KEYS from now on (recorded in run.yaml under `changes`).
     `init_from`: a run folder whose best weights, or an exported model version whose weights, start a
-    new run (see `check_init_from`).
+    new run (see `check_init_from`); `init_member` picks one network of an exported ensemble (1: the
+    first, as when None).
     `progress(done_steps, total_steps, message, **metrics)` gets epoch, step, loss, val_loss,
     steps_per_second and eta_seconds. `should_stop()` returning true checkpoints and stops within a
     step. The result's "state" is "completed", "early_stopped" or "cancelled".
@@ -308,7 +311,7 @@ def train_run(
         raise FailedPreconditionError(f"run {run_dir.name} does not exist yet: changes apply to a resumed run")
     else:
         config, options = split_overrides(preset, overrides)
-        source = check_init_from(init_from, config) if init_from else None
+        source = check_init_from(init_from, config, init_member) if init_from else None
         info = {
             "run_id": run_dir.name, "state": "created", "created": _now(), "preset": preset,
             "overrides": dict(overrides or {}), "config": config_to_dict(config), "options": options.model_dump(),
@@ -368,7 +371,8 @@ def train_run(
                 info["init_from"]["sha256"] = _load_initial_weights(network, config, info["init_from"])
             source = info["init_from"]
             log.info("%s starts from the weights of %s (epoch %s)", run_dir.name,
-                     f"model {source['model']}:{source['version']}" if source.get("saved_model") else source["run_id"],
+                     f"model {source['model']}:{source['version']}" + (f"#{source['member']}" if source.get("member") else "")
+                     if source.get("saved_model") else source["run_id"],
                      source["best_epoch"])
         if changes and "learning_rate" in changes:
             optimizer.learning_rate = config.learning_rate
@@ -576,15 +580,13 @@ def _scalar_summary(tag: str, value: float) -> None:
     tf.summary.write(tag, tf.constant(value, tf.float32), metadata=metadata.SerializeToString())
 
 
-# What may differ between a run and the run whose weights start it: how it trains and how the
-# mask is applied. Everything else shapes the weights or what they mean (the spectrogram).
-INIT_FREE_KEYS = ("learning_rate", "dropout", "batch_norm_momentum", *INFERENCE_KEYS)
-
-
-def _read_source(source_dir: Path) -> tuple[str, dict[str, Any], dict[str, Any]]:
+def _read_source(source_dir: Path, member: int | None = None) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """(how to name it, its run.yaml or export info, what a new run records of it) for a run or an
-    exported model version; FailedPreconditionError when it is neither or has no weights yet."""
+    exported model version (`member`: one network of an ensemble export, 1 the first; None the
+    first); FailedPreconditionError when it is neither, has no weights yet or no such member."""
     if (source_dir / RUN_FILE).is_file():
+        if member is not None:
+            raise FailedPreconditionError(f"run {source_dir.name} is one network; members belong to exported models")
         info = read_run(source_dir)
         weights = source_dir / BEST_WEIGHTS
         if not weights.is_file():
@@ -600,12 +602,18 @@ def _read_source(source_dir: Path) -> tuple[str, dict[str, Any], dict[str, Any]]
     if not _exported_weight_files(source_dir):
         raise FailedPreconditionError(f"exported model {source_dir} has no variables/ to start from")
     version = int(source_dir.name) if source_dir.name.isdigit() else source_dir.name
-    return (f"model {source_dir.parent.name} version {source_dir.name}", info,
-            {"model": source_dir.parent.name, "version": version, "saved_model": str(source_dir.resolve()),
-             "run_id": info.get("source_run"), "best_epoch": info.get("best_epoch")})
+    what = f"model {source_dir.parent.name} version {source_dir.name}"
+    record = {"model": source_dir.parent.name, "version": version, "saved_model": str(source_dir.resolve())}
+    if member is not None:
+        members = info.get("members") if isinstance(info.get("members"), list) else [info]
+        if not 1 <= member <= len(members):
+            raise FailedPreconditionError(f"{what} has {len(members)} network(s), no member {member}")
+        info = {**info, **members[member - 1]}  # the member's own config, run and epoch
+        what, record["member"] = f"{what} member {member}", member
+    return what, info, {**record, "run_id": info.get("source_run"), "best_epoch": info.get("best_epoch")}
 
 
-def check_init_from(source_dir: str | os.PathLike, config: ModelConfig) -> dict[str, Any]:
+def check_init_from(source_dir: str | os.PathLike, config: ModelConfig, member: int | None = None) -> dict[str, Any]:
     """What run.yaml records of the weights that start a new run with `config`.
 
     `source_dir` is a training run (its best weights) or an exported model version
@@ -614,19 +622,16 @@ def check_init_from(source_dir: str | os.PathLike, config: ModelConfig) -> dict[
     spectrogram (the differing keys named). The weights are read when the new run starts, and
     the checksum of what was read is recorded, as a run's best weights change if it trains on.
     """
-    what, info, record = _read_source(Path(source_dir))
-    theirs, ours = info["config"], config_to_dict(config)
-    differ = sorted(k for k in ours if k not in INIT_FREE_KEYS and theirs.get(k) != ours[k])
+    what, info, record = _read_source(Path(source_dir), member)
+    differ = init_mismatch(info["config"], config)
     if differ:
-        raise FailedPreconditionError(
-            f"{what} has another network or spectrogram: "
-            + ", ".join(f"{k} {theirs.get(k)} there, {ours[k]} here" for k in differ))
+        raise FailedPreconditionError(f"{what} has another network or spectrogram: " + ", ".join(differ))
     return record
 
 
-def source_preset(source_dir: str | os.PathLike) -> str | None:
-    """The preset a run or an exported model was trained with (None when it does not say)."""
-    preset = _read_source(Path(source_dir))[1].get("preset")
+def source_preset(source_dir: str | os.PathLike, member: int | None = None) -> str | None:
+    """The preset a run or an exported model (or one member of it) was trained with (None when it does not say)."""
+    preset = _read_source(Path(source_dir), member)[1].get("preset")
     return preset if isinstance(preset, str) and preset in PRESETS else None
 
 
@@ -642,7 +647,7 @@ def _load_initial_weights(network: keras.Model, config: ModelConfig, source: dic
         for path in _exported_weight_files(version_dir):
             digest.update(_file_sha256(path).encode())
         try:
-            load_exported_weights(network, config, version_dir)
+            load_exported_weights(network, config, version_dir, int(source.get("member") or 1))
         except (ExportError, tf.errors.OpError) as e:
             raise FailedPreconditionError(f"cannot start from {version_dir}: {e}") from e
         return digest.hexdigest()
@@ -673,14 +678,42 @@ def resume_run(run_dir: str | os.PathLike, epochs: int | None = None, patience: 
                      changes=changes)
 
 
+MEMBER_RECORD_KEYS = ("preset", "source_run", "best_epoch", "best_val_loss", "dataset", "instrument", "init_from")
+
+
+def model_members(version_dir: str | os.PathLike, member: int | None = None) -> list[dict[str, Any]]:
+    """The records (with "config") of an exported model's networks — all of them, or its `member`-th
+    (1: the first) — as export_run lists members; FailedPreconditionError when it has no such member."""
+    version_dir = Path(version_dir)
+    try:
+        info = read_export_info(version_dir)
+    except (ExportError, ValueError) as e:
+        raise FailedPreconditionError(f"{version_dir} is not an exported model: {e}") from e
+    members = info.get("members") if isinstance(info.get("members"), list) else [info]
+    if not all(isinstance(m, dict) and isinstance(m.get("config"), dict) for m in members):
+        raise FailedPreconditionError(f"exported model {version_dir} does not record its networks' settings")
+    chosen = range(1, len(members) + 1) if member is None else [member]
+    if member is not None and not 1 <= member <= len(members):
+        raise FailedPreconditionError(f"model {version_dir.parent.name} version {version_dir.name} has "
+                                      f"{len(members)} network(s), no member {member}")
+    where = {"model": version_dir.parent.name, "version": int(version_dir.name) if version_dir.name.isdigit()
+             else version_dir.name}
+    return [{**{k: members[i - 1][k] for k in MEMBER_RECORD_KEYS if k in members[i - 1]}, "config": members[i - 1]["config"],
+             "from_model": {**where, "member": i}} for i in chosen]
+
+
 def export_run(run_dir: str | os.PathLike, models_root: str | os.PathLike, model_name: str,
                overrides: dict[str, Any] | None = None,
-               with_runs: list[str | os.PathLike] | None = None) -> int:
+               with_runs: list[str | os.PathLike] | None = None,
+               with_models: list[tuple[str | os.PathLike, int | None]] | None = None) -> int:
     """Export the run's best weights as the next version of models/<model_name>/; returns the version.
 
     `overrides` may change how the network is applied (config.INFERENCE_KEYS, e.g. mask_exponent).
     `with_runs`: more runs whose networks join the first in an ensemble (the mean of their masks);
     stemlab.json then lists every member under "members", the first one's record staying on top.
+    `with_models`: (exported version folder, member or None for all its networks) whose networks join
+    after the runs' — e.g. a shipped model's network beside a run trained since; each member's record
+    names the model, version and member it came from ("from_model").
     """
     run_dirs = [Path(run_dir), *(Path(r) for r in with_runs or [])]
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", model_name or ""):
@@ -705,6 +738,16 @@ def export_run(run_dir: str | os.PathLike, models_root: str | os.PathLike, model
             networks.append(network)
             configs.append(member_config)
             records.append(record)
+        for version_dir, member in with_models or []:
+            chosen = model_members(version_dir, member)
+            try:
+                members, _ = load_exported_networks(version_dir)
+            except ExportError as e:
+                raise FailedPreconditionError(f"cannot read {version_dir}: {e}") from e
+            for record in chosen:
+                networks.append(members[record["from_model"]["member"] - 1])
+                configs.append(config_from_dict(record.pop("config")))
+                records.append(record)
         instruments = {r["instrument"] for r in records if r["instrument"]}
         if len(instruments) > 1:
             raise InvalidArgumentError(f"an ensemble separates one instrument; these runs learnt {sorted(instruments)}")
