@@ -112,6 +112,10 @@ def test_packed_songs_rebuild_both_instruments_pairs(tmp_path):
     assert sorted(index["songs"]["train"]) == ["Song0", "Song1", "Song3"]  # Song2's mixes disagree
     assert index["songs"]["validation"] == ["Song4"]
     assert json.loads((out / "index.json").read_text()) == index
+    # The codec's cost is measured on what was written: finite, and worse at a lower quality.
+    assert set(index["codec_snr_db"]) == {"guitar", "piano", "other"} and all(v > 3 for v in index["codec_snr_db"].values())
+    low = pack(data.root, tmp_path / "low", train_songs=3, validation_songs=1, quality=0.0, seed=1)
+    assert all(low["codec_snr_db"][k] < index["codec_snr_db"][k] for k in index["codec_snr_db"])
     for instrument in ("guitar", "piano"):
         tracks = {t.track: t for t in load_tracks(out, "train", instrument)}
         assert sorted(tracks) == ["Song0", "Song1", "Song3"]
@@ -153,6 +157,28 @@ def test_shards_of_one_order_never_overlap_and_train_jax_joins_them(tmp_path):
     (tmp_path / "s1" / "index.json").write_text(json.dumps(other))
     with pytest.raises(SystemExit, match="packed from another datasets"):
         read_indexes([tmp_path / "s0", tmp_path / "s1"])
+
+
+def test_songs_of_one_set_only_are_packed_for_that_instrument_alone(tmp_path):
+    data = DataRoot(tmp_path / "data").ensure()
+    songs = {f"Song{i}": ("validation" if i == 5 else "train", _song(i, 1.0)) for i in range(6)}
+    _publish(data, "guitar", {k: v for k, v in songs.items() if k != "Song1"})  # Song1 has no guitar
+    _publish(data, "piano", {k: v for k, v in songs.items() if k != "Song3"})  # Song3 no piano
+    both = pack(data.root, tmp_path / "both", train_songs=3, validation_songs=1, quality=0.5, seed=1)
+    assert sorted(both["songs"]["train"]) == ["Song0", "Song2", "Song4"]
+    index = pack(data.root, tmp_path / "all", train_songs=5, validation_songs=1, quality=0.5, seed=1,
+                 single_instrument_songs=True)
+    assert sorted(index["songs"]["train"]) == ["Song0", "Song1", "Song2", "Song3", "Song4"]
+    assert sorted(index["sets"]["guitar"]["train"]) == ["Song0", "Song2", "Song3", "Song4"]
+    assert sorted(index["sets"]["piano"]["train"]) == ["Song0", "Song1", "Song2", "Song4"]
+    for instrument, only in (("guitar", "Song3"), ("piano", "Song1")):
+        tracks = {t.track: t for t in load_tracks(tmp_path / "all", "train", instrument)}
+        assert sorted(tracks) == sorted(index["sets"][instrument]["train"])
+        sources = songs[only][1]
+        rest = sum(v for k, v in sources.items() if k != instrument)  # its own set's pair, exactly
+        n = len(rest)
+        for got, want in ((tracks[only].instrument[:n], sources[instrument]), (tracks[only].rest[:n], rest)):
+            assert np.sum((got - want) ** 2) < 0.1 * np.sum(want**2)
 
 
 def test_one_network_of_an_export_becomes_start_weights_for_a_gpu_run(tmp_path):

@@ -46,9 +46,14 @@ def read_indexes(folders: list[Path]) -> dict:
         for key in ("datasets", "rate_hz", "sources"):
             if index[key] != first[key]:
                 raise SystemExit(f"{folder} was packed from another {key} than {folders[0]}: {index[key]} != {first[key]}")
-    songs = {split: list(dict.fromkeys(t for index in indexes for t in index["songs"][split]))
-             for split in ("train", "validation")}
-    return {**first, "songs": songs, "folders": [str(f) for f in folders]}
+    def joined(lists):
+        return list(dict.fromkeys(t for songs in lists for t in songs))
+
+    splits = ("train", "validation")
+    songs = {split: joined(index["songs"][split] for index in indexes) for split in splits}
+    sets = {name: {split: joined(index.get("sets", {}).get(name, index["songs"])[split] for index in indexes)
+                   for split in splits} for name in ("guitar", "piano")}
+    return {**first, "songs": songs, "sets": sets, "folders": [str(f) for f in folders]}
 
 
 def load_all_tracks(folders: list[Path], split: str, instrument: str) -> list[TrackAudio]:
@@ -67,8 +72,11 @@ def load_tracks(data: Path, split: str, instrument: str) -> list[TrackAudio]:
     if instrument not in sources or instrument == "other":
         raise SystemExit(f"--instrument must be one of {[s for s in sources if s != 'other']}")
     column = sources.index(instrument)
+    # Songs of this instrument's set only (pack --single-instrument-songs packs the other set's too);
+    # an index without "sets" holds songs of both.
+    members = set(index.get("sets", {}).get(instrument, {}).get(split, index["songs"][split]))
     tracks = []
-    for track in index["songs"][split]:
+    for track in (t for t in index["songs"][split] if t in members):
         audio, rate = sf.read(data / split / f"{track}.ogg", dtype="float32", always_2d=True)
         if rate != index["rate_hz"]:
             raise SystemExit(f"{track}: {rate} Hz, the index says {index['rate_hz']}")
