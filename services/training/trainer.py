@@ -605,10 +605,7 @@ def _read_source(source_dir: Path, member: int | None = None) -> tuple[str, dict
     what = f"model {source_dir.parent.name} version {source_dir.name}"
     record = {"model": source_dir.parent.name, "version": version, "saved_model": str(source_dir.resolve())}
     if member is not None:
-        members = info.get("members") if isinstance(info.get("members"), list) else [info]
-        if not 1 <= member <= len(members):
-            raise FailedPreconditionError(f"{what} has {len(members)} network(s), no member {member}")
-        info = {**info, **members[member - 1]}  # the member's own config, run and epoch
+        info = {**info, **model_members(source_dir, member)[0]}  # the member's own config, run and epoch
         what, record["member"] = f"{what} member {member}", member
     return what, info, {**record, "run_id": info.get("source_run"), "best_epoch": info.get("best_epoch")}
 
