@@ -250,7 +250,7 @@ def test_cli_lists_gets_and_reports_errors_as_one_line(service):
 
 
 def test_clients_default_to_the_configured_ports(monkeypatch):
-    from services.common.cliutil import default_address
+    from services.common.cliutil import CliError, default_address
     from services.serving import client
 
     for name in ("TRAINING", "SERVING", "SERVING_REST"):
@@ -266,6 +266,14 @@ def test_clients_default_to_the_configured_ports(monkeypatch):
     monkeypatch.delenv("STEMLAB_TRAINING_PORT")
     monkeypatch.delenv("STEMLAB_TRAINING_ADDRESS")
     assert default_address("training") == "localhost:50053"
+    # A port that is no port is an error with its name, never a silent fall back to the defaults.
+    monkeypatch.setenv("STEMLAB_TRAINING_PORT", "5125x")
+    with pytest.raises(CliError, match="STEMLAB_TRAINING_PORT='5125x' is not a whole number"):
+        default_address("training")
+    with pytest.raises(ValueError, match="STEMLAB_TRAINING_PORT"):
+        client.default_address("grpc")
+    r = run_cli("jobs", "list", "--service", "training", env={"STEMLAB_TRAINING_PORT": "5125x"})
+    assert r.returncode == 2 and "invalid configuration" in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
 
 def test_a_kind_in_its_own_lane_does_not_wait_behind_long_jobs(tmp_path):

@@ -44,8 +44,8 @@ def default_address(service: str) -> str:
     data root) is reached by exporting the same variables, never the first stack by mistake."""
     try:
         return load_config().address(service)
-    except ConfigError:  # the services refuse that configuration with its message; here, the defaults
-        return os.environ.get(f"STEMLAB_{service.upper()}_ADDRESS") or f"localhost:{DEFAULT_PORTS[service]}"
+    except ConfigError as e:  # not the default ports instead: they may be another stack's
+        raise CliError(f"invalid configuration: {e}") from e
 
 
 def add_common_args(parser: argparse.ArgumentParser, service: str | None = None) -> None:

@@ -22,10 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from services.common.audio import StreamResampler, read_audio, write_audio
-from services.common.config import ConfigError, load_config
+from services.common.config import load_config
 
-DEFAULT_GRPC_ADDRESS = "localhost:8500"
-DEFAULT_REST_ADDRESS = "localhost:8501"
 DEFAULT_SEGMENT_SECONDS = 10.0
 DEFAULT_OVERLAP = 0.25
 DEFAULT_BATCH_SEGMENTS = 2
@@ -53,13 +51,10 @@ class SeparationCancelled(Exception):
 
 def default_address(protocol: str = "grpc") -> str:
     """Serving address from $STEMLAB_SERVING_ADDRESS / $STEMLAB_SERVING_REST_ADDRESS, else the configured
-    ports ($STEMLAB_SERVING_PORT / $STEMLAB_SERVING_REST_PORT, STEMLAB_CONFIG's file), else the defaults."""
-    name = "serving_rest" if protocol == "rest" else "serving"
-    try:
-        return load_config().address(name)
-    except ConfigError:
-        fallback = DEFAULT_REST_ADDRESS if protocol == "rest" else DEFAULT_GRPC_ADDRESS
-        return os.environ.get(f"STEMLAB_{name.upper()}_ADDRESS") or fallback
+    ports ($STEMLAB_SERVING_PORT / $STEMLAB_SERVING_REST_PORT, STEMLAB_CONFIG's file; defaults 8500 / 8501).
+    An invalid configuration raises its ConfigError (a ValueError) rather than falling back to the
+    default ports, which may be another stack's."""
+    return load_config().address("serving_rest" if protocol == "rest" else "serving")
 
 
 # ---------------------------------------------------------------------------------------------
