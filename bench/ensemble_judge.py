@@ -35,10 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mir_eval  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from model.export import load_exported_networks  # noqa: E402
+from model.export import ExportError, load_exported_networks  # noqa: E402
 from model.separate import spectrogram_mask  # noqa: E402
 from model.spectral import istft, magnitude, stft  # noqa: E402
-from services.common.manifest import find_manifest, load_manifest  # noqa: E402
+from services.common.manifest import DatasetNotFoundError, ManifestError, find_manifest, load_manifest  # noqa: E402
 from services.common.paths import DataRoot  # noqa: E402
 from services.evaluation.evaluate import load_references, select_pairs  # noqa: E402
 
@@ -118,7 +118,10 @@ def main() -> int:
 
     networks, config = [], None
     for folder in args.model:
-        nets, cfg = load_exported_networks(folder)
+        try:
+            nets, cfg = load_exported_networks(folder)
+        except (ExportError, OSError) as e:
+            parser.error(f"{folder}: not an exported model version ({e})")
         if config is not None and (cfg.n_fft, cfg.hop_length, cfg.rate_hz) != (config.n_fft, config.hop_length,
                                                                                config.rate_hz):
             parser.error(f"{folder}: another spectrogram than {args.model[0]}'s")
@@ -129,7 +132,10 @@ def main() -> int:
     except ValueError as e:
         parser.error(str(e))
     data = DataRoot(args.root)
-    manifest = load_manifest(find_manifest(data, args.dataset, None))
+    try:
+        manifest = load_manifest(find_manifest(data, args.dataset, None))
+    except (ManifestError, DatasetNotFoundError) as e:
+        parser.error(str(e))
     pairs = select_pairs(manifest.pairs, args.split, args.max_tracks)
     if not pairs:
         parser.error(f"{args.dataset}: no tracks in split {args.split}")
