@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mir_eval  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from model.export import ExportError, load_exported_networks  # noqa: E402
+from model.export import ExportError, check_ensemble, load_exported_networks  # noqa: E402
 from model.separate import spectrogram_mask  # noqa: E402
 from model.spectral import istft, magnitude, stft  # noqa: E402
 from services.common.manifest import DatasetNotFoundError, ManifestError, find_manifest, load_manifest  # noqa: E402
@@ -116,17 +116,19 @@ def main() -> int:
     parser.add_argument("--silent-share", action="store_true")
     args = parser.parse_args()
 
-    networks, config = [], None
+    networks, configs = [], []
     for folder in args.model:
         try:
             nets, cfg = load_exported_networks(folder)
         except (ExportError, OSError) as e:
             parser.error(f"{folder}: not an exported model version ({e})")
-        if config is not None and (cfg.n_fft, cfg.hop_length, cfg.rate_hz) != (config.n_fft, config.hop_length,
-                                                                               config.rate_hz):
-            parser.error(f"{folder}: another spectrogram than {args.model[0]}'s")
         networks += nets
-        config = config or cfg
+        configs.append(cfg)
+    try:  # the export's own rule: every member sees the same spectrogram and chunks
+        check_ensemble(configs)
+    except ExportError as e:
+        parser.error(f"{' and '.join(args.model)}: {e}")
+    config = configs[0]
     try:
         combos = [parse_combo(c, len(networks)) for c in args.combo]
     except ValueError as e:
