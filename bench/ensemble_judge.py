@@ -1,6 +1,7 @@
 """Judge ways of combining exported networks without exporting each: every member's mask is
 computed once per song, then each combination (which members, mask exponent, weights, arithmetic
-or geometric mean) is applied and scored with mir_eval's bss_eval, per song against the first.
+or geometric mean) is applied and scored with mir_eval's bss_eval, per song against the first,
+with a 95 % bootstrap interval of that per-song mean over the songs.
 
     .venv/bin/python bench/ensemble_judge.py --root DATA --dataset piano-opl3 [--split all] \
         [--max-tracks 0] --model model/pretrained/piano/6 [--model DATA/models/piano-cand/1] \
@@ -15,6 +16,12 @@ SDR as with both references). `--silent-share` adds, for the first combination, 
 instrument's error energy that falls in 1-s blocks where the instrument is silent (-60 dB under its
 loudest block): what a gate silencing those blocks could remove at most.
 
+`--scores FILE` also writes every song's scores as JSON; `--pool FILE FILE ...` then reads such
+files (the same combinations, in the same order) and gives the per-song figures over all their
+songs together, e.g. both judge fonts pooled:
+
+    .venv/bin/python bench/ensemble_judge.py --pool opl3.json sonivox.json
+
 Exporting each candidate and running `stemlab evaluate --saved-model` gives the same numbers; this
 only saves the repeated network passes when many combinations are compared.
 """
@@ -22,6 +29,8 @@ only saves the repeated network passes when many combinations are compared.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import re
 import sys
 import warnings
@@ -105,16 +114,83 @@ def silent_share(reference: np.ndarray, estimate: np.ndarray, block: int) -> flo
     return float(err[silent].sum() / max(err.sum(), 1e-20))
 
 
+def mean_interval(diff: np.ndarray, draws: int = 10000, seed: int = 0) -> tuple[float, float]:
+    """95 % bootstrap interval of the per-song mean difference (songs resampled with replacement).
+
+    It measures how much the mean depends on which songs were drawn; it cannot see how much it
+    depends on the training run (another run of the same recipe can move it further)."""
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), size=(draws, len(diff)))].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def summary(label: str, scores: dict[str, list[float]]) -> list[str]:
+    """Per combination: median, per-song mean difference from the first with its interval, wins."""
+    texts = list(scores)
+    base = np.array(scores[texts[0]])
+    lines = [f"{label} ({len(base)} songs), instrument SDR per song against {texts[0]}:"]
+    for text in texts:
+        s = np.array(scores[text])
+        diff = s - base
+        lo, hi = mean_interval(diff)
+        lines.append(f"  {text:24s} median {np.median(s):6.2f}  per song {diff.mean():+.3f} "
+                     f"[{lo:+.2f}, {hi:+.2f}], {int((diff > 0).sum())} of {len(s)} better")
+    return lines
+
+
+def write_scores(path: str, dataset: str, songs: list[str], scores: dict[str, list[float]]) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:  # renamed into place: a stopped run never leaves half a file
+        json.dump({"dataset": dataset, "songs": songs, "scores": scores}, f, indent=1)
+    os.replace(tmp, path)
+
+
+def pool_scores(paths: list[str]) -> tuple[str, dict[str, list[float]]]:
+    """Several --scores files as one set of songs; their combinations must match in order."""
+    label, pooled = [], None
+    for path in paths:
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            scores = {str(k): [float(x) for x in v] for k, v in data["scores"].items()}
+            dataset = str(data["dataset"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{path}: not a scores file of ensemble_judge --scores ({e})") from e
+        if not scores or len({len(v) for v in scores.values()}) != 1 or not next(iter(scores.values())):
+            raise ValueError(f"{path}: no songs, or combinations scored on different songs")
+        if pooled is None:
+            pooled = {k: [] for k in scores}
+        if list(scores) != list(pooled):
+            raise ValueError(f"{path}: combinations {list(scores)} differ from {list(pooled)}")
+        for k, v in scores.items():
+            pooled[k] += v
+        label.append(dataset)
+    return " + ".join(label), pooled
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--root", required=True, help="data root holding the dataset")
-    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--root", help="data root holding the dataset")
+    parser.add_argument("--dataset")
     parser.add_argument("--split", default="all", choices=("all", "train", "validation"))
     parser.add_argument("--max-tracks", type=int, default=0)
-    parser.add_argument("--model", action="append", required=True, help="an exported version folder")
-    parser.add_argument("--combo", action="append", required=True, help="the first is the baseline")
+    parser.add_argument("--model", action="append", default=[], help="an exported version folder")
+    parser.add_argument("--combo", action="append", default=[], help="the first is the baseline")
     parser.add_argument("--silent-share", action="store_true")
+    parser.add_argument("--scores", metavar="FILE", help="also write every song's scores here (JSON)")
+    parser.add_argument("--pool", nargs="+", metavar="FILE", help="pool --scores files; nothing is computed")
     args = parser.parse_args()
+
+    if args.pool:
+        try:
+            label, pooled = pool_scores(args.pool)
+        except ValueError as e:
+            parser.error(str(e))
+        print("\n".join(summary(label, pooled)))
+        return 0
+    missing = [f"--{n}" for n in ("root", "dataset", "model", "combo") if not getattr(args, n)]
+    if missing:
+        parser.error(f"{', '.join(missing)} required (or --pool)")
 
     networks, configs = [], []
     for folder in args.model:
@@ -155,13 +231,9 @@ def main() -> int:
                 shares.append(silent_share(instrument, estimate, config.rate_hz))
         print(pair.track, " ".join(f"{scores[c.text][-1]:.2f}" for c in combos), flush=True)
 
-    base = np.array(scores[combos[0].text])
-    print(f"\n{args.dataset} ({len(pairs)} songs), instrument SDR per song against {combos[0].text}:")
-    for combo in combos:
-        s = np.array(scores[combo.text])
-        diff = s - base
-        print(f"  {combo.text:24s} median {np.median(s):6.2f}  per song {diff.mean():+.3f}, "
-              f"{int((diff > 0).sum())} of {len(s)} better")
+    print("\n" + "\n".join(summary(args.dataset, scores)))
+    if args.scores:
+        write_scores(args.scores, args.dataset, [p.track for p in pairs], scores)
     if shares:
         print(f"  share of {combos[0].text}'s error in silent blocks: median {np.median(shares):.3f}, "
               f"max {max(shares):.3f}")
