@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 import warnings
@@ -48,7 +47,7 @@ from model.export import ExportError, check_ensemble, load_exported_networks  # 
 from model.separate import spectrogram_mask  # noqa: E402
 from model.spectral import istft, magnitude, stft  # noqa: E402
 from services.common.manifest import DatasetNotFoundError, ManifestError, find_manifest, load_manifest  # noqa: E402
-from services.common.paths import DataRoot  # noqa: E402
+from services.common.paths import DataRoot, atomic_write_text  # noqa: E402
 from services.evaluation.evaluate import load_references, select_pairs  # noqa: E402
 
 _COMBO = re.compile(r"^(geo:)?(\d+(?:\+\d+)*)@([0-9.]+)(?::([0-9.,]+))?$")
@@ -139,10 +138,8 @@ def summary(label: str, scores: dict[str, list[float]]) -> list[str]:
 
 
 def write_scores(path: str, dataset: str, songs: list[str], scores: dict[str, list[float]]) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:  # renamed into place: a stopped run never leaves half a file
-        json.dump({"dataset": dataset, "songs": songs, "scores": scores}, f, indent=1)
-    os.replace(tmp, path)
+    # written beside and renamed into place: a stopped run never leaves half a file
+    atomic_write_text(path, json.dumps({"dataset": dataset, "songs": songs, "scores": scores}, indent=1))
 
 
 def pool_scores(paths: list[str]) -> tuple[str, dict[str, list[float]]]:
@@ -182,6 +179,8 @@ def main() -> int:
     args = parser.parse_args()
 
     if args.pool:
+        if args.root or args.dataset or args.model or args.combo or args.scores:
+            parser.error("--pool only reads --scores files: give it no --root, --dataset, --model, --combo or --scores")
         try:
             label, pooled = pool_scores(args.pool)
         except ValueError as e:
@@ -191,6 +190,8 @@ def main() -> int:
     missing = [f"--{n}" for n in ("root", "dataset", "model", "combo") if not getattr(args, n)]
     if missing:
         parser.error(f"{', '.join(missing)} required (or --pool)")
+    if args.scores and not Path(args.scores).resolve().parent.is_dir():
+        parser.error(f"--scores {args.scores}: no such folder")  # before the songs, not after
 
     networks, configs = [], []
     for folder in args.model:
@@ -233,7 +234,11 @@ def main() -> int:
 
     print("\n" + "\n".join(summary(args.dataset, scores)))
     if args.scores:
-        write_scores(args.scores, args.dataset, [p.track for p in pairs], scores)
+        try:
+            write_scores(args.scores, args.dataset, [p.track for p in pairs], scores)
+        except OSError as e:
+            print(f"ensemble_judge: could not write --scores {args.scores}: {e}", file=sys.stderr)
+            return 1
     if shares:
         print(f"  share of {combos[0].text}'s error in silent blocks: median {np.median(shares):.3f}, "
               f"max {max(shares):.3f}")

@@ -80,7 +80,7 @@ def test_pooled_scores_are_the_songs_of_every_file_together(tmp_path):
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     write_scores(str(a), "piano-opl3", ["s1", "s2"], {"0+1@1.5": [1.0, 2.0], "1+2@1.25": [1.5, 1.0]})
     write_scores(str(b), "piano-sonivox", ["s3"], {"0+1@1.5": [0.0], "1+2@1.25": [2.0]})
-    assert not list(tmp_path.glob("*.tmp"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json"]  # no temporary left
     label, pooled = pool_scores([str(a), str(b)])
     assert label == "piano-opl3 + piano-sonivox"
     assert pooled == {"0+1@1.5": [1.0, 2.0, 0.0], "1+2@1.25": [1.5, 1.0, 2.0]}
@@ -103,5 +103,12 @@ def test_pool_refuses_files_that_do_not_match(tmp_path):
     assert run.returncode == 2 and "differ" in run.stderr
     run = subprocess.run([sys.executable, str(script), "--dataset", "piano"], capture_output=True, text=True)
     assert run.returncode == 2 and "--root, --model, --combo required" in run.stderr
+    run = subprocess.run([sys.executable, str(script), "--pool", str(a), "--combo", "0+1@1.5"],
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "--pool only reads" in run.stderr
+    run = subprocess.run([sys.executable, str(script), "--root", str(tmp_path), "--dataset", "piano", "--model",
+                          str(tmp_path), "--combo", "0@1", "--scores", str(tmp_path / "no" / "s.json")],
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "no such folder" in run.stderr
     run = subprocess.run([sys.executable, str(script), "--pool", str(a)], capture_output=True, text=True)
     assert run.returncode == 0 and "x (1 songs)" in run.stdout
