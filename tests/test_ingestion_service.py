@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 
 import grpc
 import pytest
@@ -114,6 +115,18 @@ def test_cli_synth_generates_and_imports_under_the_data_root(service):
     assert (root / "data" / "synthetic" / "set1" / "Synth_Song001").stat().st_mtime_ns == first
     r = run_cli("synth", "synthetic/set3", "--songs", "1", "--seconds", "4", "--start-index", "-1", env=env)
     assert r.returncode == 2 and "start_index must not be negative" in r.stderr
+    # A soundfont loaded on top of the base font (a renamed copy of FluidR3 stands in for one).
+    overlay = root / "overlay.sf2"
+    shutil.copy("/usr/share/sounds/sf2/FluidR3_GM.sf2", overlay)
+    r = run_cli("synth", "synthetic/set4", "--songs", "1", "--seconds", "4", "--seed", "2", "--rate", "22050",
+                "--start-index", "2", "--overlay-soundfont", str(overlay), "--json", env=env)
+    assert r.returncode == 0, r.stderr + r.stdout
+    generated = json.loads(r.stdout.strip().splitlines()[-1])["result"]["generated"]
+    assert generated["overlay_soundfonts"] == [str(overlay)]
+    r = run_cli("synth", "synthetic/set5", "--songs", "1", "--seconds", "4", "--overlay-soundfont",
+                str(root / "missing.sf2"), "--json", env=env)
+    assert r.returncode != 0 and "missing.sf2" in r.stderr + r.stdout
+    assert not (root / "data" / "synthetic" / "set5").exists()
 
 
 def test_cli_labelling_commands(service, tmp_path):

@@ -245,7 +245,8 @@ def cmd_synth(args) -> int:
     req = ingestion_pb2.GenerateSyntheticRequest(out_dir=args.out, songs=args.songs, seconds=args.seconds,
                                                  seed=args.seed, layout=args.layout, soundfont=args.soundfont or "",
                                                  rate=args.rate, import_after=args.import_after,
-                                                 start_index=args.start_index)
+                                                 start_index=args.start_index,
+                                                 overlay_soundfonts=args.overlay_soundfont)
     return start_and_follow(args, SERVICE, _stub(args).GenerateSynthetic(req, timeout=30))
 
 
@@ -360,6 +361,9 @@ def register(subparsers, groups: dict | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layout", choices=("medleydb", "slakh"), default="medleydb")
     p.add_argument("--soundfont", default=None)
+    p.add_argument("--overlay-soundfont", action="append", default=[], metavar="SF2",
+                   help="a soundfont loaded on top of --soundfont: its presets replace the base font's "
+                        "(repeatable; the last wins)")
     p.add_argument("--rate", type=int, default=44100)
     p.add_argument("--start-index", type=int, default=0,
                    help="0-based number of the first song, to add songs to a set (default 0)")

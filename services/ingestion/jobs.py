@@ -114,6 +114,7 @@ class IngestionJobs:
         summary = generate_songs(out_dir, int(params.get("songs") or 0), float(params.get("seconds") or 0),
                                  int(params.get("seed") or 0), layout=layout,
                                  soundfont=params.get("soundfont") or None,
+                                 overlays=params.get("overlay_soundfonts") or (),
                                  rate=int(params.get("rate") or 44100), start_index=int(params.get("start_index") or 0),
                                  progress=progress,
                                  should_stop=should_stop)

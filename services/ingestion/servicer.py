@@ -67,7 +67,7 @@ class DatasetServicer(ingestion_pb2_grpc.DatasetServiceServicer):
         params = {"out_dir": request.out_dir, "songs": request.songs, "seconds": request.seconds,
                   "seed": request.seed, "layout": request.layout or "medleydb", "soundfont": request.soundfont,
                   "rate": request.rate or 44100, "import_after": request.import_after,
-                  "start_index": request.start_index}
+                  "start_index": request.start_index, "overlay_soundfonts": list(request.overlay_soundfonts)}
         return self.svc.submit("ingestion.generate", params)
 
     @handle_errors

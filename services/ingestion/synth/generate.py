@@ -12,7 +12,7 @@ import hashlib
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -73,11 +73,14 @@ def generate_songs(
     progress: Progress | None = None,
     should_stop: ShouldStop | None = None,
     start_index: int = 0,
+    overlays: Sequence[str | os.PathLike] = (),
 ) -> dict:
     """Generate `songs` songs of `seconds` each under `out_dir` in the given dataset layout.
 
-    Song k (counting from `start_index`) depends only on (seed, k, seconds, rate, soundfont), so
+    Song k (counting from `start_index`) depends only on (seed, k, seconds, rate, soundfonts), so
     two runs give byte-identical files and a set can be extended later with `start_index`.
+    `overlays` are soundfonts loaded on top of `soundfont`: the presets they hold replace the base
+    font's (rendering.Soundfonts); the arrangements stay those of (seed, k).
     Each song folder appears complete or not at all. Existing song folders are never replaced.
     Returns a summary: {"layout", "rate", "seconds", "seed", "out_dir", "stopped", "songs": [...],
     "totals": {...}}; when `should_stop` returns True the songs finished so far are kept and
@@ -93,7 +96,7 @@ def generate_songs(
     if not (math.isfinite(seconds) and MIN_SECONDS <= seconds <= MAX_SECONDS):
         raise InvalidArgumentError(f"seconds must be between {MIN_SECONDS} and {MAX_SECONDS}, got {seconds}")
     rate = _check_rate(rate)
-    soundfont_path = check_soundfont(soundfont)
+    soundfont_path = check_soundfont(soundfont, overlays)
     out_dir = Path(out_dir)
     names = [song_name(layout, start_index + i) for i in range(songs)]
     existing = [name for name in names if (out_dir / name).exists()]
@@ -127,7 +130,8 @@ def generate_songs(
         "seed": int(seed),
         "start_index": start_index,
         "out_dir": str(out_dir),
-        "soundfont": str(soundfont_path),
+        "soundfont": str(soundfont_path.paths[0]),
+        "overlay_soundfonts": [str(path) for path in soundfont_path.paths[1:]],
         "stopped": stopped,
         "songs": summaries,
         "totals": {
@@ -282,6 +286,7 @@ def render_midi_file(
     name: str | None = None,
     progress: Progress | None = None,
     should_stop: ShouldStop | None = None,
+    overlays: Sequence[str | os.PathLike] = (),
 ) -> dict:
     """Render a General MIDI file into one song folder, one stem per instrument track.
 
@@ -315,7 +320,7 @@ def render_midi_file(
     seconds = midi.get_end_time() + MIDI_TAIL_SECONDS
     if seconds > MAX_SECONDS:
         raise InvalidArgumentError(f"{midi_path.name}: {seconds:.0f} s is longer than {MAX_SECONDS:.0f} s")
-    soundfont_path = check_soundfont(soundfont)
+    soundfont_path = check_soundfont(soundfont, overlays)
     name = safe_song_name(name or midi_path.stem)
     folder = Path(out_dir) / name
     if folder.exists():

@@ -11,6 +11,8 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,20 +34,42 @@ class RenderError(FailedPreconditionError):
     """FluidSynth is missing or failed on a part."""
 
 
-def check_soundfont(soundfont: str | os.PathLike | None) -> Path:
-    """The soundfont to use (the default when None), checked to be a readable SoundFont 2 file."""
-    path = Path(soundfont) if soundfont else DEFAULT_SOUNDFONT
-    if not path.is_file():
-        raise NotFoundError(f"soundfont {path} does not exist")
-    with open(path, "rb") as handle:
-        header = handle.read(12)
-    # FluidSynth renders silence, exit status 0, from a file that is not a SoundFont.
-    if len(header) < 12 or header[:4] != b"RIFF" or header[8:12] != b"sfbk":
-        raise InvalidArgumentError(f"{path.name} is not a SoundFont 2 (.sf2) file")
-    return path
+@dataclass(frozen=True)
+class Soundfonts:
+    """The soundfonts a song is rendered with: a base font, then overlays loaded on top of it.
+
+    FluidSynth looks a preset up from the last font loaded down to the first, so a preset an
+    overlay defines (e.g. a recorded grand piano on programs 0, 1 and 3) replaces the base font's
+    and every other program still comes from the base font.
+    """
+
+    paths: tuple[Path, ...]
+
+    @property
+    def name(self) -> str:
+        """File names joined by '+': one font keeps its plain name (and songs their identity)."""
+        return "+".join(path.name for path in self.paths)
 
 
-def fluidsynth_command(soundfont: Path, midi_path: Path, wav_path: Path, rate: int) -> list[str]:
+def check_soundfont(soundfont: str | os.PathLike | None,
+                    overlays: Sequence[str | os.PathLike] = ()) -> Soundfonts:
+    """The soundfont (the default when None) and its overlays, each checked to be a readable
+    SoundFont 2 file."""
+    paths = [Path(soundfont) if soundfont else DEFAULT_SOUNDFONT] + [Path(o) for o in overlays]
+    if len(set(paths)) != len(paths):
+        raise InvalidArgumentError(f"a soundfont is named twice: {' + '.join(map(str, paths))}")
+    for path in paths:
+        if not path.is_file():
+            raise NotFoundError(f"soundfont {path} does not exist")
+        with open(path, "rb") as handle:
+            header = handle.read(12)
+        # FluidSynth renders silence, exit status 0, from a file that is not a SoundFont.
+        if len(header) < 12 or header[:4] != b"RIFF" or header[8:12] != b"sfbk":
+            raise InvalidArgumentError(f"{path.name} is not a SoundFont 2 (.sf2) file")
+    return Soundfonts(tuple(paths))
+
+
+def fluidsynth_command(soundfonts: Soundfonts, midi_path: Path, wav_path: Path, rate: int) -> list[str]:
     executable = shutil.which("fluidsynth")
     if executable is None:
         raise RenderError("fluidsynth is not installed (apt-get install fluidsynth)")
@@ -57,16 +81,18 @@ def fluidsynth_command(soundfont: Path, midi_path: Path, wav_path: Path, rate: i
         "-g", str(FLUIDSYNTH_GAIN), "-r", str(rate),
         "-o", "synth.cpu-cores=1", "-o", "synth.dynamic-sample-loading=1",
         "-O", "float", "-T", "wav", "-F", str(wav_path),
-        str(soundfont), str(midi_path),
+        *(str(path) for path in soundfonts.paths), str(midi_path),  # the last loaded wins a preset
     ]  # fmt: skip
 
 
-def render_midi(midi: pretty_midi.PrettyMIDI, soundfont: Path, rate: int, samples: int) -> np.ndarray:
+def render_midi(midi: pretty_midi.PrettyMIDI, soundfonts: Soundfonts | Path, rate: int, samples: int) -> np.ndarray:
     """Render a MIDI object; returns float32 (2, samples), cut or zero-padded to `samples`."""
+    if isinstance(soundfonts, Path):
+        soundfonts = Soundfonts((soundfonts,))
     with tempfile.TemporaryDirectory(prefix="stemlab-synth-") as folder:
         midi_path, wav_path = Path(folder) / "part.mid", Path(folder) / "part.wav"
         midi.write(str(midi_path))
-        command = fluidsynth_command(soundfont, midi_path, wav_path, rate)
+        command = fluidsynth_command(soundfonts, midi_path, wav_path, rate)
         timeout_s = max(_RENDER_TIMEOUT_FLOOR_S, 2.0 * samples / rate)
         try:
             result = subprocess.run(command, capture_output=True, timeout=timeout_s, check=False)
@@ -74,7 +100,7 @@ def render_midi(midi: pretty_midi.PrettyMIDI, soundfont: Path, rate: int, sample
             raise RenderError(f"fluidsynth took longer than {timeout_s:.0f} s") from error
         errors = result.stderr.decode("utf-8", "replace")
         if "Failed to load" in errors:
-            raise RenderError(f"fluidsynth could not load the soundfont {soundfont.name}")
+            raise RenderError(f"fluidsynth could not load the soundfont {soundfonts.name}")
         if result.returncode != 0 or not wav_path.is_file():
             message = errors.strip().splitlines()
             raise RenderError(
@@ -86,7 +112,7 @@ def render_midi(midi: pretty_midi.PrettyMIDI, soundfont: Path, rate: int, sample
         warning = result.stderr.decode("utf-8", "replace").strip().splitlines()
         raise RenderError(
             f"fluidsynth rendered silence for a part with notes ({warning[-1] if warning else 'no message'}); "
-            f"is {soundfont.name} complete?"
+            f"is {soundfonts.name} complete?"
         )
     if audio.shape[0] == 1:
         audio = np.repeat(audio, 2, axis=0)
