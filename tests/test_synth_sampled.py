@@ -70,6 +70,7 @@ def test_note_names_and_layers():
     assert note_number("D#1v16") == (27, 16)
     assert note_number("Bb3v2") == (58, 2)
     assert note_number("A0") == (21, 0)
+    assert note_number("As2") == (46, 0)  # tonejs-instruments' sharps
     for bad in ("H4", "C#", "room tone", "A9v1"):
         with pytest.raises(InvalidArgumentError):
             note_number(bad)
@@ -85,6 +86,14 @@ def test_the_overlay_plays_the_recordings_at_pitch_and_by_layer(overlay):
     # The layers set the level (velocity's default attenuation is off): about LOUD / QUIET apart.
     ratio = np.sqrt(np.mean(segments[2] ** 2) / np.mean(segments[0] ** 2))
     assert 5 < ratio < 20
+
+
+def test_one_layer_keeps_velocity_shaping_the_level(recordings, tmp_path):
+    single = tmp_path / "single.sf2"
+    build_soundfont([recordings], single, programs=(0,), layers=[1], rate=RATE, seconds=1.0)
+    audio = render([(60, 30, 0.0), (60, 120, 1.0)], 0, [DEFAULT_SOUNDFONT, single])
+    soft, hard = (audio[k * RATE + 500: k * RATE + 500 + RATE // 3] for k in range(2))
+    assert np.sqrt(np.mean(hard ** 2) / np.mean(soft ** 2)) > 3
 
 
 def test_other_programs_still_come_from_the_base_font(overlay):

@@ -1,17 +1,18 @@
 """A SoundFont 2 from recorded notes, to load on top of a General MIDI font when songs are rendered.
 
 A multisampled instrument is a folder of single-note recordings named NOTE[vLAYER].EXT — `C4v8.ogg`,
-`D#1v16.wav`, `A0.flac` — where the optional layer number orders the velocity layers (softest
-first; the npm `@audio-samples/piano-velocityN` packages of the Salamander Grand Piano are laid out
-this way). `build_soundfont` writes one instrument from them: every recording a zone over the keys
+`D#1v16.wav`, `As2.mp3` (s: sharp), `Bb3.flac` — where the optional layer number orders the velocity
+layers (softest first; the npm `@audio-samples/piano-velocityN` packages of the Salamander Grand
+Piano are laid out this way, the `tonejs-instrument-*-mp3` ones with one layer). `build_soundfont` writes one instrument from them: every recording a zone over the keys
 nearest its note and one equal share of the velocity range per layer, mono, resampled with ffmpeg
 and cut to `seconds` with a short fade. It is offered on the General MIDI programs given (by default
 0, 1 and 3, the generator's acoustic pianos), so `generate_songs(..., overlays=[font])` renders
 those parts with the recordings and every other part with the base font.
 
-The default velocity modulators of SoundFont 2 (velocity to attenuation and to filter cutoff) are
-switched off for the instrument: recorded layers already carry how loud and how bright a note
-played that hard is, and the defaults would apply it twice.
+With two layers or more, the default velocity modulators of SoundFont 2 (velocity to attenuation
+and to filter cutoff) are switched off for the instrument: recorded layers already carry how loud
+and how bright a note played that hard is, and the defaults would apply it twice. One layer keeps
+them, so velocity still shapes the notes.
 
     .venv/bin/python -m services.ingestion.synth.sampled SAMPLES_DIR --out piano.sf2 \\
         [--programs 0,1,3] [--layers 2,4,6,8,10,12,14,16] [--rate 32000] [--seconds 6] [--release 0.25]
@@ -37,7 +38,7 @@ from services.common.errors import InvalidArgumentError
 from services.common.paths import atomic_write_bytes
 
 AUDIO_SUFFIXES = (".ogg", ".wav", ".flac", ".mp3")
-_NAME = re.compile(r"^([A-Ga-g])([#b]?)(-?\d)(?:v(\d+))?$")
+_NAME = re.compile(r"^([A-Ga-g])([#sb]?)(-?\d)(?:v(\d+))?$")
 _PITCH = {"c": 0, "d": 2, "e": 4, "f": 5, "g": 7, "a": 9, "b": 11}
 FADE_SECONDS = 0.4
 # Generators and modulator sources of the SoundFont 2.01 specification (section 8).
@@ -61,7 +62,7 @@ def note_number(name: str) -> tuple[int, int]:
     if not match:
         raise InvalidArgumentError(f"{name!r}: expected a note name such as C4, D#1 or Bb3, then optionally vN")
     letter, accidental, octave, layer = match.groups()
-    note = 12 * (int(octave) + 1) + _PITCH[letter.lower()] + {"#": 1, "b": -1, "": 0}[accidental]
+    note = 12 * (int(octave) + 1) + _PITCH[letter.lower()] + {"#": 1, "s": 1, "b": -1, "": 0}[accidental]
     if not 0 <= note <= 127:
         raise InvalidArgumentError(f"{name!r}: note {note} is outside MIDI's 0-127")
     return note, int(layer or 0)
@@ -162,11 +163,13 @@ def soundfont_bytes(recordings: Sequence[Recording], programs: Sequence[int], ra
             zones.append((low, high, *velocity[layer], len(shdr) // 46 - 1, recording.note))
     shdr += struct.pack("<20sIIIIIBbHH", _name20("EOS"), 0, 0, 0, 0, 0, 0, 0, 0, 0)
 
-    # The instrument: a global zone (release time, default velocity modulators at zero), then a zone per sample.
-    ibag, igen = bytearray(struct.pack("<HH", 0, 0)), bytearray()
+    # The instrument: a global zone (release time; with layers, the default velocity modulators at
+    # zero: an instrument modulator like a default one replaces it), then a zone per sample.
+    ibag, igen, imod = bytearray(struct.pack("<HH", 0, 0)), bytearray(), bytearray()
     igen += struct.pack("<Hh", _GEN_RELEASE_VOL_ENV, round(1200 * math.log2(release_seconds)))
-    imod = bytearray(struct.pack("<HHhHH", _SRC_VELOCITY_NEGATIVE_CONCAVE, _GEN_ATTENUATION, 0, 0, 0)
-                     + struct.pack("<HHhHH", _SRC_VELOCITY_NEGATIVE_CONCAVE, _GEN_FILTER_FC, 0, 0, 0))
+    if len(layers) > 1:
+        imod += struct.pack("<HHhHH", _SRC_VELOCITY_NEGATIVE_CONCAVE, _GEN_ATTENUATION, 0, 0, 0)
+        imod += struct.pack("<HHhHH", _SRC_VELOCITY_NEGATIVE_CONCAVE, _GEN_FILTER_FC, 0, 0, 0)
     for key_low, key_high, vel_low, vel_high, sample_id, note in zones:
         ibag += struct.pack("<HH", len(igen) // 4, len(imod) // 10)
         igen += struct.pack("<HBB", _GEN_KEY_RANGE, key_low, key_high) + struct.pack("<HBB", _GEN_VEL_RANGE, vel_low, vel_high)
