@@ -18,7 +18,13 @@ from services.ingestion.synth import generate_songs, render_midi_file
 from services.ingestion.synth.arrangement import compose_song
 from services.ingestion.synth.generate import song_room
 from services.ingestion.synth.loudness import integrated_loudness_lufs
-from services.ingestion.synth.rendering import DEFAULT_SOUNDFONT, add_reverb, mix_stems, render_midi
+from services.ingestion.synth.rendering import (
+    DEFAULT_SOUNDFONT,
+    add_reverb,
+    check_soundfont,
+    mix_stems,
+    render_midi,
+)
 
 pytestmark = pytest.mark.skipif(
     shutil.which("fluidsynth") is None or not DEFAULT_SOUNDFONT.is_file(),
@@ -167,7 +173,7 @@ def test_stems_keep_their_natural_relative_levels(medleydb_set):
     folder = Path(song["folder"])
     ratios = []
     for part, row in zip(arrangement.parts, song["stems"], strict=True):
-        dry = render_midi(arrangement.part_midi(part), DEFAULT_SOUNDFONT, RATE, int(SECONDS * RATE))
+        dry = render_midi(arrangement.part_midi(part), check_soundfont(None), RATE, int(SECONDS * RATE))
         raw = add_reverb(dry, song_room(arrangement, RATE), part.reverb_send)
         stem = read_audio(folder / row["file"])[0]
         ratios.append(np.abs(stem).max() / np.abs(raw).max())

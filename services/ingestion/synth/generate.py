@@ -96,7 +96,7 @@ def generate_songs(
     if not (math.isfinite(seconds) and MIN_SECONDS <= seconds <= MAX_SECONDS):
         raise InvalidArgumentError(f"seconds must be between {MIN_SECONDS} and {MAX_SECONDS}, got {seconds}")
     rate = _check_rate(rate)
-    soundfont_path = check_soundfont(soundfont, overlays)
+    soundfonts = check_soundfont(soundfont, overlays)
     out_dir = Path(out_dir)
     names = [song_name(layout, start_index + i) for i in range(songs)]
     existing = [name for name in names if (out_dir / name).exists()]
@@ -113,7 +113,7 @@ def generate_songs(
         try:
             summaries.append(
                 _generate_one(
-                    out_dir, name, start_index + i, seed, seconds, samples, layout, soundfont_path, rate,
+                    out_dir, name, start_index + i, seed, seconds, samples, layout, soundfonts, rate,
                     lambda fraction, message, i=i: progress and progress(i + fraction, songs, message),
                     should_stop,
                 )
@@ -130,8 +130,8 @@ def generate_songs(
         "seed": int(seed),
         "start_index": start_index,
         "out_dir": str(out_dir),
-        "soundfont": str(soundfont_path.paths[0]),
-        "overlay_soundfonts": [str(path) for path in soundfont_path.paths[1:]],
+        "soundfont": str(soundfonts.paths[0]),
+        "overlay_soundfonts": [str(path) for path in soundfonts.paths[1:]],
         "stopped": stopped,
         "songs": summaries,
         "totals": {
@@ -145,12 +145,12 @@ def generate_songs(
     }
 
 
-def _generate_one(out_dir, name, index, seed, seconds, samples, layout, soundfont, rate, report, should_stop):
+def _generate_one(out_dir, name, index, seed, seconds, samples, layout, soundfonts, rate, report, should_stop):
     arrangement = compose_song(seed, index, seconds)
     parts = arrangement.parts
     room = song_room(arrangement, rate)
     audio = _render_parts(
-        [arrangement.part_midi(part) for part in parts], [part.name for part in parts], soundfont, rate, samples,
+        [arrangement.part_midi(part) for part in parts], [part.name for part in parts], soundfonts, rate, samples,
         lambda k, message: report(k / (len(parts) + 1), f"{name}: {message}"), should_stop,
         room=room, sends=[part.reverb_send for part in parts],
     )  # fmt: skip
@@ -169,15 +169,15 @@ def _generate_one(out_dir, name, index, seed, seconds, samples, layout, soundfon
         )
         for k, (part, stem) in enumerate(zip(parts, stems, strict=True))
     ]
-    identity = ("stemlab-synth", int(seed), index, seconds, rate, soundfont.name)
+    identity = ("stemlab-synth", int(seed), index, seconds, rate, soundfonts.name)
     if layout == "medleydb":
         metadata = medleydb_metadata(
             name, title=name.replace("_", " "), stems=infos, genre=arrangement.genre, artist="stemlab synth",
-            origin=f"stemlab synth: FluidSynth with {soundfont.name}, seed {int(seed)}, song {index}", excerpt=False,
+            origin=f"stemlab synth: FluidSynth with {soundfonts.name}, seed {int(seed)}, song {index}", excerpt=False,
         )  # fmt: skip
         write_song(layout, out_dir / name, name, rate, stems, mix, metadata)
     else:
-        metadata = slakh_metadata(synth_uuid(*identity), infos, gain, plugin_name=soundfont.name)
+        metadata = slakh_metadata(synth_uuid(*identity), infos, gain, plugin_name=soundfonts.name)
         write_song(layout, out_dir / name, name, rate, stems, mix, metadata,
                    stem_midis=[arrangement.part_midi(p) for p in parts], full_midi=arrangement.full_midi())  # fmt: skip
     summary = _song_summary(layout, out_dir / name, name, infos, stems, rate)
@@ -203,13 +203,13 @@ def song_room(arrangement: Arrangement, rate: int) -> np.ndarray:
 
 
 def _render_parts(
-    midis, labels, soundfont, rate, samples, report, should_stop, room=None, sends=None
+    midis, labels, soundfonts, rate, samples, report, should_stop, room=None, sends=None
 ) -> list[np.ndarray]:
     """Render parts (and add their reverb, when a room is given) with up to RENDER_WORKERS at
     once; the results do not depend on the order they finish in. Raises _Stopped when asked to."""
 
     def render(k: int) -> np.ndarray:
-        dry = render_midi(midis[k], soundfont, rate, samples)
+        dry = render_midi(midis[k], soundfonts, rate, samples)
         return dry if room is None else add_reverb(dry, room, sends[k])
 
     results: list[np.ndarray | None] = [None] * len(midis)
@@ -320,7 +320,7 @@ def render_midi_file(
     seconds = midi.get_end_time() + MIDI_TAIL_SECONDS
     if seconds > MAX_SECONDS:
         raise InvalidArgumentError(f"{midi_path.name}: {seconds:.0f} s is longer than {MAX_SECONDS:.0f} s")
-    soundfont_path = check_soundfont(soundfont, overlays)
+    soundfonts = check_soundfont(soundfont, overlays)
     name = safe_song_name(name or midi_path.stem)
     folder = Path(out_dir) / name
     if folder.exists():
@@ -336,7 +336,7 @@ def render_midi_file(
     labels = [instrument.name.strip() or f"track {k + 1}" for k, instrument in enumerate(instruments)]
     try:
         audio = _render_parts(
-            solo_midis, labels, soundfont_path, rate, samples,
+            solo_midis, labels, soundfonts, rate, samples,
             lambda k, message: progress and progress(k, len(instruments) + 1, message), should_stop,
         )  # fmt: skip
     except _Stopped:
@@ -358,12 +358,12 @@ def render_midi_file(
     if layout == "medleydb":
         metadata = medleydb_metadata(
             name, title=midi_path.stem, stems=infos, genre="", artist="",
-            origin=f"rendered from {midi_path.name} with FluidSynth and {soundfont_path.name}", excerpt=False,
+            origin=f"rendered from {midi_path.name} with FluidSynth and {soundfonts.name}", excerpt=False,
         )  # fmt: skip
         write_song(layout, folder, name, rate, stems, mix, metadata)
     else:
         # Slakh's UUID is the MD5 of its Lakh MIDI file; do the same for the user's file.
-        metadata = slakh_metadata(hashlib.md5(data).hexdigest(), infos, gain, plugin_name=soundfont_path.name)
+        metadata = slakh_metadata(hashlib.md5(data).hexdigest(), infos, gain, plugin_name=soundfonts.name)
         write_song(layout, folder, name, rate, stems, mix, metadata, stem_midis=solo_midis, full_midi=data)
     if progress:
         progress(len(instruments) + 1, len(instruments) + 1, f"{name} written")

@@ -85,10 +85,9 @@ def fluidsynth_command(soundfonts: Soundfonts, midi_path: Path, wav_path: Path, 
     ]  # fmt: skip
 
 
-def render_midi(midi: pretty_midi.PrettyMIDI, soundfonts: Soundfonts | Path, rate: int, samples: int) -> np.ndarray:
-    """Render a MIDI object; returns float32 (2, samples), cut or zero-padded to `samples`."""
-    if isinstance(soundfonts, Path):
-        soundfonts = Soundfonts((soundfonts,))
+def render_midi(midi: pretty_midi.PrettyMIDI, soundfonts: Soundfonts, rate: int, samples: int) -> np.ndarray:
+    """Render a MIDI object with `check_soundfont`'s fonts; returns float32 (2, samples), cut or
+    zero-padded to `samples`."""
     with tempfile.TemporaryDirectory(prefix="stemlab-synth-") as folder:
         midi_path, wav_path = Path(folder) / "part.mid", Path(folder) / "part.wav"
         midi.write(str(midi_path))

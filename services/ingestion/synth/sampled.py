@@ -1,13 +1,15 @@
 """A SoundFont 2 from recorded notes, to load on top of a General MIDI font when songs are rendered.
 
 A multisampled instrument is a folder of single-note recordings named NOTE[vLAYER].EXT — `C4v8.ogg`,
-`D#1v16.wav`, `As2.mp3` (s: sharp), `Bb3.flac` — where the optional layer number orders the velocity
-layers (softest first; the npm `@audio-samples/piano-velocityN` packages of the Salamander Grand
-Piano are laid out this way, the `tonejs-instrument-*-mp3` ones with one layer). `build_soundfont` writes one instrument from them: every recording a zone over the keys
-nearest its note and one equal share of the velocity range per layer, mono, resampled with ffmpeg
-and cut to `seconds` with a short fade. It is offered on the General MIDI programs given (by default
-0, 1 and 3, the generator's acoustic pianos), so `generate_songs(..., overlays=[font])` renders
-those parts with the recordings and every other part with the base font.
+`D#1v16.wav`, `As2.mp3` (s: sharp), `Bb3.flac` — where the optional layer number orders the
+velocity layers (softest first; the npm `@audio-samples/piano-velocityN` packages of the Salamander
+Grand Piano are laid out this way, the `tonejs-instrument-*-mp3` ones with one layer).
+`build_soundfont` writes one instrument from them: every recording a zone over the keys nearest its
+note and one equal share of the velocity range per layer, read as mono at `rate` by
+services.common.audio.read_audio and cut to `seconds` with a short fade. It is offered on the
+General MIDI programs given (by default 0, 1 and 3, the generator's acoustic pianos), so
+`generate_songs(..., overlays=[font])` renders those parts with the recordings and every other
+part with the base font.
 
 With two layers or more, the default velocity modulators of SoundFont 2 (velocity to attenuation
 and to filter cutoff) are switched off for the instrument: recorded layers already carry how loud
@@ -24,9 +26,7 @@ import argparse
 import math
 import os
 import re
-import shutil
 import struct
-import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from services.common.audio import read_audio
 from services.common.errors import InvalidArgumentError
 from services.common.paths import atomic_write_bytes
 
@@ -101,17 +102,12 @@ def find_recordings(folders: Sequence[str | os.PathLike], layers: Sequence[int] 
 
 
 def decode(path: Path, rate: int, seconds: float) -> np.ndarray:
-    """The recording as 16-bit mono at `rate`, cut to `seconds` with a linear fade-out at the cut."""
-    ffmpeg = shutil.which("ffmpeg")
-    if ffmpeg is None:
-        raise InvalidArgumentError("ffmpeg is not installed (apt-get install ffmpeg)")
-    result = subprocess.run([ffmpeg, "-v", "error", "-i", str(path), "-ac", "1", "-ar", str(rate), "-f", "f32le", "-"],
-                            capture_output=True, check=False)
-    if result.returncode != 0:
-        raise InvalidArgumentError(f"{path.name}: ffmpeg could not decode it ({result.stderr.decode(errors='replace').strip()[-200:]})")
-    audio = np.frombuffer(result.stdout, np.float32)[: int(seconds * rate)].copy()
-    if not audio.size or not np.isfinite(audio).all():
-        raise InvalidArgumentError(f"{path.name}: no audio, or samples that are not finite")
+    """The recording as 16-bit mono at `rate`, cut to `seconds` with a linear fade-out at the cut.
+
+    Raises AudioError (an InvalidArgumentError naming the file) when it cannot be decoded."""
+    audio = read_audio(path, rate=rate, mono=True)[0][0, : int(seconds * rate)].copy()
+    if not audio.size:
+        raise InvalidArgumentError(f"{path.name}: no audio")
     fade = int(FADE_SECONDS * rate)
     if len(audio) > fade:
         audio[-fade:] *= np.linspace(1, 0, fade, dtype=np.float32)
