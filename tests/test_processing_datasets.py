@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
+from services.common.errors import FailedPreconditionError, InvalidArgumentError
 from services.common.library import Library
 from services.common.manifest import find_manifest, load_manifest
 from services.processing.datasets import allocate, build_dataset, track_hash_fraction
@@ -70,6 +71,25 @@ def test_an_explicit_validation_list_decides_the_split(tmp_path):
     manifest = load_manifest(find_manifest(tmp_path, "g22"))
     assert sorted(p.track for p in manifest.split("validation")) == ["Solo01", "Synth03"]
     assert result["unknown_validation_tracks"] == ["Nope"]
+
+
+def test_a_track_list_restricts_the_candidates_and_only_then_enters_the_manifest(tmp_path):
+    _library(tmp_path)
+    plain = build_dataset(tmp_path, "all", "guitar", RATE, workers=1)
+    assert "tracks" not in load_manifest(find_manifest(tmp_path, "all")).params
+    result = build_dataset(tmp_path, "some", "guitar", RATE, tracks=["Synth01", "Solo02", "Synth04", "Gone"], workers=1)
+    manifest = load_manifest(find_manifest(tmp_path, "some"))
+    assert sorted(p.track for p in manifest.pairs) == ["Solo02", "Synth01", "Synth04"]
+    assert manifest.params["tracks"] == ["Gone", "Solo02", "Synth01", "Synth04"]
+    assert result["unknown_tracks"] == ["Gone"] and plain["unknown_tracks"] == []
+    # The md5 split of a listed track is the one it has without the list.
+    everything = {p.track: p.split for p in load_manifest(find_manifest(tmp_path, "all")).pairs}
+    assert all(p.split == everything[p.track] for p in manifest.pairs)
+    with pytest.raises(FailedPreconditionError, match="among the listed tracks"):
+        build_dataset(tmp_path, "none", "guitar", RATE, tracks=["Gone"], workers=1)
+    with pytest.raises(InvalidArgumentError, match="empty"):
+        build_dataset(tmp_path, "none", "guitar", RATE, tracks=[], workers=1)
+    assert not (tmp_path / "datasets" / "none").exists()
 
 
 def test_sources_are_combined_by_ratio_under_a_cap(tmp_path):

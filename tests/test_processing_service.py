@@ -68,6 +68,17 @@ def test_mix_job_over_grpc_then_stats_and_dataset_through_the_cli(service):
     again = json.loads(run_cli("dataset", "build", "g22", "--instrument", "guitar", "--rate", str(RATE), "--json",
                                env=env).stdout)["result"]
     assert again["version"] == 1 and not again["created"]
+    listed = service.data_root / "listed.txt"
+    listed.write_text("# the songs of one soundfont\nSong0\nSong2  # a comment\n\nNoSuchSong\n")
+    out = run_cli("dataset", "build", "g22-some", "--instrument", "guitar", "--rate", str(RATE), "--tracks",
+                  str(listed), "--json", env=env)
+    assert out.returncode == 0, out.stderr
+    some = json.loads(out.stdout)["result"]
+    assert some["pairs"] == 2 and some["unknown_tracks"] == ["NoSuchSong"]
+    listed.write_text("# nothing\n")
+    out = run_cli("dataset", "build", "g22-none", "--instrument", "guitar", "--rate", str(RATE), "--tracks",
+                  str(listed), env=env)
+    assert out.returncode == 2 and "names no track" in out.stderr
 
 
 def test_bad_requests_get_clear_status_codes(service):

@@ -106,12 +106,12 @@ def cmd_silence_adjust(args) -> int:
     return start_and_follow(args, SERVICE, _stub(args).StartSilenceAdjust(req, timeout=30))
 
 
-def _read_validation_list(path: str) -> list[str]:
+def _read_track_list(path: str, what: str) -> list[str]:
     """Track ids, one per line; blank lines and '#' comments are ignored."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
-        raise CliError(f"cannot read the validation list {path}: {e.strerror or e}") from e
+        raise CliError(f"cannot read the {what} {path}: {e.strerror or e}") from e
     return [line.split("#", 1)[0].strip() for line in text.splitlines() if line.split("#", 1)[0].strip()]
 
 
@@ -127,8 +127,13 @@ def cmd_dataset_build(args) -> int:
     if args.validation_ratio is not None:
         req.validation_ratio = args.validation_ratio
     if args.validation_list:
-        req.validation_tracks.extend(_read_validation_list(args.validation_list))
+        req.validation_tracks.extend(_read_track_list(args.validation_list, "validation list"))
         req.use_validation_tracks = True
+    if args.tracks:
+        only = _read_track_list(args.tracks, "track list")
+        if not only:
+            raise CliError(f"the track list {args.tracks} names no track")
+        req.tracks.extend(only)
     return start_and_follow(args, SERVICE, _stub(args).StartDatasetBuild(req, timeout=30))
 
 
@@ -148,6 +153,8 @@ def register_dataset_commands(dataset_subparsers) -> None:
     p.add_argument("--validation-ratio", type=float, default=None, help="share of tracks for validation (0.2)")
     p.add_argument("--validation-list", default=None, metavar="FILE",
                    help="file of track ids (one a line) that form the validation split")
+    p.add_argument("--tracks", default=None, metavar="FILE",
+                   help="file of track ids (one a line): only these tracks are candidates")
     p.add_argument("--include-unchecked", action="store_true")
     p.add_argument("--ignore-marks", action="store_true")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return")

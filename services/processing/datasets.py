@@ -112,11 +112,13 @@ def build_dataset(data_root: str | Path, name: str, instrument: str, rate_hz: in
                   also: Sequence[str] = (), sources: dict[str, float] | None = None, max_tracks: int | None = None,
                   silence_adjusted: tuple[float, float] | None = None,
                   validation_ratio: float = DEFAULT_VALIDATION_RATIO, validation_tracks: Sequence[str] | None = None,
-                  include_unchecked: bool = False, ignore_marks: bool = False, workers: int | None = None,
+                  tracks: Sequence[str] | None = None, include_unchecked: bool = False, ignore_marks: bool = False, workers: int | None = None,
                   progress: Callable[[float, float, str], None] | None = None,
                   should_stop: Callable[[], bool] | None = None) -> dict:
     """Publish the manifest of dataset `name` (a new version only when something changed).
 
+    tracks: only these track ids are candidates (None: every mixed track); a listed id that has no
+    pair in the mix set is reported in "unknown_tracks".
     Returns {"name", "version", "created", "path", "pairs", "train", "validation", "left_out", ...}.
     """
     data = DataRoot(data_root)
@@ -126,6 +128,9 @@ def build_dataset(data_root: str | Path, name: str, instrument: str, rate_hz: in
     if max_tracks is not None and max_tracks < 1:
         raise InvalidArgumentError(f"max tracks must be at least 1, got {max_tracks}")
     ratios = _parse_ratios(sources)
+    only = None if tracks is None else frozenset(tracks)
+    if only is not None and not only:
+        raise InvalidArgumentError("the track list is empty")
     mixset = MixSet(instrument, int(rate_hz), bool(stereo), tuple(also), silence_adjusted)
     mixset.require(data)
     base = mixset.base()
@@ -135,7 +140,10 @@ def build_dataset(data_root: str | Path, name: str, instrument: str, rate_hz: in
     candidates: dict[str, list[str]] = {}
     provenance: dict[str, dict] = {}
     left_out = []
-    for track_id in mixset.track_ids(data):
+    mixed = mixset.track_ids(data)
+    for track_id in mixed:
+        if only is not None and track_id not in only:
+            continue
         folder = mixset.track_dir(data, track_id)
         if mixset.silence is not None and read_yaml(folder / SILENCE_FILE).get("discarded"):
             left_out.append({"track": track_id, "reason": "discarded by silence adjustment"})
@@ -182,6 +190,7 @@ def build_dataset(data_root: str | Path, name: str, instrument: str, rate_hz: in
         raise FailedPreconditionError(
             f"no usable pairs in {data.relative(mixset.root(data))}"
             + (f" for sources {', '.join(ratios)}" if ratios else "")
+            + (" among the listed tracks" if only is not None else "")
             + (f"; left out: {', '.join(sorted({x['reason'] for x in left_out}))}" if left_out else ""))
 
     # 3. Split.
@@ -216,6 +225,8 @@ def build_dataset(data_root: str | Path, name: str, instrument: str, rate_hz: in
         "mix_folder": data.relative(mixset.root(data)),
         "sources": ratios,
         "max_tracks": max_tracks,
+        # Only when given, so manifests built without a list stay as they were (no new version).
+        **({"tracks": sorted(only)} if only is not None else {}),
         "validation": ({"tracks": sorted(val_set)} if val_set is not None
                        else {"ratio": validation_ratio, "rule": "md5(track id) / 16**32 < ratio"}),
         "include_unchecked": include_unchecked,
@@ -234,4 +245,5 @@ def build_dataset(data_root: str | Path, name: str, instrument: str, rate_hz: in
             "created": created, "path": data.relative(path), "pairs": len(pairs), "train": train,
             "validation": len(pairs) - train, "seconds": round(sum(p.seconds for p in pairs), 3),
             "sources": manifest.sources, "selection": params["selection"], "left_out": params["left_out"],
-            "unknown_validation_tracks": unknown_validation, "stopped": False}
+            "unknown_validation_tracks": unknown_validation,
+            "unknown_tracks": sorted(only - set(mixed)) if only is not None else [], "stopped": False}

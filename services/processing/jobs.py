@@ -111,6 +111,7 @@ class ProcessingJobs:
             silence_adjusted=_adjusted(params, "silence_target", "silence_cutoff"),
             validation_ratio=float(params.get("validation_ratio", datasets.DEFAULT_VALIDATION_RATIO)),
             validation_tracks=validation_tracks if validation_tracks is not None else None,
+            tracks=params.get("tracks"),
             include_unchecked=bool(params.get("include_unchecked")), ignore_marks=bool(params.get("ignore_marks")),
             workers=self.pool_workers, **self._callbacks(ctx))
 

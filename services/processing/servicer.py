@@ -91,5 +91,9 @@ class ProcessingServicer(processing_pb2_grpc.ProcessingServiceServicer):
             params["validation_ratio"] = request.validation_ratio
         if request.use_validation_tracks or request.validation_tracks:
             params["validation_tracks"] = sorted(set(request.validation_tracks))
+        if request.tracks:
+            if any(not t.strip() for t in request.tracks):
+                raise InvalidArgumentError("a listed track id is empty")
+            params["tracks"] = sorted(set(request.tracks))
         jobs.validate_dataset_build(self.svc.data, params)
         return self.svc.submit(jobs.DATASET_BUILD, params)
