@@ -94,6 +94,11 @@ def test_bad_requests_get_clear_status_codes(service):
         stub.StartSilenceAdjust(processing_pb2.SilenceAdjustRequest(
             mix_set=processing_pb2.MixSetRef(instrument="guitar", rate_hz=RATE), target=0.5, cutoff=0.9), timeout=10)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cutoff" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        stub.StartDatasetBuild(processing_pb2.DatasetBuildRequest(
+            name="x", mix_set=processing_pb2.MixSetRef(instrument="guitar", rate_hz=RATE), tracks=["Song0", " "]),
+            timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "track id is empty" in e.value.details()
     out = run_cli("dataset", "build", "x", "--instrument", "guitar", "--json",
                   env={"STEMLAB_PROCESSING_ADDRESS": service.address})
     assert out.returncode == 2 and "stemlab mix" in out.stderr

@@ -112,7 +112,8 @@ def build_dataset(data_root: str | Path, name: str, instrument: str, rate_hz: in
                   also: Sequence[str] = (), sources: dict[str, float] | None = None, max_tracks: int | None = None,
                   silence_adjusted: tuple[float, float] | None = None,
                   validation_ratio: float = DEFAULT_VALIDATION_RATIO, validation_tracks: Sequence[str] | None = None,
-                  tracks: Sequence[str] | None = None, include_unchecked: bool = False, ignore_marks: bool = False, workers: int | None = None,
+                  tracks: Sequence[str] | None = None, include_unchecked: bool = False, ignore_marks: bool = False,
+                  workers: int | None = None,
                   progress: Callable[[float, float, str], None] | None = None,
                   should_stop: Callable[[], bool] | None = None) -> dict:
     """Publish the manifest of dataset `name` (a new version only when something changed).
