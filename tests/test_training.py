@@ -183,6 +183,55 @@ def test_eq_augmentation_bends_each_source_on_its_own_and_is_seeded():
     np.testing.assert_array_equal(eq.draw(np.random.default_rng(7), 64)[1], rest)  # replayable
 
 
+def test_change_speed_moves_a_tone_by_the_ratio_and_keeps_its_level_to_the_ends():
+    t = np.arange(RATE * 3) / RATE
+    tone = np.sin(2 * np.pi * 1000 * t).astype(np.float32)
+    f = np.fft.rfftfreq(8192, 1.0 / RATE)
+    for semitones in (-2.0, 0.5, 2.0):
+        ratio = 2.0 ** (semitones / 12.0)
+        out = sampling.change_speed(tone[: sampling.speed_read_length(8192, ratio)], 8192)
+        assert out.shape == (8192,) and out.dtype == np.float32
+        peak = f[np.argmax(np.abs(np.fft.rfft(out * np.hanning(8192))))]
+        assert abs(peak - 1000 * ratio) < 3.0
+        # The resampling's wrap-around stays in the dropped margins: full level at both ends.
+        assert 0.95 < np.abs(out[:100]).max() < 1.05 and 0.95 < np.abs(out[-100:]).max() < 1.05
+    # Played faster, what would alias above the new Nyquist frequency is dropped, not folded down.
+    high = np.sin(2 * np.pi * 10_500 * t).astype(np.float32)
+    sped = sampling.change_speed(high[: sampling.speed_read_length(8192, 2.0 ** (2 / 12))], 8192)
+    assert np.abs(sped).max() < 1e-3
+
+
+def test_speed_augmentation_moves_both_sources_of_a_chunk_alike_and_leaves_runs_without_it_unchanged():
+    t = np.arange(RATE * 2) / RATE
+    tracks = [sampling.TrackAudio(f"t{i}", "a", np.sin(2 * np.pi * 500 * t).astype(np.float32),
+                                  np.sin(2 * np.pi * 2000 * t).astype(np.float32)) for i in range(3)]
+    plain = sampling.ChunkSampler(tracks, {}, 8192, RATE, sampling.Augmentation(gain_db=3, remix_probability=0))
+    sped = sampling.ChunkSampler(tracks, {}, 8192, RATE,
+                                 sampling.Augmentation(gain_db=3, remix_probability=0, pitch_semitones=2))
+    f = np.fft.rfftfreq(8192, 1.0 / RATE)
+
+    def peaks(x):
+        return f[np.argmax(np.abs(np.fft.rfft(x * np.hanning(8192), axis=-1)), axis=-1)]
+
+    inst, rest = sped.draw(np.random.default_rng(4), 60)
+    ratio = peaks(inst) / 500.0
+    np.testing.assert_allclose(peaks(rest) / 2000.0, ratio, atol=0.004)  # one factor per chunk
+    assert ratio.min() > 2 ** (-2 / 12) - 0.01 and ratio.max() < 2 ** (2 / 12) + 0.01
+    assert ratio.std() > 0.02  # and it varies from chunk to chunk
+    np.testing.assert_array_equal(sped.draw(np.random.default_rng(4), 60)[0], inst)  # replayable
+    # Off (the default), a sampler makes exactly the draws it made before the option existed
+    # (track, remix coin, then start and gain per source), so older runs resume and replay alike.
+    inst0, rest0 = plain.draw(np.random.default_rng(4), 2)
+    rng = np.random.default_rng(4)
+    for i in range(2):
+        track = tracks[int(rng.choice(3, p=plain.track_probability))]
+        rng.random()
+        for out, audio in ((inst0, track.instrument), (rest0, track.rest)):
+            start = int(rng.integers(0, audio.shape[0] - 8192 + 1))
+            gain = 10.0 ** (rng.uniform(-3, 3) / 20.0)
+            np.testing.assert_array_equal(out[i], audio[start : start + 8192] * np.float32(gain))
+
+
 def test_validation_segments_are_fixed_and_unaugmented():
     tracks = _fake_tracks([("a", 10_000), ("b", 500)])
     one = sampling.validation_segments(tracks, 1000, per_track=4)
@@ -280,6 +329,8 @@ def test_unknown_override_is_refused():
     assert config.learning_rate == 0.01 and options.remix_probability == 0.5 and options.augment_eq_db == 9
     with pytest.raises(InvalidArgumentError, match="augment_eq_db"):
         split_overrides("tiny", {"augment_eq_db": -1})
+    with pytest.raises(InvalidArgumentError, match="augment_pitch_semitones"):
+        split_overrides("tiny", {"augment_pitch_semitones": 13})
 
 
 # ---- training ---------------------------------------------------------------------------------
@@ -425,11 +476,12 @@ def test_resume_with_another_augmentation_draws_with_it_and_chooses_the_best_epo
     monkeypatch.setattr(training_sampling, "ChunkSampler", Recording)
     # A huge equaliser makes epoch 5 worse on the unaugmented validation chunks than the earlier
     # best, so only a fresh choice makes it the best (and the weights an export takes).
-    result = resume_run(copy, epochs=5, changes={"augment_eq_db": 24.0, "remix_probability": 0.5})
-    assert used == [training_sampling.Augmentation(before["options"]["augment_gain_db"], 0.5, 24.0)]
+    changes = {"augment_eq_db": 24.0, "remix_probability": 0.5, "augment_pitch_semitones": 1.0}
+    result = resume_run(copy, epochs=5, changes=changes)
+    assert used == [training_sampling.Augmentation(before["options"]["augment_gain_db"], 0.5, 24.0, 1.0)]
     info = read_run(copy)
-    assert info["options"]["augment_eq_db"] == 24.0 and info["options"]["remix_probability"] == 0.5
-    assert info["changes"] == [{"from_epoch": 5, "from_step": 1, "augment_eq_db": 24.0, "remix_probability": 0.5}]
+    assert {k: info["options"][k] for k in changes} == changes
+    assert info["changes"] == [{"from_epoch": 5, "from_step": 1, **changes}]
     assert result["best_epoch"] == info["best_epoch"] == 5
     network, _ = load_best_network(copy)
     saved = _kernels(str(copy / "checkpoints" / "ckpt-40"))

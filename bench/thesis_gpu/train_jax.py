@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gain-db", type=float, default=6.0)
     parser.add_argument("--remix", type=float, default=0.25)
     parser.add_argument("--eq-db", type=float, default=0.0)
+    parser.add_argument("--pitch-semitones", type=float, default=0.0, help="the sampler's speed change (host side)")
     parser.add_argument("--peak-power", type=float, default=0.0)
     parser.add_argument("--error-power", type=float, default=2.0)
     parser.add_argument("--phase-sensitive", action="store_true")
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     validation = validation_segments(load_all_tracks(args.data, "validation", args.instrument), config.segment_samples,
                                      args.validation_chunks)
     sampler = ChunkSampler(train, {}, config.segment_samples, config.rate_hz,
-                           Augmentation(args.gain_db, args.remix, args.eq_db))
+                           Augmentation(args.gain_db, args.remix, args.eq_db, args.pitch_semitones))
     network = build_network(config)
     if args.init_weights:
         load_init_weights(network, config, args.init_weights)
@@ -234,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             "instrument": args.instrument, "preset": args.preset, "overrides": parse_sets(args.set),
             "config": config_to_dict(config), "options": {
                 "augment_gain_db": args.gain_db, "remix_probability": args.remix, "augment_eq_db": args.eq_db,
+                "augment_pitch_semitones": args.pitch_semitones,
                 "validation_chunks_per_track": args.validation_chunks, "loss_peak_power": args.peak_power,
                 "loss_error_power": args.error_power, "loss_phase_sensitive": args.phase_sensitive,
                 "warmup_steps": args.warmup_steps, "schedule": "cosine over the wall time to a tenth",

@@ -100,8 +100,8 @@ def register(subparsers, groups: dict | None = None) -> None:
     p.add_argument("--set", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                    help="from now on: learning_rate, lr_plateau_patience, lr_plateau_factor, "
                         "min_learning_rate, loss_peak_power, loss_error_power, loss_phase_sensitive, "
-                        "augment_gain_db, remix_probability or "
-                        "augment_eq_db (repeatable)")
+                        "augment_gain_db, remix_probability, augment_eq_db or "
+                        "augment_pitch_semitones (repeatable)")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return")
     add_common_args(p, SERVICE)
     p.set_defaults(func=cmd_resume)

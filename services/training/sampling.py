@@ -3,7 +3,8 @@
 Kept free of TensorFlow so that a trainer on another Keras backend (bench/thesis_gpu, on a GPU
 machine without TensorFlow) draws exactly the chunks the training service draws. Training chunks
 are drawn across all tracks (source by the manifest's weights, then track by length), with a random
-gain per source and, sometimes, the instrument of one track over the rest of another; the mix is
+gain per source, optionally a speed change and an equaliser, and, sometimes, the instrument of one
+track over the rest of another; the mix is
 made later as instrument + rest. Everything is seeded by (seed, epoch, worker), so an epoch can be
 replayed. Validation segments are evenly spaced over each validation track and never change.
 """
@@ -48,6 +49,12 @@ class Augmentation:
     # low-rate. Bending the envelope of each source independently makes the mask rely on what the
     # instrument plays, not on how bright its samples happen to be.
     eq_db: float = 0.0
+    # Speed change per chunk (pitch, tempo and formants together, as a tape played faster or
+    # slower), by a factor drawn uniformly within +-pitch_semitones; 0 turns it off. One factor moves
+    # both sources of a chunk, so a song's parts stay in tune with each other. A soundfont's
+    # instrument is a few recordings stretched over the keyboard; moving its formants by a semitone
+    # or two gives timbres between those of the fonts that training has.
+    pitch_semitones: float = 0.0
 
 
 # One source's equaliser as numbers: tilt (dB per octave), two bells (gain dB, centre and width in
@@ -97,6 +104,28 @@ def equalise(audio: np.ndarray, curve_db: np.ndarray) -> np.ndarray:
     """
     spectrum = np.fft.rfft(audio) * (10.0 ** (curve_db / 20.0))
     return np.fft.irfft(spectrum, n=audio.shape[0]).astype(np.float32)
+
+
+# Samples read on each side of a sped-up segment and dropped after the FFT resampling, whose
+# periodic wrap-around rings at the ends (46 ms at 22.05 kHz: the ringing is 70 dB down there).
+SPEED_MARGIN = 1024
+
+
+def speed_read_length(length: int, ratio: float) -> int:
+    """Samples to read (margins included) for `length` samples played `ratio` times faster."""
+    return int(round((length + 2 * SPEED_MARGIN) * ratio))
+
+
+def change_speed(piece: np.ndarray, length: int) -> np.ndarray:
+    """`piece` (speed_read_length(length, ratio) samples) band-limited-resampled to
+    length + 2 * SPEED_MARGIN samples, margins dropped: (length,) float32. Faster (fewer output
+    samples than input) drops what would alias above the new Nyquist frequency."""
+    n_out = length + 2 * SPEED_MARGIN
+    spectrum = np.fft.rfft(piece)
+    bins = n_out // 2 + 1
+    spectrum = spectrum[:bins] if spectrum.shape[0] >= bins else np.pad(spectrum, (0, bins - spectrum.shape[0]))
+    out = np.fft.irfft(spectrum, n=n_out) * (n_out / piece.shape[0])
+    return out[SPEED_MARGIN : SPEED_MARGIN + length].astype(np.float32)
 
 
 def _segment(audio: np.ndarray, start: int, length: int) -> np.ndarray:
@@ -169,11 +198,15 @@ class ChunkSampler:
             b = a
             if n > 1 and rng.random() < aug.remix_probability:
                 b = int(rng.choice(n, p=self.track_probability))
+            # Drawn only when on, so that runs without it replay the draws they always made.
+            ratio = 2.0 ** (rng.uniform(-aug.pitch_semitones, aug.pitch_semitones) / 12.0) if aug.pitch_semitones > 0 else 1.0
+            read = seg if ratio == 1.0 else speed_read_length(seg, ratio)
             for source, (out, index, attr) in enumerate(((instrument, a, "instrument"), (rest, b, "rest"))):
                 audio = getattr(self.tracks[index], attr)
-                start = int(rng.integers(0, max(audio.shape[0] - seg, 0) + 1))
+                start = int(rng.integers(0, max(audio.shape[0] - read, 0) + 1))
                 gain = 10.0 ** (rng.uniform(-aug.gain_db, aug.gain_db) / 20.0) if aug.gain_db > 0 else 1.0
-                out[i] = _segment(audio, start, seg) * gain
+                piece = _segment(audio, start, read)
+                out[i] = (piece if ratio == 1.0 else change_speed(piece, seg)) * gain
                 if aug.eq_db > 0:
                     eq[i, source] = draw_eq(rng, aug.eq_db)
         return instrument, rest, eq

@@ -92,7 +92,7 @@ HISTORY_FIELDS = ("epoch", "loss", "val_loss", "seconds", "steps_per_second", "l
 # say) raises val_loss on the unaugmented validation chunks of the training fonts, so the old best
 # would be exported for ever and the fine-tune never.
 TARGET_KEYS = ("loss_peak_power", "loss_error_power", "loss_phase_sensitive", "augment_gain_db", "remix_probability",
-               "augment_eq_db")
+               "augment_eq_db", "augment_pitch_semitones")
 RESUME_KEYS = ("learning_rate", "lr_plateau_patience", "lr_plateau_factor", "min_learning_rate", *TARGET_KEYS)
 
 
@@ -105,6 +105,8 @@ class TrainingOptions(BaseModel):
     remix_probability: float = Field(0.25, ge=0.0, le=1.0)
     # Random equaliser per source and chunk, up to this many dB (sampling.random_eq_db); 0 = off.
     augment_eq_db: float = Field(0.0, ge=0.0, le=24.0)
+    # Random speed change per chunk, up to this many semitones either way (sampling.Augmentation); 0 = off.
+    augment_pitch_semitones: float = Field(0.0, ge=0.0, le=12.0)
     validation_chunks_per_track: int = Field(8, ge=1)
     checkpoints_kept: int = Field(2, ge=1)
     # Reduce on plateau: after this many epochs without a better val_loss (counted from the last
@@ -344,7 +346,8 @@ def train_run(
                     "epochs_completed": int(info.get("epochs_completed") or 0), "global_step": None,
                     "best_epoch": int(info.get("best_epoch") or 0), "best_val_loss": info.get("best_val_loss"),
                     "history": read_history(run_dir) if chief else []}
-        augmentation = sampling.Augmentation(options.augment_gain_db, options.remix_probability, options.augment_eq_db)
+        augmentation = sampling.Augmentation(options.augment_gain_db, options.remix_probability, options.augment_eq_db,
+                                              options.augment_pitch_semitones)
         sampler = sampling.ChunkSampler(tracks["train"], manifest.sources, config.segment_samples, config.rate_hz,
                                     augmentation)
         validation = data.validation_dataset(
