@@ -111,21 +111,40 @@ def equalise(audio: np.ndarray, curve_db: np.ndarray) -> np.ndarray:
 SPEED_MARGIN = 1024
 
 
-def speed_read_length(length: int, ratio: float) -> int:
-    """Samples to read (margins included) for `length` samples played `ratio` times faster."""
-    return int(round((length + 2 * SPEED_MARGIN) * ratio))
+def _fft_friendly(n: int, up: bool = False) -> int:
+    """The integer nearest n (at or above it when `up`) with no prime factor above 11: numpy's FFT
+    is several times slower on lengths with a large prime factor, and read lengths are random."""
+    def smooth(m: int) -> bool:
+        for p in (2, 3, 5, 7, 11):
+            while m % p == 0:
+                m //= p
+        return m == 1
+    for d in range(n):
+        if smooth(n + d):
+            return n + d
+        if not up and smooth(n - d):
+            return n - d
+    return n
+
+
+def speed_sizes(length: int, ratio: float) -> tuple[int, int]:
+    """(samples to read, samples they become) for `length` samples played about `ratio` times
+    faster, margins included; the exact ratio is their quotient (within 1 % of `ratio`)."""
+    n_out = _fft_friendly(length + 2 * SPEED_MARGIN, up=True)
+    return _fft_friendly(int(round(n_out * ratio))), n_out
 
 
 def change_speed(piece: np.ndarray, length: int) -> np.ndarray:
-    """`piece` (speed_read_length(length, ratio) samples) band-limited-resampled to
-    length + 2 * SPEED_MARGIN samples, margins dropped: (length,) float32. Faster (fewer output
-    samples than input) drops what would alias above the new Nyquist frequency."""
-    n_out = length + 2 * SPEED_MARGIN
+    """`piece` (speed_sizes' samples to read) band-limited-resampled to the samples they become,
+    margins dropped: (length,) float32. Faster (fewer output samples than input) drops what would
+    alias above the new Nyquist frequency."""
+    n_out = _fft_friendly(length + 2 * SPEED_MARGIN, up=True)
     spectrum = np.fft.rfft(piece)
     bins = n_out // 2 + 1
     spectrum = spectrum[:bins] if spectrum.shape[0] >= bins else np.pad(spectrum, (0, bins - spectrum.shape[0]))
     out = np.fft.irfft(spectrum, n=n_out) * (n_out / piece.shape[0])
-    return out[SPEED_MARGIN : SPEED_MARGIN + length].astype(np.float32)
+    margin = (n_out - length) // 2
+    return out[margin : margin + length].astype(np.float32)
 
 
 def _segment(audio: np.ndarray, start: int, length: int) -> np.ndarray:
@@ -200,7 +219,7 @@ class ChunkSampler:
                 b = int(rng.choice(n, p=self.track_probability))
             # Drawn only when on, so that runs without it replay the draws they always made.
             ratio = 2.0 ** (rng.uniform(-aug.pitch_semitones, aug.pitch_semitones) / 12.0) if aug.pitch_semitones > 0 else 1.0
-            read = seg if ratio == 1.0 else speed_read_length(seg, ratio)
+            read = seg if ratio == 1.0 else speed_sizes(seg, ratio)[0]
             for source, (out, index, attr) in enumerate(((instrument, a, "instrument"), (rest, b, "rest"))):
                 audio = getattr(self.tracks[index], attr)
                 start = int(rng.integers(0, max(audio.shape[0] - read, 0) + 1))
