@@ -4,9 +4,9 @@ Kept free of TensorFlow so that a trainer on another Keras backend (bench/thesis
 machine without TensorFlow) draws exactly the chunks the training service draws. Training chunks
 are drawn across all tracks (source by the manifest's weights, then track by length), with a random
 gain per source, optionally a speed change and an equaliser, and, sometimes, the instrument of one
-track over the rest of another; the mix is
-made later as instrument + rest. Everything is seeded by (seed, epoch, worker), so an epoch can be
-replayed. Validation segments are evenly spaced over each validation track and never change.
+track over the rest of another; the mix is made later as instrument + rest. Everything is seeded
+by (seed, epoch, worker), so an epoch can be replayed. Validation segments are evenly spaced over
+each validation track and never change.
 """
 
 from __future__ import annotations
@@ -106,8 +106,8 @@ def equalise(audio: np.ndarray, curve_db: np.ndarray) -> np.ndarray:
     return np.fft.irfft(spectrum, n=audio.shape[0]).astype(np.float32)
 
 
-# Samples read on each side of a sped-up segment and dropped after the FFT resampling, whose
-# periodic wrap-around rings at the ends (46 ms at 22.05 kHz: the ringing is 70 dB down there).
+# Samples read on each side of a sped-up segment (46 ms at 22.05 kHz) and dropped after the FFT
+# resampling, whose periodic wrap-around rings at the ends: the ringing stays in the margins.
 SPEED_MARGIN = 1024
 
 
