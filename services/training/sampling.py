@@ -11,6 +11,7 @@ each validation track and never change.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -108,9 +109,12 @@ def equalise(audio: np.ndarray, curve_db: np.ndarray) -> np.ndarray:
 
 # Samples read on each side of a sped-up segment (46 ms at 22.05 kHz) and dropped after the FFT
 # resampling, whose periodic wrap-around rings at the ends: the ringing stays in the margins.
+# (An FFT, not services.common.audio.resample: soxr is not among the GPU machine's packages, and
+# this module must run there; see bench/thesis_gpu/README.md.)
 SPEED_MARGIN = 1024
 
 
+@functools.cache
 def _fft_friendly(n: int, up: bool = False) -> int:
     """The integer nearest n (at or above it when `up`) with no prime factor above 11: numpy's FFT
     is several times slower on lengths with a large prime factor, and read lengths are random."""
@@ -130,15 +134,20 @@ def _fft_friendly(n: int, up: bool = False) -> int:
 def speed_sizes(length: int, ratio: float) -> tuple[int, int]:
     """(samples to read, samples they become) for `length` samples played about `ratio` times
     faster, margins included; the exact ratio is their quotient (within 1 % of `ratio`)."""
-    n_out = _fft_friendly(length + 2 * SPEED_MARGIN, up=True)
+    n_out = _speed_out_length(length)
     return _fft_friendly(int(round(n_out * ratio))), n_out
+
+
+def _speed_out_length(length: int) -> int:
+    """What a sped-up segment of `length` samples becomes before its margins are dropped."""
+    return _fft_friendly(length + 2 * SPEED_MARGIN, up=True)
 
 
 def change_speed(piece: np.ndarray, length: int) -> np.ndarray:
     """`piece` (speed_sizes' samples to read) band-limited-resampled to the samples they become,
     margins dropped: (length,) float32. Faster (fewer output samples than input) drops what would
     alias above the new Nyquist frequency."""
-    n_out = _fft_friendly(length + 2 * SPEED_MARGIN, up=True)
+    n_out = _speed_out_length(length)
     spectrum = np.fft.rfft(piece)
     bins = n_out // 2 + 1
     spectrum = spectrum[:bins] if spectrum.shape[0] >= bins else np.pad(spectrum, (0, bins - spectrum.shape[0]))
