@@ -24,7 +24,7 @@ import keras
 import tensorflow as tf
 
 from model.config import ModelConfig, config_from_dict, config_to_dict
-from model.network import build_network
+from model.network import build_network, fold_batch_norm
 from model.separate import separate_waveform
 
 STEMLAB_ASSET = "stemlab.json"
@@ -39,18 +39,24 @@ ENSEMBLE_SHARED_KEYS = ("rate_hz", "n_fft", "hop_length", "window", "chunk_frame
 
 
 class _Separator(tf.Module):
-    """What the SavedModel holds: the network's weights and the two serving functions.
+    """What the SavedModel holds: the networks' weights and the two serving functions.
 
     One network is tracked as `network` (the layout every single-network export has); an
-    ensemble's as `members`, in order.
+    ensemble's as `members`, in order. Those keep their batch norm layers, so a fine-tune can start
+    from them. Given each network's config (`member_configs`), the serving function applies copies
+    with the batch norm folded into the convolutions instead (`folded`: the same masks, faster);
+    exports before those copies existed serve the networks themselves.
     """
 
-    def __init__(self, networks: keras.Model | Sequence[keras.Model], config: ModelConfig):
+    def __init__(self, networks: keras.Model | Sequence[keras.Model], config: ModelConfig,
+                 member_configs: Sequence[ModelConfig] | None = None):
         super().__init__(name="stemlab_separator")
         if isinstance(networks, Sequence) and len(networks) > 1:
             self.members = list(networks)
         else:
             self.network = networks[0] if isinstance(networks, Sequence) else networks
+        if member_configs is not None:
+            self.folded = [fold_batch_norm(n, c) for n, c in zip(self._networks(), member_configs, strict=True)]
         self._config = config
 
     def _networks(self) -> list[keras.Model]:
@@ -58,7 +64,8 @@ class _Separator(tf.Module):
 
     @tf.function(input_signature=[tf.TensorSpec([None, None], tf.float32, name="waveform")])
     def separate(self, waveform):
-        instrument, rest = separate_waveform(self._networks(), waveform, self._config)
+        networks = self.folded if hasattr(self, "folded") else self._networks()
+        instrument, rest = separate_waveform(networks, waveform, self._config)
         return {"instrument": instrument, "rest": rest}
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.float32, name="x")])
@@ -96,17 +103,22 @@ def export_saved_model(
     dict per network with its "config" (a config_to_dict), so its weights can be read back.
     """
     networks = list(network) if isinstance(network, Sequence) else [network]
+    configs = [config]
     if len(networks) > 1:
         members = (metadata or {}).get("members")
         if not isinstance(members, list) or len(members) != len(networks) or not all(
                 isinstance(m, dict) and isinstance(m.get("config"), dict) for m in members):
             raise ExportError(f"an ensemble of {len(networks)} networks needs metadata['members'] with each one's config")
-        check_ensemble([config, *(config_from_dict(m["config"]) for m in members)])
+        configs = [config_from_dict(m["config"]) for m in members]
+        check_ensemble([config, *configs])
     model_dir = Path(out_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     tmp = model_dir / f".tmp-{uuid.uuid4().hex}"
     try:
-        module = _Separator(networks, config)
+        try:
+            module = _Separator(networks, config, configs)
+        except ValueError as e:  # a network not built from its config: no layer of that name or shape
+            raise ExportError(f"the networks do not match their configs: {e}") from e
         signatures = {
             "serving_default": module.separate.get_concrete_function(),
             "sample_rate": module.sample_rate.get_concrete_function(),
@@ -192,8 +204,19 @@ def load_exported_networks(version_dir: str | os.PathLike) -> tuple[list[keras.M
 
 def _read_weights(networks: list[keras.Model], config: ModelConfig, version_dir: str | os.PathLike) -> None:
     prefix = Path(version_dir) / "variables" / "variables"
+    # Only the networks are read: the export's folded serving copies (if it has them) are derived
+    # from them. Every variable must be found and none left over; a silent partial load would not do.
+    try:
+        stored = [k for k, _ in tf.train.list_variables(str(prefix)) if k.startswith(("network/", "members/"))]
+    except (tf.errors.OpError, ValueError) as e:
+        raise ExportError(f"{version_dir} has no readable variables: {e}") from e
+    expected = sum(len(n.weights) for n in networks)
+    if len(stored) != expected:
+        raise ExportError(f"{version_dir} holds another network's weights: {len(stored)} variables, "
+                          f"{expected} expected")
     status = tf.train.Checkpoint(_Separator(networks, config)).read(str(prefix))
     try:
-        status.assert_consumed()
+        status.assert_existing_objects_matched()
     except AssertionError as e:
         raise ExportError(f"{version_dir} holds another network's weights: {e}") from e
+    status.expect_partial()

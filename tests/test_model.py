@@ -14,9 +14,9 @@ import pytest
 import tensorflow as tf
 
 from model.config import ConfigError, config_from_dict, config_to_dict, make_config
-from model.export import ExportError, export_saved_model, read_export_info, versions
+from model.export import ExportError, export_saved_model, load_exported_networks, read_export_info, versions
 from model.loss import masked_l1
-from model.network import build_network, trainable_parameter_count
+from model.network import build_network, fold_batch_norm, trainable_parameter_count
 from model.separate import separate_waveform, spectrogram_mask
 from model.spectral import from_network_rows, istft, magnitude, stft, to_network_rows
 
@@ -202,6 +202,70 @@ def test_export_writes_versions_with_both_signatures_and_matches_eager_separatio
     np.testing.assert_allclose(out["instrument"].numpy() + out["rest"].numpy(), mix, atol=1e-6)
     rate = loaded.signatures["sample_rate"](x=tf.zeros([3]))["sample_rate"]
     assert rate.dtype == tf.int32 and rate.numpy().tolist() == [22050] * 3
+
+
+def _trained_looking(config, seed):
+    """A tiny network whose batch norms are not the identity they start as (a trained one's are not)."""
+    keras.utils.set_random_seed(seed)
+    network = build_network(config)
+    rng = np.random.default_rng(seed)
+    for layer in network.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            channels = layer.gamma.shape[0]
+            layer.set_weights([rng.uniform(0.5, 2.0, channels), rng.normal(0, 0.5, channels),
+                               rng.normal(0, 0.5, channels), rng.uniform(0.2, 3.0, channels)])
+    return network
+
+
+def test_folded_batch_norm_gives_the_same_mask_and_exports_serve_it_but_keep_the_originals(tmp_path):
+    config = make_config("tiny")
+    network = _trained_looking(config, seed=3)
+    folded = fold_batch_norm(network, config)
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in folded.layers)
+    chunks = np.abs(_noise((3, config.freq_rows, config.chunk_frames, 1), seed=4))
+    mask = network(chunks, training=False).numpy()
+    np.testing.assert_allclose(folded(chunks).numpy(), mask, atol=2e-6)
+    plain = build_network(config, batch_norm=False)  # the same convolutions, batch norm dropped unfolded
+    plain.set_weights([w.numpy() for layer in network.layers if isinstance(layer, keras.layers.Conv2D)
+                       for w in (layer.kernel, layer.bias)])
+    assert np.abs(plain(chunks).numpy() - mask).max() > 0.01  # so the folding is what makes them agree
+
+    second = _trained_looking(config, seed=5)
+    members = [{"config": config_to_dict(config)}] * 2
+    version_dir = tmp_path / "m" / str(export_saved_model([network, second], config, tmp_path / "m",
+                                                          {"members": members}))
+    stored = [k for k, _ in tf.train.list_variables(str(version_dir / "variables" / "variables"))]
+    assert any(k.startswith("folded/1/") for k in stored)  # the serving copies are in the SavedModel
+    serve = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
+    mix = _noise((2, 9000), seed=6)
+    instrument, _ = separate_waveform([network, second], mix, config)
+    np.testing.assert_allclose(serve(waveform=tf.constant(mix))["instrument"].numpy(), instrument.numpy(), atol=1e-5)
+
+    # Reading back gives the networks with their batch norms (what a fine-tune starts from), exactly.
+    read, _ = load_exported_networks(version_dir)
+    assert [len(n.weights) for n in read] == [len(network.weights)] * 2
+    for original, back in zip([network, second], read, strict=True):
+        for a, b in zip(original.weights, back.weights, strict=True):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_an_export_without_folded_copies_still_reads_and_another_networks_weights_do_not(tmp_path):
+    from model.export import _Separator
+
+    config = make_config("tiny")
+    network = _trained_looking(config, seed=7)
+    old = tmp_path / "1"  # the layout of exports before the folded copies (shipped models until guitar 11)
+    tf.saved_model.save(_Separator(network, config), str(old))
+    (old / "assets.extra").mkdir()
+    (old / "assets.extra" / "stemlab.json").write_text(json.dumps({"config": config_to_dict(config)}))
+    read, _ = load_exported_networks(old)
+    for a, b in zip(network.weights, read[0].weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+    wider = config.model_copy(update={"head_filters": (8, 8), "head_kernels": (1, 1)})
+    (old / "assets.extra" / "stemlab.json").write_text(json.dumps({"config": config_to_dict(wider)}))
+    with pytest.raises(ExportError, match="another network's weights"):
+        load_exported_networks(old)
 
 
 def test_saved_model_cli_lists_the_signatures(tiny, tmp_path):

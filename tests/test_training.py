@@ -19,7 +19,7 @@ import soundfile as sf
 import tensorflow as tf
 import yaml
 
-from model.config import make_config
+from model.config import config_to_dict, make_config
 from model.separate import separate_waveform
 from services.common.errors import FailedPreconditionError, InvalidArgumentError
 from services.common.manifest import Manifest, Pair
@@ -947,6 +947,45 @@ def test_one_member_of_an_exported_ensemble_starts_a_run_or_joins_another_ensemb
         jobs.validate_export(data, {**asked, "with_models": ["nothing"]})
     with pytest.raises(FailedPreconditionError, match="no member 5"):
         jobs.validate_export(data, {**asked, "with_models": ["pair:1#5"]})
+
+
+def test_an_exported_model_alone_is_exported_again_with_the_same_separation(dataset, trained, tmp_path):
+    """export with no run: an export's networks in the current form, applied as that export applied them."""
+    from model.export import _Separator
+    from services.common.paths import DataRoot
+    from services.training import jobs
+
+    root, _ = dataset
+    data = DataRoot(root)
+    run_a, _, _ = trained
+    network, config = load_best_network(run_a)
+    config = config.model_copy(update={"mask_exponent": 1.5})
+    old = data.models / "older" / "1"  # as exports were before the folded serving copies
+    module = _Separator(network, config)
+    tf.saved_model.save(module, str(old), signatures={"serving_default": module.separate.get_concrete_function()})
+    (old / "assets.extra").mkdir()
+    (old / "assets.extra" / "stemlab.json").write_text(json.dumps(
+        {"config": config_to_dict(config), "source_run": "run-a", "instrument": "guitar"}))
+
+    job = jobs.validate_export(data, {"run_id": "", "model_name": "older", "with_models": ["older"]})
+    assert job["with_models"] == ["older:1"]
+    assert export_run(None, data.models, "older", with_models=[(old, None)]) == 2
+    again = data.models / "older" / "2"
+    info = json.loads((again / "assets.extra" / "stemlab.json").read_text())
+    assert info["config"]["mask_exponent"] == 1.5  # the model's own exponent, not a default
+    assert info["source_run"] == "run-a" and info["from_model"] == {"model": "older", "version": 1, "member": 1}
+    mix = (np.random.default_rng(8).standard_normal((2, 20_000)) * 0.2).astype(np.float32)
+    before, after = (tf.saved_model.load(str(v)).signatures["serving_default"](waveform=tf.constant(mix))["instrument"]
+                     for v in (old, again))
+    np.testing.assert_allclose(after.numpy(), before.numpy(), atol=1e-5)
+    assert any(k.startswith("folded/") for k, _ in tf.train.list_variables(str(again / "variables" / "variables")))
+    assert export_run(None, data.models, "older", {"mask_exponent": 1.0}, with_models=[(old, None)]) == 3
+    assert json.loads((data.models / "older" / "3" / "assets.extra" / "stemlab.json").read_text())[
+        "config"]["mask_exponent"] == 1.0
+    with pytest.raises(InvalidArgumentError, match="nothing to export"):
+        jobs.validate_export(data, {"run_id": "", "model_name": "older", "with_models": []})
+    with pytest.raises(InvalidArgumentError, match="nothing to export"):
+        export_run(None, data.models, "older")
 
 
 # ---- processes: kill -9 and multi-worker ------------------------------------------------------

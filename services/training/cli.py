@@ -62,7 +62,9 @@ def cmd_export(args) -> int:
 
     if not args.model:
         raise CliError("give the served model's name with --model (e.g. guitar)")
-    req = training_pb2.ExportModelRequest(run_id=args.run, model_name=args.model, overrides=dict(args.set),
+    if not args.run and not args.with_models:
+        raise CliError("name a run to export, or an exported model with --with-model to export again")
+    req = training_pb2.ExportModelRequest(run_id=args.run or "", model_name=args.model, overrides=dict(args.set),
                                           with_runs=args.with_runs, with_models=args.with_models)
     return start_and_follow(args, SERVICE, _stub(args).ExportModel(req, timeout=30))
 
@@ -112,7 +114,9 @@ def register(subparsers, groups: dict | None = None) -> None:
     p.set_defaults(func=cmd_runs)
 
     p = subparsers.add_parser("export", help="publish a run's best weights as a served model version")
-    p.add_argument("run", help="run id")
+    p.add_argument("run", nargs="?", default=None,
+                   help="run id; leave it out to export --with-model networks alone again, applied as that "
+                        "model applies them (e.g. an export of older code, in the current, faster form)")
     p.add_argument("--model", required=True, help="served model name, e.g. guitar")
     p.add_argument("--set", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                    help="how the network is applied: mask_exponent, chunk_overlap or inference_batch (repeatable)")

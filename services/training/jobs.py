@@ -137,7 +137,10 @@ def validate_resume(data: DataRoot, params: dict) -> dict:
 
 
 def validate_export(data: DataRoot, params: dict) -> dict:
-    run_ids = [params.get("run_id", ""), *(params.get("with_runs") or [])]
+    # No run: the exported models' networks alone, exported again (trainer.export_run).
+    run_ids = [r for r in [params.get("run_id", ""), *(params.get("with_runs") or [])] if r]
+    if not run_ids and not params.get("with_models"):
+        raise InvalidArgumentError("nothing to export: name a run (run_id) or an exported model (with_models)")
     if len(set(run_ids)) != len(run_ids):
         raise InvalidArgumentError(f"an ensemble names each run once (got {run_ids})")
     paths = [existing_run(data, run_id) for run_id in run_ids]
@@ -225,8 +228,10 @@ class TrainingJobs:
 
     def export(self, ctx: Any, params: dict) -> dict:
         validate_export(self.data, params)
-        ctx.progress(0, 1, f"exporting {params['run_id']} as {params['model_name']}")
-        version = trainer.export_run(existing_run(self.data, params["run_id"]), self.data.models, params["model_name"],
+        source = params.get("run_id") or ", ".join(params.get("with_models") or [])
+        ctx.progress(0, 1, f"exporting {source} as {params['model_name']}")
+        run = existing_run(self.data, params["run_id"]) if params.get("run_id") else None
+        version = trainer.export_run(run, self.data.models, params["model_name"],
                                      params.get("overrides"),
                                      [existing_run(self.data, r) for r in params.get("with_runs") or []],
                                      [exported_member(self.data, r)[1:] for r in params.get("with_models") or []])

@@ -42,6 +42,7 @@ from tensorflow.core.framework import summary_pb2
 
 from model.checkpoint import BEST_WEIGHTS, RUN_FILE, load_best_network, read_run
 from model.config import (
+    INFERENCE_KEYS,
     PRESETS,
     ConfigError,
     ModelConfig,
@@ -702,7 +703,7 @@ def model_members(version_dir: str | os.PathLike, member: int | None = None) -> 
              "from_model": {**where, "member": i}} for i in chosen]
 
 
-def export_run(run_dir: str | os.PathLike, models_root: str | os.PathLike, model_name: str,
+def export_run(run_dir: str | os.PathLike | None, models_root: str | os.PathLike, model_name: str,
                overrides: dict[str, Any] | None = None,
                with_runs: list[str | os.PathLike] | None = None,
                with_models: list[tuple[str | os.PathLike, int | None]] | None = None) -> int:
@@ -714,8 +715,13 @@ def export_run(run_dir: str | os.PathLike, models_root: str | os.PathLike, model
     `with_models`: (exported version folder, member or None for all its networks) whose networks join
     after the runs' — e.g. a shipped model's network beside a run trained since; each member's record
     names the model, version and member it came from ("from_model").
+    With no run (run_dir None, no with_runs) the exported models' networks alone are exported again,
+    applied as the first of those models applies them unless `overrides` say otherwise: an export
+    made by older code gets the current export (folded batch norm) with the same separation.
     """
-    run_dirs = [Path(run_dir), *(Path(r) for r in with_runs or [])]
+    run_dirs = [Path(r) for r in [run_dir, *(with_runs or [])] if r]
+    if not run_dirs and not with_models:
+        raise InvalidArgumentError("nothing to export: name a run or an exported model")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", model_name or ""):
         raise InvalidArgumentError(f"invalid model name {model_name!r}: use letters, digits, '.', '_' and '-'")
     try:
@@ -755,8 +761,12 @@ def export_run(run_dir: str | os.PathLike, models_root: str | os.PathLike, model
             check_ensemble(configs)
         except ExportError as e:
             raise FailedPreconditionError(str(e)) from e
+        config = configs[0]
+        if not run_dirs:  # the first model's own way of applying its networks, not its member's record
+            applied = config_from_dict(read_export_info(with_models[0][0])["config"])
+            config = config.model_copy(update={k: getattr(applied, k) for k in INFERENCE_KEYS})
         try:
-            config = with_inference_overrides(configs[0], overrides)
+            config = with_inference_overrides(config, overrides)
         except ConfigError as e:
             raise InvalidArgumentError(str(e)) from e
         metadata = {**records[0], "code_version": code_version(), "exported": _now()}
