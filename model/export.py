@@ -191,14 +191,22 @@ def load_exported_weights(network: keras.Model, config: ModelConfig, version_dir
     _read_weights(networks, config, version_dir)
 
 
-def load_exported_networks(version_dir: str | os.PathLike) -> tuple[list[keras.Model], ModelConfig]:
-    """An export's networks (one, or an ensemble's members) with its weights, and the config it applies them with."""
+def load_exported_networks(version_dir: str | os.PathLike, folded: bool = False,
+                           ) -> tuple[list[keras.Model], ModelConfig]:
+    """An export's networks (one, or an ensemble's members) with its weights, and the config it applies them with.
+
+    folded=True gives what the export serves instead: each network with its batch norm folded into
+    its convolutions (the same masks, faster; for inference only, not to train further).
+    """
     info = read_export_info(version_dir)
     if not isinstance(info.get("config"), dict):
         raise ExportError(f"{version_dir} records no network config in assets.extra/{STEMLAB_ASSET}")
-    networks = [build_network(c) for c in member_configs(info)]
+    configs = member_configs(info)
+    networks = [build_network(c) for c in configs]
     config = config_from_dict(info["config"])
     _read_weights(networks, config, version_dir)
+    if folded:
+        networks = [fold_batch_norm(n, c) for n, c in zip(networks, configs, strict=True)]
     return networks, config
 
 

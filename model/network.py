@@ -104,18 +104,19 @@ def fold_batch_norm(network: keras.Model, config: ModelConfig) -> keras.Model:
     At inference a batch norm is a fixed affine map per channel, gamma * (x - mean) / sqrt(var + eps)
     + beta, so conv then batch norm is one conv with scaled kernel and shifted bias: the same mask up
     to float rounding, without the elementwise passes over every full-resolution activation (about
-    30 % of the `cpu` network's separation time: README, Benchmarks). For inference only: the copy cannot train as the
-    original does (no batch statistics), so exports serve it and keep the original for fine-tuning.
+    30 % of the `cpu` network's separation time: README, Benchmarks). For inference only: the copy
+    cannot train as the original does (no batch statistics), so exports serve it and keep the
+    original for fine-tuning.
     """
     folded = build_network(config, batch_norm=False)
+    norms = {layer.name: layer for layer in network.layers if isinstance(layer, layers.BatchNormalization)}
     for layer in folded.layers:
         if not isinstance(layer, layers.Conv2D):
             continue
         source = network.get_layer(layer.name)
         kernel, bias = source.kernel.numpy(), source.bias.numpy()
-        norm_name = layer.name.removesuffix("_conv") + "_bn"
-        if layer.name.endswith("_conv") and norm_name in {other.name for other in network.layers}:
-            norm = network.get_layer(norm_name)
+        norm = norms.get(layer.name.removesuffix("_conv") + "_bn") if layer.name.endswith("_conv") else None
+        if norm is not None:
             scale = norm.gamma.numpy() / np.sqrt(norm.moving_variance.numpy() + norm.epsilon)
             kernel = kernel * scale  # the output channel is the kernel's last axis
             bias = (bias - norm.moving_mean.numpy()) * scale + norm.beta.numpy()

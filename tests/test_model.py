@@ -247,6 +247,9 @@ def test_folded_batch_norm_gives_the_same_mask_and_exports_serve_it_but_keep_the
     for original, back in zip([network, second], read, strict=True):
         for a, b in zip(original.weights, back.weights, strict=True):
             np.testing.assert_array_equal(a.numpy(), b.numpy())
+    served, _ = load_exported_networks(version_dir, folded=True)  # or what it serves, for inference
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in served[1].layers)
+    np.testing.assert_allclose(served[1](chunks).numpy(), second(chunks, training=False).numpy(), atol=2e-6)
 
 
 def test_an_export_without_folded_copies_still_reads_and_another_networks_weights_do_not(tmp_path):

@@ -199,17 +199,14 @@ class SavedModelSource(_WaveformModelSource):
         return outputs["instrument"].numpy(), outputs.get("rest")
 
     def _run_with_overrides(self, waveform):
-        from model.export import ExportError, load_exported_networks, member_configs
-        from model.network import fold_batch_norm
+        from model.export import ExportError, load_exported_networks
         from model.separate import separate_waveform
 
         if self._networks is None:
-            try:
-                networks = load_exported_networks(self.path)[0]  # an ensemble's members too
+            try:  # an ensemble's members too, as the export serves them (batch norm folded)
+                self._networks = load_exported_networks(self.path, folded=True)[0]
             except ExportError as e:
                 raise FailedPreconditionError(str(e)) from e
-            # Applied as the export serves them: batch norm folded, the same masks, faster.
-            self._networks = [fold_batch_norm(n, c) for n, c in zip(networks, member_configs(self.info), strict=True)]
         instrument, rest = separate_waveform(self._networks, waveform, self.config)
         return instrument.numpy(), rest.numpy()
 
