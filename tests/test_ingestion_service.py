@@ -123,6 +123,14 @@ def test_cli_synth_generates_and_imports_under_the_data_root(service):
     assert r.returncode == 0, r.stderr + r.stdout
     generated = json.loads(r.stdout.strip().splitlines()[-1])["result"]["generated"]
     assert generated["overlay_soundfonts"] == [str(overlay)]
+    # Random timbre per part: recorded in the result; a strength outside 0..1 is refused up front.
+    r = run_cli("synth", "synthetic/set6", "--songs", "1", "--seconds", "4", "--seed", "2", "--rate", "22050",
+                "--start-index", "3", "--timbre", "0.5", "--json", env=env)
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert json.loads(r.stdout.strip().splitlines()[-1])["result"]["generated"]["timbre"] == 0.5
+    r = run_cli("synth", "synthetic/set7", "--songs", "1", "--seconds", "4", "--timbre", "2", env=env)
+    assert r.returncode == 2 and "timbre must be between 0 and 1" in r.stderr
+    assert not (root / "data" / "synthetic" / "set7").exists()
     r = run_cli("synth", "synthetic/set5", "--songs", "1", "--seconds", "4", "--overlay-soundfont",
                 str(root / "missing.sf2"), "--json", env=env)
     assert r.returncode != 0 and "missing.sf2" in r.stderr + r.stdout

@@ -246,7 +246,7 @@ def cmd_synth(args) -> int:
                                                  seed=args.seed, layout=args.layout, soundfont=args.soundfont or "",
                                                  rate=args.rate, import_after=args.import_after,
                                                  start_index=args.start_index,
-                                                 overlay_soundfonts=args.overlay_soundfont)
+                                                 overlay_soundfonts=args.overlay_soundfont, timbre=args.timbre)
     return start_and_follow(args, SERVICE, _stub(args).GenerateSynthetic(req, timeout=30))
 
 
@@ -364,6 +364,9 @@ def register(subparsers, groups: dict | None = None) -> None:
     p.add_argument("--overlay-soundfont", action="append", default=[], metavar="SF2",
                    help="a soundfont loaded on top of --soundfont: its presets replace the base font's "
                         "(repeatable; the last wins)")
+    p.add_argument("--timbre", type=float, default=0.0, metavar="STRENGTH",
+                   help="0 to 1: random filter, envelope, vibrato and tuning offsets per part, so each "
+                        "preset sounds a little different in every song (default 0: the font as it is)")
     p.add_argument("--rate", type=int, default=44100)
     p.add_argument("--start-index", type=int, default=0,
                    help="0-based number of the first song, to add songs to a set (default 0)")

@@ -115,6 +115,7 @@ class IngestionJobs:
                                  int(params.get("seed") or 0), layout=layout,
                                  soundfont=params.get("soundfont") or None,
                                  overlays=params.get("overlay_soundfonts") or (),
+                                 timbre=float(params.get("timbre") or 0.0),
                                  rate=int(params.get("rate") or 44100), start_index=int(params.get("start_index") or 0),
                                  progress=progress,
                                  should_stop=should_stop)

@@ -42,6 +42,7 @@ from services.ingestion.synth.rendering import (
     render_midi,
     room_impulse_response,
 )
+from services.ingestion.synth.timbre import draw_offsets, part_rng, with_timbre
 
 MAX_SONGS = 10_000
 MAX_SECONDS = 3600.0
@@ -74,6 +75,7 @@ def generate_songs(
     should_stop: ShouldStop | None = None,
     start_index: int = 0,
     overlays: Sequence[str | os.PathLike] = (),
+    timbre: float = 0.0,
 ) -> dict:
     """Generate `songs` songs of `seconds` each under `out_dir` in the given dataset layout.
 
@@ -81,6 +83,8 @@ def generate_songs(
     two runs give byte-identical files and a set can be extended later with `start_index`.
     `overlays` are soundfonts loaded on top of `soundfont`: the presets they hold replace the base
     font's (rendering.Soundfonts); the arrangements stay those of (seed, k).
+    `timbre` (0 to 1) gives each part random SoundFont generator offsets of that strength
+    (synth.timbre: filter, envelope, vibrato, tuning); the notes stay those of (seed, k).
     Each song folder appears complete or not at all. Existing song folders are never replaced.
     Returns a summary: {"layout", "rate", "seconds", "seed", "out_dir", "stopped", "songs": [...],
     "totals": {...}}; when `should_stop` returns True the songs finished so far are kept and
@@ -96,6 +100,9 @@ def generate_songs(
     if not (math.isfinite(seconds) and MIN_SECONDS <= seconds <= MAX_SECONDS):
         raise InvalidArgumentError(f"seconds must be between {MIN_SECONDS} and {MAX_SECONDS}, got {seconds}")
     rate = _check_rate(rate)
+    timbre = float(timbre)
+    if not (math.isfinite(timbre) and 0.0 <= timbre <= 1.0):
+        raise InvalidArgumentError(f"timbre must be between 0 and 1, got {timbre}")
     soundfonts = check_soundfont(soundfont, overlays)
     out_dir = Path(out_dir)
     names = [song_name(layout, start_index + i) for i in range(songs)]
@@ -113,7 +120,7 @@ def generate_songs(
         try:
             summaries.append(
                 _generate_one(
-                    out_dir, name, start_index + i, seed, seconds, samples, layout, soundfonts, rate,
+                    out_dir, name, start_index + i, seed, seconds, samples, layout, soundfonts, rate, timbre,
                     lambda fraction, message, i=i: progress and progress(i + fraction, songs, message),
                     should_stop,
                 )
@@ -132,6 +139,7 @@ def generate_songs(
         "out_dir": str(out_dir),
         "soundfont": str(soundfonts.paths[0]),
         "overlay_soundfonts": [str(path) for path in soundfonts.paths[1:]],
+        "timbre": timbre,
         "stopped": stopped,
         "songs": summaries,
         "totals": {
@@ -145,12 +153,16 @@ def generate_songs(
     }
 
 
-def _generate_one(out_dir, name, index, seed, seconds, samples, layout, soundfonts, rate, report, should_stop):
+def _generate_one(out_dir, name, index, seed, seconds, samples, layout, soundfonts, rate, timbre, report, should_stop):
     arrangement = compose_song(seed, index, seconds)
     parts = arrangement.parts
     room = song_room(arrangement, rate)
+    midis = [arrangement.part_midi(part) for part in parts]
+    if timbre:
+        midis = [with_timbre(midi, draw_offsets(part_rng(seed, index, k), timbre), arrangement.tempo_bpm)
+                 for k, midi in enumerate(midis)]
     audio = _render_parts(
-        [arrangement.part_midi(part) for part in parts], [part.name for part in parts], soundfonts, rate, samples,
+        midis, [part.name for part in parts], soundfonts, rate, samples,
         lambda k, message: report(k / (len(parts) + 1), f"{name}: {message}"), should_stop,
         room=room, sends=[part.reverb_send for part in parts],
     )  # fmt: skip
@@ -169,17 +181,22 @@ def _generate_one(out_dir, name, index, seed, seconds, samples, layout, soundfon
         )
         for k, (part, stem) in enumerate(zip(parts, stems, strict=True))
     ]
-    identity = ("stemlab-synth", int(seed), index, seconds, rate, soundfonts.name)
+    identity = ("stemlab-synth", int(seed), index, seconds, rate, soundfonts.name) + ((timbre,) if timbre else ())
+    how = f"FluidSynth with {soundfonts.name}" + (f", timbre {timbre:g}" if timbre else "")
     if layout == "medleydb":
         metadata = medleydb_metadata(
             name, title=name.replace("_", " "), stems=infos, genre=arrangement.genre, artist="stemlab synth",
-            origin=f"stemlab synth: FluidSynth with {soundfonts.name}, seed {int(seed)}, song {index}", excerpt=False,
+            origin=f"stemlab synth: {how}, seed {int(seed)}, song {index}", excerpt=False,
         )  # fmt: skip
         write_song(layout, out_dir / name, name, rate, stems, mix, metadata)
     else:
         metadata = slakh_metadata(synth_uuid(*identity), infos, gain, plugin_name=soundfonts.name)
+        full_midi = arrangement.full_midi()
+        if timbre:  # the stems' own messages, each part's on its channel
+            for instrument, midi in zip(full_midi.instruments, midis, strict=True):
+                instrument.control_changes = list(midi.instruments[0].control_changes)
         write_song(layout, out_dir / name, name, rate, stems, mix, metadata,
-                   stem_midis=[arrangement.part_midi(p) for p in parts], full_midi=arrangement.full_midi())  # fmt: skip
+                   stem_midis=midis, full_midi=full_midi)  # fmt: skip
     summary = _song_summary(layout, out_dir / name, name, infos, stems, rate)
     for row, part in zip(summary["stems"], parts, strict=True):
         row["style"] = part.style
