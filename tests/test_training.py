@@ -669,8 +669,9 @@ def test_cancel_checkpoints_and_a_later_call_finishes_the_same_steps(dataset, tm
 def test_two_runs_in_one_process_take_turns_and_both_finish(dataset, tmp_path, monkeypatch):
     """A training service with two workers runs two loops in one process. Concurrent TF train steps
     can collide on per-step temporary variables (AlreadyExistsError), and a checkpoint save beside
-    another run's step hung the service, so every TF call takes turns: both runs finish every step,
-    no two turns ever overlap, and checkpoints are saved and restored only in a run's turn."""
+    another run's step hung the service, as did a run building its network and datasets beside another
+    run's steps, so every TF call takes turns: both runs finish every step, no two turns ever
+    overlap, and checkpoints, networks and datasets are made and restored only in a run's turn."""
     import threading
 
     from services.training import trainer
@@ -706,33 +707,45 @@ def test_two_runs_in_one_process_take_turns_and_both_finish(dataset, tmp_path, m
     monkeypatch.setattr(tf.train.CheckpointManager, "save", in_turn(tf.train.CheckpointManager.save))
     monkeypatch.setattr(tf.train.Checkpoint, "restore", in_turn(tf.train.Checkpoint.restore))
     monkeypatch.setattr(trainer, "_save_best_weights", in_turn(trainer._save_best_weights))
+    monkeypatch.setattr(trainer, "build_network", in_turn(trainer.build_network))
+    monkeypatch.setattr(trainer.data, "validation_dataset", in_turn(trainer.data.validation_dataset))
+    monkeypatch.setattr(trainer.data, "training_dataset", in_turn(trainer.data.training_dataset))
     root, manifest = dataset
     results, errors = {}, []
+    a_is_stepping = threading.Event()
 
     def go(name):
         try:
-            train_run(tmp_path / name, manifest, root, epochs=2, **FAST)
+            def progress(done, total, message, **metrics):
+                if done >= 2:
+                    a_is_stepping.set()
+            train_run(tmp_path / name, manifest, root, epochs=2, progress=progress, **FAST)
             results[name] = train_run(tmp_path / name, manifest, root, epochs=3, **FAST)  # restores
         except Exception as e:  # reported below with the run's name
             errors.append(f"{name}: {e!r}")
+        finally:
+            a_is_stepping.set()
 
     threads = [threading.Thread(target=go, args=(name,), name=name) for name in ("a", "b")]
-    for t in threads:
-        t.start()
+    threads[0].start()
+    a_is_stepping.wait(timeout=300)  # b builds its run while a steps (how a second job starts)
+    threads[1].start()
     for t in threads:
         t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "the runs hung"
     assert not errors, errors
     assert {r["state"] for r in results.values()} == {"completed"} and len(results) == 2
-    # 3 epochs of steps plus a validation pass per epoch, a checkpoint save per epoch, the restore,
-    # and per epoch its record in run.yaml with, when it beat the ones before, the best weights:
-    # each in a turn of its own.
+    # Per run: two starts (building the run, and restoring it the second time), and per epoch its
+    # training iterator, its steps, and its close (validation, checkpoint, run.yaml and, when it beat
+    # the ones before, the best weights): each in a turn of its own.
     def improving(name):
         losses = [h["val_loss"] for h in results[name]["history"]]
         return sum(loss < min(losses[:i], default=np.inf) for i, loss in enumerate(losses))
 
-    assert order.count("a") == order.count("b") == 3 * (FAST["steps_per_epoch"] + 1) + 3 + 1 + 3
+    assert order.count("a") == order.count("b") == 2 + 3 * (1 + FAST["steps_per_epoch"] + 1)
     assert not any(overlaps) and not any(outside_turn)
-    assert len(outside_turn) == 2 * (3 + 1) + improving("a") + improving("b")
+    # per run: 3 checkpoint saves, 1 restore, 2 networks built, 2 validation sets, 3 training iterators
+    assert len(outside_turn) == 2 * (3 + 1 + 2 + 2 + 3) + improving("a") + improving("b")
 
 
 def test_a_run_folder_in_training_refuses_a_second_trainer_and_is_free_again_after(dataset, tmp_path):

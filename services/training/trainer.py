@@ -351,47 +351,52 @@ def train_run(
                                               options.augment_pitch_semitones)
         sampler = sampling.ChunkSampler(tracks["train"], manifest.sources, config.segment_samples, config.rate_hz,
                                     augmentation)
-        validation = data.validation_dataset(
-            sampling.validation_segments(tracks["validation"], config.segment_samples, options.validation_chunks_per_track),
-            config, batch_size, options.loss_phase_sensitive)
-
-        keras.utils.set_random_seed(seed)
-        with strategy.scope():
-            network = build_network(config)
-            optimizer = keras.optimizers.Adam(config.learning_rate)
-            optimizer.build(network.trainable_variables)
-        state = _State()
-        checkpoint = tf.train.Checkpoint(model=network, optimizer=optimizer, **state.trackables())
-        # Every worker must write a checkpoint (the writes synchronise); only the chief's is kept.
-        checkpoint_dir = run_dir / "checkpoints" if chief else Path(tempfile.mkdtemp(prefix="stemlab-ckpt-"))
-        manager = tf.train.CheckpointManager(checkpoint, str(checkpoint_dir), max_to_keep=options.checkpoints_kept)
-        if manager.latest_checkpoint:
-            with _TF_TURN:
-                checkpoint.restore(manager.latest_checkpoint).expect_partial()
-            log.info("resumed %s from %s (epoch %d, step %d)", run_dir.name, manager.latest_checkpoint,
-                     int(state.epoch.numpy()), int(state.step_in_epoch.numpy()))
-        elif info.get("init_from"):  # a new run (no checkpoint yet) starts from another run's weights
-            with _TF_TURN:  # a source still training saves its best weights in its turns
+        segments = sampling.validation_segments(tracks["validation"], config.segment_samples,
+                                                options.validation_chunks_per_track)
+        # Building a run's datasets, network, optimiser and checkpoint is TF work like a step: done
+        # beside another run's step it hung a service with two workers (2026-12-06), so it is a turn.
+        with _TF_TURN:
+            validation = data.validation_dataset(segments, config, batch_size, options.loss_phase_sensitive)
+            keras.utils.set_random_seed(seed)
+            with strategy.scope():
+                network = build_network(config)
+                optimizer = keras.optimizers.Adam(config.learning_rate)
+                optimizer.build(network.trainable_variables)
+            state = _State()
+            checkpoint = tf.train.Checkpoint(model=network, optimizer=optimizer, **state.trackables())
+            # Every worker must write a checkpoint (the writes synchronise); only the chief's is kept.
+            checkpoint_dir = run_dir / "checkpoints" if chief else Path(tempfile.mkdtemp(prefix="stemlab-ckpt-"))
+            manager = tf.train.CheckpointManager(checkpoint, str(checkpoint_dir), max_to_keep=options.checkpoints_kept)
+            writer = tf.summary.create_file_writer(str(run_dir / "logs")) if chief else tf.summary.create_noop_writer()
+            resumed_from = manager.latest_checkpoint
+            if resumed_from:
+                checkpoint.restore(resumed_from).expect_partial()
+            elif info.get("init_from"):  # a new run (no checkpoint yet) starts from another run's weights
+                # (a source still training saves its best weights in its turns)
                 info["init_from"]["sha256"] = _load_initial_weights(network, config, info["init_from"])
+            if changes and "learning_rate" in changes:
+                optimizer.learning_rate = config.learning_rate
+                state.lr_changed_epoch.assign(state.epoch)
+            if target_changed:
+                # Earlier val_loss values measured another loss or training (TARGET_KEYS): the best
+                # epoch is chosen afresh (the next epoch's weights replace best.weights.h5), and
+                # patience counts from here.
+                state.best_val_loss.assign(np.inf)
+                state.best_epoch.assign(state.epoch)
+            if changes:
+                # Checkpoint first, so a restart before the next one cannot go on at the old rate
+                # while run.yaml names the new one.
+                manager.save(checkpoint_number=int(state.global_step.numpy()))
+        if resumed_from:
+            log.info("resumed %s from %s (epoch %d, step %d)", run_dir.name, resumed_from,
+                     int(state.epoch.numpy()), int(state.step_in_epoch.numpy()))
+        elif info.get("init_from"):
             source = info["init_from"]
             log.info("%s starts from the weights of %s (epoch %s)", run_dir.name,
                      f"model {source['model']}:{source['version']}" + (f"#{source['member']}" if source.get("member") else "")
                      if source.get("saved_model") else source["run_id"],
                      source["best_epoch"])
-        if changes and "learning_rate" in changes:
-            optimizer.learning_rate = config.learning_rate
-            state.lr_changed_epoch.assign(state.epoch)
-        if target_changed:
-            # Earlier val_loss values measured another loss or training (TARGET_KEYS): the best
-            # epoch is chosen afresh (the next epoch's weights replace best.weights.h5), and
-            # patience counts from here.
-            state.best_val_loss.assign(np.inf)
-            state.best_epoch.assign(state.epoch)
         if changes:  # where they start: a run stopped mid-epoch resumes mid-epoch
-            # Checkpoint first, so a restart before the next one cannot go on at the old rate
-            # while run.yaml names the new one.
-            with _TF_TURN:
-                manager.save(checkpoint_number=int(state.global_step.numpy()))
             info.update(config=config_to_dict(config), options=options.model_dump(),
                         overrides={**(info.get("overrides") or {}), **changes},
                         changes=[*(info.get("changes") or []),
@@ -422,7 +427,6 @@ def train_run(
                                             options.loss_peak_power, options.loss_error_power)
             return tf.reduce_sum(per_chunk), tf.cast(tf.shape(per_chunk)[0], tf.float32)
 
-        writer = tf.summary.create_file_writer(str(run_dir / "logs")) if chief else tf.summary.create_noop_writer()
         history = state.history_rows()
         total_steps = epochs * steps_per_epoch
         rate_start = (time.monotonic(), int(state.global_step.numpy()))
@@ -456,7 +460,8 @@ def train_run(
                                              worker=context.input_pipeline_id, skip_steps=skip,
                                              phase_sensitive=options.loss_phase_sensitive)
 
-            iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
+            with _TF_TURN:
+                iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
             cancelled = False
             for step in range(skip + 1, steps_per_epoch + 1):
                 if stop_requested():
@@ -464,9 +469,9 @@ def train_run(
                     break
                 with _TF_TURN:
                     loss = float(train_step(iterator).numpy())
-                state.step_in_epoch.assign(step)
-                state.global_step.assign_add(1)
-                state.loss_sum.assign_add(loss)
+                    state.step_in_epoch.assign(step)
+                    state.global_step.assign_add(1)
+                    state.loss_sum.assign_add(loss)
                 report(f"epoch {epoch}/{epochs} step {step}/{steps_per_epoch} loss {loss:.4f}",
                        epoch=epoch, step=step, loss=round(loss, 6),
                        val_loss=history[-1]["val_loss"] if history else None)
@@ -475,49 +480,51 @@ def train_run(
                 result_state = "cancelled"
                 break
 
-            val_sum, val_count = 0.0, 0.0
+            # The epoch's close is one turn: validation, the state, the checkpoint, and (chief) the
+            # best weights with run.yaml's record of them — an export (in its own lane, while this
+            # run trains) reads both in its turn, so the exported version's provenance names the
+            # epoch its weights come from.
             with _TF_TURN:
+                val_sum, val_count = 0.0, 0.0
                 for mix_rows, instrument_rows in validation:
                     s, c = validation_step(mix_rows, instrument_rows)
                     val_sum, val_count = val_sum + float(s), val_count + float(c)
-            val_loss = val_sum / max(val_count, 1.0)
-            train_loss = float(state.loss_sum.numpy()) / steps_per_epoch
-            seconds = time.monotonic() - epoch_start
-            learning_rate = float(optimizer.learning_rate.numpy())
-            history.append({"epoch": epoch, "loss": round(train_loss, 6), "val_loss": round(val_loss, 6),
-                            "seconds": round(seconds, 3), "steps_per_second": round((steps_per_epoch - skip) / seconds, 3),
-                            "learning_rate": float(f"{learning_rate:.6g}")})  # 4.5e-05, not 4.4999999999999996e-05
-            improved = val_loss < float(state.best_val_loss.numpy())
-            if improved:
-                state.best_val_loss.assign(val_loss)
-                state.best_epoch.assign(epoch)
-                info.update(best_epoch=epoch, best_val_loss=val_loss)
-            reduced = _plateau_learning_rate(options, learning_rate, epoch, int(state.best_epoch.numpy()),
-                                             int(state.lr_changed_epoch.numpy()))
-            if reduced is not None:
-                state.lr_changed_epoch.assign(epoch)
-                optimizer.learning_rate = reduced
-                log.info("%s: no better val_loss for %d epochs, learning rate %.3g -> %.3g",
-                         run_dir.name, options.lr_plateau_patience, learning_rate, reduced)
-            state.epoch.assign(epoch)
-            state.step_in_epoch.assign(0)
-            state.loss_sum.assign(0.0)
-            state.history.assign(json.dumps(history))
-            save_checkpoint()
-            if chief:
-                # The best weights and run.yaml's record of them change in one turn: an export (in
-                # its own lane, while this run trains) reads both in its turn, so the exported
-                # version's provenance names the epoch its weights come from.
-                with _TF_TURN:
+                val_loss = val_sum / max(val_count, 1.0)
+                train_loss = float(state.loss_sum.numpy()) / steps_per_epoch
+                seconds = time.monotonic() - epoch_start
+                learning_rate = float(optimizer.learning_rate.numpy())
+                history.append({"epoch": epoch, "loss": round(train_loss, 6), "val_loss": round(val_loss, 6),
+                                "seconds": round(seconds, 3),
+                                "steps_per_second": round((steps_per_epoch - skip) / seconds, 3),
+                                "learning_rate": float(f"{learning_rate:.6g}")})  # 4.5e-05, not 4.4999999999999996e-05
+                improved = val_loss < float(state.best_val_loss.numpy())
+                if improved:
+                    state.best_val_loss.assign(val_loss)
+                    state.best_epoch.assign(epoch)
+                    info.update(best_epoch=epoch, best_val_loss=val_loss)
+                reduced = _plateau_learning_rate(options, learning_rate, epoch, int(state.best_epoch.numpy()),
+                                                 int(state.lr_changed_epoch.numpy()))
+                if reduced is not None:
+                    state.lr_changed_epoch.assign(epoch)
+                    optimizer.learning_rate = reduced
+                    log.info("%s: no better val_loss for %d epochs, learning rate %.3g -> %.3g",
+                             run_dir.name, options.lr_plateau_patience, learning_rate, reduced)
+                state.epoch.assign(epoch)
+                state.step_in_epoch.assign(0)
+                state.loss_sum.assign(0.0)
+                state.history.assign(json.dumps(history))
+                manager.save(checkpoint_number=int(state.global_step.numpy()))
+                if chief:
                     if improved:
                         _save_best_weights(network, run_dir)
                     _write_run(run_dir, {**info, "state": "running", "updated": _now(), "epochs_completed": epoch})
+                    with writer.as_default(step=epoch):
+                        _scalar_summary("loss", train_loss)
+                        _scalar_summary("val_loss", val_loss)
+                        _scalar_summary("learning_rate", learning_rate)
+                    writer.flush()
+            if chief:
                 write_history(run_dir, history)
-                with writer.as_default(step=epoch):
-                    _scalar_summary("loss", train_loss)
-                    _scalar_summary("val_loss", val_loss)
-                    _scalar_summary("learning_rate", learning_rate)
-                writer.flush()
             report(f"epoch {epoch}/{epochs} done: loss {train_loss:.4f} val_loss {val_loss:.4f}",
                    epoch=epoch, step=steps_per_epoch, loss=round(train_loss, 6), val_loss=round(val_loss, 6))
             stopped_early = epoch - int(state.best_epoch.numpy()) >= patience
