@@ -93,6 +93,10 @@ def test_songs_with_timbre_keep_their_notes_and_record_it(tmp_path):
         b, _ = sf.read(tmp_path / "varied" / "Synth_Song001" / row["file"])
         differ += not np.array_equal(a, b)
     assert differ == len(rows[0])
+    again = generate_songs(tmp_path / "again", 1, 8, seed=3, rate=RATE, timbre=1.0)  # the same draws
+    assert again["songs"][0]["stems"] == varied["songs"][0]["stems"]
+    mix = "Synth_Song001/Synth_Song001_MIX.wav"
+    assert (tmp_path / "again" / mix).read_bytes() == (tmp_path / "varied" / mix).read_bytes()
     metadata = yaml.safe_load((tmp_path / "varied" / "Synth_Song001" / "Synth_Song001_METADATA.yaml").read_text())
     assert "timbre 1" in metadata["origin"]
     # The slakh layout writes each part's MIDI with the messages it was rendered with.

@@ -79,7 +79,7 @@ def generate_songs(
 ) -> dict:
     """Generate `songs` songs of `seconds` each under `out_dir` in the given dataset layout.
 
-    Song k (counting from `start_index`) depends only on (seed, k, seconds, rate, soundfonts), so
+    Song k (counting from `start_index`) depends only on (seed, k, seconds, rate, soundfonts, timbre), so
     two runs give byte-identical files and a set can be extended later with `start_index`.
     `overlays` are soundfonts loaded on top of `soundfont`: the presets they hold replace the base
     font's (rendering.Soundfonts); the arrangements stay those of (seed, k).
