@@ -37,7 +37,7 @@ def test_each_generator_is_sent_as_four_messages_in_order_on_ticks_of_their_own(
     midi = pretty_midi.PrettyMIDI(initial_tempo=180.0, resolution=480)
     midi.instruments.append(pretty_midi.Instrument(25))
     midi.instruments[0].notes.append(pretty_midi.Note(90, 60, 0.0, 1.0))
-    with_timbre(midi, offsets, 180.0)
+    with_timbre(midi, offsets)
     midi.write(str(tmp_path / "part.mid"))
     ticks, messages = 0, []
     for message in mido.MidiFile(tmp_path / "part.mid").tracks[1]:
@@ -52,7 +52,7 @@ def test_each_generator_is_sent_as_four_messages_in_order_on_ticks_of_their_own(
     ]
     assert len({t for t, _, _ in messages}) == 8
     with pytest.raises(ValueError):
-        nrpn_events({120: 1}, 120.0)
+        nrpn_events({120: 1}, 0.001)
 
 
 def _guitar_part(offsets: dict[int, int] | None) -> np.ndarray:
@@ -61,7 +61,7 @@ def _guitar_part(offsets: dict[int, int] | None) -> np.ndarray:
     guitar.notes = [pretty_midi.Note(100, pitch, 0.2 + 0.5 * k, 0.6 + 0.5 * k) for k, pitch in enumerate((52, 59, 64, 71))]
     midi.instruments.append(guitar)
     if offsets is not None:
-        with_timbre(midi, offsets, 120.0)
+        with_timbre(midi, offsets)
     return render_midi(midi, check_soundfont(None), RATE, int(2.5 * RATE))
 
 

@@ -159,7 +159,7 @@ def _generate_one(out_dir, name, index, seed, seconds, samples, layout, soundfon
     room = song_room(arrangement, rate)
     midis = [arrangement.part_midi(part) for part in parts]
     if timbre:
-        midis = [with_timbre(midi, draw_offsets(part_rng(seed, index, k), timbre), arrangement.tempo_bpm)
+        midis = [with_timbre(midi, draw_offsets(part_rng(seed, index, k), timbre))
                  for k, midi in enumerate(midis)]
     audio = _render_parts(
         midis, [part.name for part in parts], soundfonts, rate, samples,

@@ -17,7 +17,6 @@ import pretty_midi
 
 NRPN_MSB, NRPN_LSB, DATA_ENTRY_MSB, DATA_ENTRY_LSB = 99, 98, 6, 38
 SF2_NRPN_MSB = 120  # "this NRPN is a SoundFont generator"
-MIDI_TICKS_PER_BEAT = 480  # what Arrangement._midi writes
 
 
 @dataclass(frozen=True)
@@ -55,15 +54,15 @@ def draw_offsets(rng: np.random.Generator, strength: float) -> dict[int, int]:
     return offsets
 
 
-def nrpn_events(offsets: dict[int, int], tempo_bpm: float) -> list[pretty_midi.ControlChange]:
-    """The controller messages that set `offsets`, one tick apart from the song's start.
+def nrpn_events(offsets: dict[int, int], tick_seconds: float) -> list[pretty_midi.ControlChange]:
+    """The controller messages that set `offsets`, from the song's start, `tick_seconds` being the
+    length of one tick of the file they go in.
 
     Each value needs four messages in order (NRPN MSB, NRPN LSB, data LSB, data MSB — FluidSynth acts
     on the data MSB). pretty_midi sorts messages of one tick by controller number, which would put
     the data entry first, so every message gets its own tick: 32 messages take about 50 ms at 120 bpm,
     and FluidSynth applies the values to notes already sounding too.
     """
-    tick = 60.0 / (float(tempo_bpm) * MIDI_TICKS_PER_BEAT)
     events, k = [], 0
     for number, steps in sorted(offsets.items()):
         if not 0 <= number < 100:
@@ -72,7 +71,7 @@ def nrpn_events(offsets: dict[int, int], tempo_bpm: float) -> list[pretty_midi.C
         for controller, value in ((NRPN_MSB, SF2_NRPN_MSB), (NRPN_LSB, number),
                                   (DATA_ENTRY_LSB, data & 0x7F), (DATA_ENTRY_MSB, data >> 7)):
             # 1.5 ticks apart: rounding to the tick grid can never merge two messages
-            events.append(pretty_midi.ControlChange(controller, value, 1.5 * k * tick))
+            events.append(pretty_midi.ControlChange(controller, value, 1.5 * k * tick_seconds))
             k += 1
     return events
 
@@ -83,8 +82,9 @@ def part_rng(seed: int, index: int, part: int) -> np.random.Generator:
     return np.random.default_rng([int(seed) % (1 << 64), int(index), int(part), 0x7B8E])
 
 
-def with_timbre(midi: pretty_midi.PrettyMIDI, offsets: dict[int, int], tempo_bpm: float) -> pretty_midi.PrettyMIDI:
+def with_timbre(midi: pretty_midi.PrettyMIDI, offsets: dict[int, int]) -> pretty_midi.PrettyMIDI:
     """`midi` (one or more parts, changed in place and returned) with `offsets` set on every part."""
+    tick_seconds = midi.tick_to_time(1)  # the file's own resolution and first tempo
     for instrument in midi.instruments:
-        instrument.control_changes = nrpn_events(offsets, tempo_bpm) + list(instrument.control_changes)
+        instrument.control_changes = nrpn_events(offsets, tick_seconds) + list(instrument.control_changes)
     return midi
