@@ -181,7 +181,8 @@ def _medleydb_track(song_dir: Path, song: str, meta_path: Path,
             continue
         track.stems.append(StemSource(path=path, name=stem_file_name(file_name),
                                       raw_instrument=raw, cls=match.cls))
-    _add_unlisted(track, song_dir, stem_dir, lambda f: f.name in listed, meta_path.name, mapping)
+    _add_unlisted(track, song_dir, stem_dir, lambda f: f.name in listed, meta_path.name, mapping,
+                  name_prefix=f"{song}_")
     mix_name = str(meta.get("mix_filename") or f"{song}_MIX.wav")
     mix_path = safe_join(song_dir, mix_name)
     if mix_path.is_file():
@@ -206,11 +207,12 @@ def _disagreement(stem: str, file: str, action: str, reason: str, instrument: st
 
 
 def _add_unlisted(track: TrackSource, track_dir: Path, stem_dir: str, is_listed: Callable[[Path], bool],
-                  meta_name: str, mapping: Mapping) -> None:
+                  meta_name: str, mapping: Mapping, name_prefix: str = "") -> None:
     """Audio files in the stems folder that the metadata does not list: imported, reported.
 
-    Their class can only come from the file name (a suggestion); without one the stem stays
-    unmapped, and the track is not mixed until a person gives it a class.
+    Their class can only come from the file name (a suggestion), less `name_prefix` (the song's
+    name, whose words say nothing about the stem: "Song" would suggest mix); without one the
+    stem stays unmapped, and the track is not mixed until a person gives it a class.
     """
     folder = safe_join(track_dir, stem_dir)
     if not folder.is_dir():
@@ -219,7 +221,7 @@ def _add_unlisted(track: TrackSource, track_dir: Path, stem_dir: str, is_listed:
         if not is_audio(f) or is_listed(f):
             continue
         path = safe_join(track_dir, stem_dir, f.name)  # refuses a symlink leading out
-        match = mapping.suggest_from_filename(f.name)
+        match = mapping.suggest_from_filename(f.name.removeprefix(name_prefix))
         track.stems.append(StemSource(path=path, name=stem_file_name(f.name), raw_instrument=f.stem,
                                       cls=match.cls, suggested=match.cls is not None))
         how = (f"with the class {match.cls} suggested by its name" if match.cls
@@ -456,7 +458,15 @@ def import_tracks(library: Library, sources: Iterable[TrackSource | SkippedTrack
 
 def _import_one(library: Library, src: TrackSource, by_origin: dict[str, Track], link: bool,
                 report: ImportReport) -> None:
-    report.disagreements.extend({"track": src.name, **d} for d in src.disagreements)
+    track_id = _import_stems(library, src, by_origin, link, report)
+    # Named by the library's track id where there is one (it differs from the dataset's name
+    # when another track already holds that name).
+    report.disagreements.extend({"track": track_id or src.name, **d} for d in src.disagreements)
+
+
+def _import_stems(library: Library, src: TrackSource, by_origin: dict[str, Track], link: bool,
+                  report: ImportReport) -> str | None:
+    """Write (or recognise) one track; its id, or None when none of its stems could be read."""
     good: list[tuple[StemSource, tuple[int, int, int]]] = []
     for stem in src.stems:
         try:
@@ -465,7 +475,7 @@ def _import_one(library: Library, src: TrackSource, by_origin: dict[str, Track],
             report.errors.append({"track": src.name, "stem": stem.path.name, "reason": e.reason})
     if not good:
         report.errors.append({"track": src.name, "stem": "", "reason": "no readable stems"})
-        return
+        return None
     stems = [s for s, _ in good]
     _unique_names(stems)
     for s in stems:
@@ -481,7 +491,7 @@ def _import_one(library: Library, src: TrackSource, by_origin: dict[str, Track],
         if (sorted(st.file for st in existing.stems) == sorted(f"stems/{s.name}" for s in stems)
                 and all(_same_content(s.path, old_dir / "stems" / s.name) for s in stems)):
             report.unchanged.append(existing.id)
-            return
+            return existing.id
         track_id = existing.id
     else:
         track_id = _free_id(library, make_track_id(src.name))
@@ -505,6 +515,7 @@ def _import_one(library: Library, src: TrackSource, by_origin: dict[str, Track],
     _write_track(library, track, stems, link, replace=existing is not None)
     by_origin[src.origin] = track
     (report.updated if existing else report.added).append(track_id)
+    return track_id
 
 
 def _free_id(library: Library, base: str) -> str:
