@@ -56,9 +56,13 @@ TRACK1_CLASSES = {"S00": "guitar", "S01": "piano", "S02": "bass", "S03": "guitar
                   "S10": "other"}
 
 
+# UUID -> where Lakh has the MIDI file (lmd_midi_dir), as Slakh's metadata gives it.
+LMD_DIRS = {"1a81ae092884234f3264e2f45927f00a": "lmd_matched/O/O/H/TROOHTB128F931F9DF",
+            "136e224ff9848e53c33322f58d58f1b3": "lmd_matched/Z/V/A/TRZVABW12903CC606A"}
+
+
 def _metadata(uuid: str, stems: dict) -> dict:
-    return {"UUID": uuid, "audio_dir": "stems",
-            "lmd_midi_dir": f"lmd_matched/O/O/H/TROOHTB128F931F9DF/{uuid}.mid", "midi_dir": "MIDI",
+    return {"UUID": uuid, "audio_dir": "stems", "lmd_midi_dir": f"{LMD_DIRS[uuid]}/{uuid}.mid", "midi_dir": "MIDI",
             "normalization_factor": -13.0, "normalized": True, "overall_gain": 0.18270259567062658,
             "stems": stems, "target_peak": -1.0}
 
