@@ -116,6 +116,34 @@ def test_slakh_import_skips_unrendered_and_limits(tmp_path, library, mapping):
         "stems/S02.flac": ("Acoustic Grand Piano", "drums"),  # is_drum wins over the program
         "stems/mix.flac": ("mix", "mix"),
     }
+    # S03 is not rendered and has no file: metadata and files agree, nothing to report.
+    assert report.disagreements == [] and report.skipped == []
+
+
+def test_medleydb_files_win_over_metadata_and_each_disagreement_is_reported(tmp_path, library, mapping):
+    root = make_medleydb(tmp_path / "mdb", songs=1)
+    song = root / "Artist1_Song1"
+    (song / "Artist1_Song1_STEMS" / "Artist1_Song1_STEM_02.wav").unlink()   # listed, missing
+    write(song / "Artist1_Song1_STEMS" / "Artist1_Song1_STEM_05.wav", tone(2.0, 330))  # there, not listed
+    write(song / "Artist1_Song1_STEMS" / "Lead Guitar.wav", tone(2.0, 247))  # there, not listed
+    (song / "Artist1_Song1_MIX.wav").unlink()  # named by mix_filename, missing
+    report = import_tracks(library, read_medleydb(root, mapping))
+    assert report.added == ["Artist1_Song1"] and not report.errors
+    t = library.load("Artist1_Song1")
+    assert {s.file: (s.cls, s.suggested) for s in t.stems} == {
+        "stems/Artist1_Song1_STEM_01.wav": ("guitar", False), "stems/Artist1_Song1_STEM_03.wav": ("drums", False),
+        "stems/Artist1_Song1_STEM_04.wav": ("piano", False), "stems/Artist1_Song1_STEM_05.wav": (None, False),
+        "stems/Lead_Guitar.wav": ("guitar", True)}
+    assert [(d["track"], d["stem"], d["file"], d["action"], d["class"]) for d in report.disagreements] == [
+        ("Artist1_Song1", "S02", "Artist1_Song1_STEMS/Artist1_Song1_STEM_02.wav", "skipped", "bass"),
+        ("Artist1_Song1", "Artist1_Song1_STEM_05", "Artist1_Song1_STEMS/Artist1_Song1_STEM_05.wav", "imported", ""),
+        ("Artist1_Song1", "Lead Guitar", "Artist1_Song1_STEMS/Lead Guitar.wav", "imported", "guitar"),
+        ("Artist1_Song1", "mix", "Artist1_Song1_MIX.wav", "skipped", "mix"),
+    ]
+    assert report.disagreements[0]["reason"] == "listed in Artist1_Song1_METADATA.yaml but the file is missing"
+    assert report.disagreements[2]["reason"] == ("not listed in Artist1_Song1_METADATA.yaml: imported with the "
+                                                 "class guitar suggested by its name")
+    assert report.to_dict()["counts"]["disagreements"] == 4
 
 
 def test_stem_folder_names_are_matched_as_whole_words(tmp_path, library, mapping):
@@ -163,6 +191,7 @@ def test_generated_medleydb_and_slakh_folders_import_completely(tmp_path, librar
     slakh = import_tracks(library, read_slakh(tmp_path / "gen-slakh", mapping))
     assert mdb.added == ["Synth_Song001", "Synth_Song002"] and not mdb.errors and not mdb.unmapped
     assert slakh.added == ["Track00001", "Track00002"] and not slakh.errors and not slakh.unmapped
+    assert not mdb.disagreements and not slakh.disagreements
     for track_id in mdb.added + slakh.added:
         t = library.load(track_id)
         assert t.rate == 22050 and t.duration_seconds == pytest.approx(6.0, abs=0.01)

@@ -11,8 +11,13 @@ import sys
 from pathlib import Path
 
 from services.common.cliutil import (
+    JOB_STATE_NAMES,
+    TERMINAL_STATES,
     CliError,
     add_common_args,
+    address,
+    channel,
+    follow_job,
     get_group,
     message_to_dict,
     print_result,
@@ -24,6 +29,9 @@ SERVICE = "ingestion"
 CLASSES = ("guitar", "bass", "drums", "percussion", "piano", "vocals", "other", "mix", "excluded")
 MARKS = ("missing", "bleed", "bad_quality", "inaudible", "mislabeled", "detailed", "checked")
 FORMATS = ("medleydb", "slakh", "stems", "solo", "tracklist")
+# An import's text output shows this many tracks and disagreements; --json has all of them.
+SHOWN_TRACKS = 20
+SHOWN_DISAGREEMENTS = 50
 
 
 def _stub(args):
@@ -75,7 +83,59 @@ def cmd_import(args) -> int:
         req.search_root = _abs(args.search)
     if args.format == "solo" and not args.instrument:
         raise CliError("a solo import needs --instrument (e.g. --instrument guitar)")
-    return start_and_follow(args, SERVICE, _stub(args).StartImport(req, timeout=30))
+    job = _stub(args).StartImport(req, timeout=30)
+    if args.json or args.no_wait:
+        return start_and_follow(args, SERVICE, job)
+    from stemlab.v1 import jobs_pb2_grpc
+
+    final = follow_job(jobs_pb2_grpc.JobsStub(channel(address(args, SERVICE))), job.id) or job
+    if final.state not in TERMINAL_STATES:  # stream ended early (service went away)
+        raise CliError(f"lost the job {job.id} before it ended; see `stemlab jobs get {job.id}`")
+    state = JOB_STATE_NAMES.get(final.state, str(final.state))
+    if final.state != 3:
+        print(f"{final.id} {state}" + (f": {final.error}" if final.error else ""))
+        return 1
+    print(_import_text(final.id, message_to_dict(final).get("result", {}), _stub(args)))
+    return 0
+
+
+def _import_text(job_id: str, result: dict, dataset_stub) -> str:
+    """What an import did: counts, each track's stems, disagreements, skipped tracks, errors."""
+    from stemlab.v1 import ingestion_pb2
+
+    counts = result.get("counts", {})
+    unmapped = result.get("unmapped", {})
+    summary = ", ".join(f"{int(counts.get(k, 0))} {k}" for k in ("added", "updated", "unchanged", "errors"))
+    summary += (f", {int(counts.get('disagreements', 0))} metadata/file disagreements"
+                f", {int(counts.get('skipped', 0))} tracks skipped, {len(unmapped)} unmapped names")
+    lines = [f"{job_id} SUCCEEDED: {summary}" + (" (stopped before the end)" if result.get("stopped") else "")]
+    tracks = [(i, how) for how in ("added", "updated", "unchanged") for i in result.get(how, [])]
+    for track_id, how in tracks[:SHOWN_TRACKS]:
+        t = dataset_stub.GetTrack(ingestion_pb2.GetTrackRequest(id=track_id), timeout=30)
+        lines.append(f"{t.id} ({how}): {len(t.stems)} stems, {t.rate} Hz, {t.duration_seconds:.1f} s")
+        for st in t.stems:
+            flag = " (suggested)" if st.suggested else ""
+            lines.append(f"  {st.file:<28} {(st.class_name or 'UNMAPPED') + flag:<20} {st.raw_instrument}")
+    if len(tracks) > SHOWN_TRACKS:
+        lines.append(f"... and {len(tracks) - SHOWN_TRACKS} more tracks (stemlab dataset show TRACK)")
+    disagreements = result.get("disagreements", [])
+    if disagreements:
+        lines.append(f"metadata and files disagree ({len(disagreements)}); the files were followed:")
+        for d in disagreements[:SHOWN_DISAGREEMENTS]:
+            what = d.get("instrument", "") + (f" -> {d['class']}" if d.get("class") else "")
+            lines.append(f"  {d['track']} {d['stem']} [{what}] {d['action']}: {d['file']}: {d['reason']}")
+        if len(disagreements) > SHOWN_DISAGREEMENTS:
+            lines.append(f"  ... and {len(disagreements) - SHOWN_DISAGREEMENTS} more (all of them with --json)")
+    for title, key in (("tracks skipped", "skipped"), ("errors", "errors")):
+        items = result.get(key, [])
+        if items:
+            lines.append(f"{title} ({len(items)}):")
+            lines += [f"  {e['track']}" + (f" {e['stem']}" if e.get("stem") else "") + f": {e['reason']}"
+                      for e in items]
+    if unmapped:
+        lines.append("unmapped instrument names (stemlab dataset mapping set NAME=CLASS): "
+                     + ", ".join(f"{name!r} ({int(n)} stems)" for name, n in sorted(unmapped.items())))
+    return "\n".join(lines)
 
 
 def cmd_list(args) -> int:

@@ -5,6 +5,12 @@ their instrument names and classes); `import_tracks` then writes them into DATA/
 stems hard-linked (or copied across file systems). Readers list folders sorted, so the order
 never depends on the file system, and resolve every file name from metadata with `safe_join`,
 so nothing outside the folder the user pointed at is read.
+
+Where metadata and files disagree the files win, and the disagreement is reported, never
+silent: a stem file that exists is imported whatever its metadata says (a Slakh
+`audio_rendered: false`, or a file the metadata does not list at all); a stem the metadata lists
+whose file is missing is skipped. Each case is a `TrackSource.disagreements` entry that
+`import_tracks` copies into the job's report.
 """
 
 from __future__ import annotations
@@ -56,6 +62,16 @@ class TrackSource:
     genre: str | None = None
     stems: list[StemSource] = field(default_factory=list)
     suggestions: list[dict] = field(default_factory=list)
+    # Where metadata and files disagree: {stem, file, action (imported | skipped), reason,
+    # instrument, class}; see the module docstring.
+    disagreements: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class SkippedTrack:
+    """A track a reader leaves out on purpose; reported with its reason."""
+    name: str
+    reason: str
 
 
 @dataclass
@@ -65,13 +81,17 @@ class ImportReport:
     unchanged: list[str] = field(default_factory=list)
     errors: list[dict] = field(default_factory=list)      # {track, stem, reason}
     unmapped: dict[str, int] = field(default_factory=dict)  # raw name -> number of stems
+    disagreements: list[dict] = field(default_factory=list)  # {track, stem, file, action, reason, ...}
+    skipped: list[dict] = field(default_factory=list)     # {track, reason}
     stopped: bool = False
 
     def to_dict(self) -> dict:
         return {"added": self.added, "updated": self.updated, "unchanged": self.unchanged,
-                "errors": self.errors, "unmapped": self.unmapped, "stopped": self.stopped,
+                "errors": self.errors, "unmapped": self.unmapped, "disagreements": self.disagreements,
+                "skipped": self.skipped, "stopped": self.stopped,
                 "counts": {"added": len(self.added), "updated": len(self.updated),
-                           "unchanged": len(self.unchanged), "errors": len(self.errors)}}
+                           "unchanged": len(self.unchanged), "errors": len(self.errors),
+                           "disagreements": len(self.disagreements), "skipped": len(self.skipped)}}
 
 
 def sorted_dir(path: Path) -> list[Path]:
@@ -142,6 +162,7 @@ def _medleydb_track(song_dir: Path, song: str, meta_path: Path,
     stems_meta = meta.get("stems") or {}
     if not isinstance(stems_meta, dict):
         raise DatasetImportError(f"{meta_path}: 'stems' must be a mapping")
+    listed: set[str] = set()
     for key in sorted(stems_meta, key=str):
         entry = stems_meta[key] or {}
         file_name = str(entry.get("filename") or f"{song}_STEM_{str(key)[1:]}.wav")
@@ -149,15 +170,27 @@ def _medleydb_track(song_dir: Path, song: str, meta_path: Path,
         if isinstance(instruments, str):
             instruments = [instruments]
         instruments = [str(i) for i in instruments]
+        raw = INSTRUMENT_SEPARATOR.join(instruments)
         match = mapping.classify_instruments(instruments)
-        track.stems.append(StemSource(
-            path=safe_join(song_dir, stem_dir, file_name), name=stem_file_name(file_name),
-            raw_instrument=INSTRUMENT_SEPARATOR.join(instruments), cls=match.cls))
+        path = safe_join(song_dir, stem_dir, file_name)
+        listed.add(path.name)
+        if not path.is_file():
+            track.disagreements.append(_disagreement(
+                str(key), f"{stem_dir}/{file_name}", "skipped",
+                f"listed in {meta_path.name} but the file is missing", raw, match.cls))
+            continue
+        track.stems.append(StemSource(path=path, name=stem_file_name(file_name),
+                                      raw_instrument=raw, cls=match.cls))
+    _add_unlisted(track, song_dir, stem_dir, lambda f: f.name in listed, meta_path.name, mapping,
+                  name_prefix=f"{song}_")
     mix_name = str(meta.get("mix_filename") or f"{song}_MIX.wav")
     mix_path = safe_join(song_dir, mix_name)
     if mix_path.is_file():
         track.stems.append(StemSource(path=mix_path, name=stem_file_name(mix_name),
                                       raw_instrument="mix", cls="mix"))
+    elif meta.get("mix_filename"):
+        track.disagreements.append(_disagreement(
+            "mix", mix_name, "skipped", f"named in {meta_path.name} but the file is missing", "mix", "mix"))
     if str(meta.get("has_bleed", "")).lower() in ("yes", "true"):
         # MedleyDB says so itself; a person confirms per instrument.
         for klass in sorted({s.cls for s in track.stems if s.cls not in (None, "mix")}):
@@ -166,28 +199,81 @@ def _medleydb_track(song_dir: Path, song: str, meta_path: Path,
     return track
 
 
+def _disagreement(stem: str, file: str, action: str, reason: str, instrument: str = "",
+                  cls: str | None = None) -> dict:
+    """One place where metadata and files disagree; `action` is what the import did about it."""
+    return {"stem": stem, "file": file, "action": action, "reason": reason, "instrument": instrument,
+            "class": cls or ""}
+
+
+def _add_unlisted(track: TrackSource, track_dir: Path, stem_dir: str, is_listed: Callable[[Path], bool],
+                  meta_name: str, mapping: Mapping, name_prefix: str = "") -> None:
+    """Audio files in the stems folder that the metadata does not list: imported, reported.
+
+    Their class can only come from the file name (a suggestion), less `name_prefix` (the song's
+    name, whose words say nothing about the stem: "Song" would suggest mix); without one the
+    stem stays unmapped, and the track is not mixed until a person gives it a class.
+    """
+    folder = safe_join(track_dir, stem_dir)
+    if not folder.is_dir():
+        return
+    for f in sorted_dir(folder):
+        if not is_audio(f) or is_listed(f):
+            continue
+        path = safe_join(track_dir, stem_dir, f.name)  # refuses a symlink leading out
+        match = mapping.suggest_from_filename(f.name.removeprefix(name_prefix))
+        track.stems.append(StemSource(path=path, name=stem_file_name(f.name), raw_instrument=f.stem,
+                                      cls=match.cls, suggested=match.cls is not None))
+        how = (f"with the class {match.cls} suggested by its name" if match.cls
+               else "without a class (give it one before the track can be mixed)")
+        track.disagreements.append(_disagreement(
+            f.stem, f"{stem_dir}/{f.name}", "imported", f"not listed in {meta_name}: imported {how}",
+            f.stem, match.cls))
+
+
 # --- Slakh2100 ------------------------------------------------------------------------------
 
-def read_slakh(root: str | os.PathLike, mapping: Mapping, limit: int = 0) -> Iterator[TrackSource | dict]:
-    """Tracks of a Slakh2100 folder (any split layout), sorted by track folder name.
+# Slakh2100-redux moves tracks whose MIDI duplicates another track's into this folder.
+SLAKH_OMITTED = "omitted"
+# Stem audio as published: FLAC (slakh2100_flac_redux), WAV (BabySlakh, or converted with slakh-utils).
+_SLAKH_SUFFIXES = (".flac", ".wav")
 
-    Each TrackNNNNN/ has metadata.yaml with stems SNN (program_num, is_drum, inst_class,
-    midi_program_name, audio_rendered) and stems/SNN.flac. Stems not rendered are skipped;
-    drum stems are drums whatever their program; otherwise the program name decides, then the
-    instrument class. `limit` > 0 stops after that many tracks.
+
+def read_slakh(root: str | os.PathLike, mapping: Mapping,
+               limit: int = 0) -> Iterator[TrackSource | SkippedTrack | dict]:
+    """Tracks of a Slakh2100 folder, sorted by track folder name.
+
+    Both published layouts: slakh2100_flac_redux (train/, validation/, test/ and omitted/
+    folders of TrackNNNNN/ with stems/SNN.flac, mix.flac, MIDI/, all_src.mid) and BabySlakh
+    (TrackNNNNN/ directly, 16 kHz stems/SNN.wav and mix.wav). Each track's metadata.yaml lists
+    its stems SNN (program_num, midi_program_name, inst_class, is_drum, audio_rendered, ...).
+
+    The files decide which stems there are (see the module docstring): BabySlakh says
+    `audio_rendered: false` for stems whose files it ships. Tracks under omitted/ are skipped
+    and reported: redux left them out as MIDI duplicates of tracks it kept (point `root` at
+    omitted/ itself to import them). Drum stems are drums whatever their program; otherwise
+    the program name decides, then the instrument class. `limit` > 0 stops after that many
+    tracks.
     """
     root = _require_dir(root)
-    metas = sorted(root.rglob("metadata.yaml"), key=lambda p: (p.parent.name, str(p)))
     count = 0
-    for meta_path in metas:
+    for meta_path in _slakh_metadata_files(root):
         if limit and count >= limit:
             return
         track_dir = meta_path.parent
+        if SLAKH_OMITTED in track_dir.relative_to(root).parts[:-1]:
+            yield SkippedTrack(track_dir.name, f"in {SLAKH_OMITTED}/: Slakh2100-redux left it out as a "
+                                               "MIDI duplicate of another track")
+            continue
         try:
             yield _slakh_track(track_dir, meta_path, mapping)
         except (DatasetImportError, PathError) as e:
             yield {"track": track_dir.name, "stem": "", "reason": str(e)}
         count += 1
+
+
+def _slakh_metadata_files(root: Path) -> list[Path]:
+    return sorted(root.rglob("metadata.yaml"), key=lambda p: (p.parent.name, str(p)))
 
 
 def _slakh_track(track_dir: Path, meta_path: Path, mapping: Mapping) -> TrackSource:
@@ -199,23 +285,27 @@ def _slakh_track(track_dir: Path, meta_path: Path, mapping: Mapping) -> TrackSou
         raise DatasetImportError(f"{meta_path}: 'stems' must be a mapping")
     for key in sorted(stems_meta, key=str):
         entry = stems_meta[key] or {}
-        if entry.get("audio_rendered") is False:
-            continue
+        if not isinstance(entry, dict):
+            raise DatasetImportError(f"{meta_path}: stem {key} must be a mapping")
+        klass, raw = _slakh_class(entry, mapping)
+        described = _slakh_description(entry)
+        rendered = str(entry.get("audio_rendered", True)).lower() != "false"
         path = _first_existing(track_dir, audio_dir, str(key))
         if path is None:
-            # Rendered per metadata but absent: reported by import_tracks as a bad stem.
-            path = safe_join(track_dir, audio_dir, f"{key}.flac")
-        program_name = str(entry.get("midi_program_name") or "")
-        inst_class = str(entry.get("inst_class") or "")
-        if entry.get("is_drum"):
-            klass, raw = "drums", program_name or inst_class or "drums"
-        else:
-            klass = mapping.lookup(program_name) if program_name else None
-            if klass is None and inst_class:
-                klass = mapping.lookup(inst_class)
-            raw = program_name or inst_class
+            if rendered:
+                tried = " or ".join(f"{audio_dir}/{key}{suffix}" for suffix in _SLAKH_SUFFIXES)
+                track.disagreements.append(_disagreement(
+                    str(key), f"{audio_dir}/{key}", "skipped",
+                    f"listed in {meta_path.name} as rendered, but there is no {tried}", described, klass))
+            continue  # not rendered and not there: metadata and files agree
+        if not rendered:
+            track.disagreements.append(_disagreement(
+                str(key), f"{audio_dir}/{path.name}", "imported",
+                f"{meta_path.name} says audio_rendered: false, but the file exists", described, klass))
         track.stems.append(StemSource(path=path, name=stem_file_name(path.name), raw_instrument=raw,
                                       cls=klass))
+    listed = {str(k) for k in stems_meta}
+    _add_unlisted(track, track_dir, audio_dir, lambda f: f.stem in listed, meta_path.name, mapping)
     for mix_name in ("mix.flac", "mix.wav"):
         mix_path = safe_join(track_dir, mix_name)
         if mix_path.is_file():
@@ -224,8 +314,31 @@ def _slakh_track(track_dir: Path, meta_path: Path, mapping: Mapping) -> TrackSou
     return track
 
 
+def _slakh_class(entry: dict, mapping: Mapping) -> tuple[str | None, str]:
+    """(class, raw instrument name) of a Slakh stem's metadata."""
+    program_name = str(entry.get("midi_program_name") or "")
+    inst_class = str(entry.get("inst_class") or "")
+    if entry.get("is_drum"):
+        return "drums", program_name or inst_class or "drums"
+    klass = mapping.lookup(program_name) if program_name else None
+    if klass is None and inst_class:
+        klass = mapping.lookup(inst_class)
+    return klass, program_name or inst_class
+
+
+def _slakh_description(entry: dict) -> str:
+    """"Distortion Guitar, program 30": what the metadata says the stem plays."""
+    name = str(entry.get("midi_program_name") or entry.get("inst_class") or "unnamed")
+    parts = [name]
+    if entry.get("program_num") is not None:
+        parts.append(f"program {entry['program_num']}")
+    if entry.get("is_drum"):
+        parts.append("drum track")
+    return ", ".join(parts)
+
+
 def _first_existing(track_dir: Path, audio_dir: str, key: str) -> Path | None:
-    for suffix in (".flac", ".wav"):
+    for suffix in _SLAKH_SUFFIXES:
         p = safe_join(track_dir, audio_dir, key + suffix)
         if p.is_file():
             return p
@@ -313,7 +426,7 @@ def _unique_names(stems: list[StemSource]) -> None:
         seen.add(name.lower())
 
 
-def import_tracks(library: Library, sources: Iterable[TrackSource | dict], link: bool = True,
+def import_tracks(library: Library, sources: Iterable[TrackSource | SkippedTrack | dict], link: bool = True,
                   progress: Progress | None = None, should_stop: ShouldStop | None = None,
                   total: int = 0) -> ImportReport:
     """Write tracks into the library; returns what was added, updated, unchanged or refused.
@@ -321,7 +434,8 @@ def import_tracks(library: Library, sources: Iterable[TrackSource | dict], link:
     A track whose origin is already in the library is compared stem by stem (same names, same
     content); if nothing changed it is left alone, otherwise its stems are replaced and its
     marks kept. A stem whose audio cannot be read is reported and left out; a track left
-    without stems is reported and not written.
+    without stems is reported and not written. Every source's disagreements between metadata
+    and files, and every track a reader skipped, are reported too.
     """
     report = ImportReport()
     by_origin = {t.origin: t for t in library.tracks() if t.origin}
@@ -332,6 +446,8 @@ def import_tracks(library: Library, sources: Iterable[TrackSource | dict], link:
             break
         if isinstance(item, dict):
             report.errors.append(item)
+        elif isinstance(item, SkippedTrack):
+            report.skipped.append({"track": item.name, "reason": item.reason})
         else:
             _import_one(library, item, by_origin, link, report)
         done += 1
@@ -342,6 +458,15 @@ def import_tracks(library: Library, sources: Iterable[TrackSource | dict], link:
 
 def _import_one(library: Library, src: TrackSource, by_origin: dict[str, Track], link: bool,
                 report: ImportReport) -> None:
+    track_id = _import_stems(library, src, by_origin, link, report)
+    # Named by the library's track id where there is one (it differs from the dataset's name
+    # when another track already holds that name).
+    report.disagreements.extend({"track": track_id or src.name, **d} for d in src.disagreements)
+
+
+def _import_stems(library: Library, src: TrackSource, by_origin: dict[str, Track], link: bool,
+                  report: ImportReport) -> str | None:
+    """Write (or recognise) one track; its id, or None when none of its stems could be read."""
     good: list[tuple[StemSource, tuple[int, int, int]]] = []
     for stem in src.stems:
         try:
@@ -350,7 +475,7 @@ def _import_one(library: Library, src: TrackSource, by_origin: dict[str, Track],
             report.errors.append({"track": src.name, "stem": stem.path.name, "reason": e.reason})
     if not good:
         report.errors.append({"track": src.name, "stem": "", "reason": "no readable stems"})
-        return
+        return None
     stems = [s for s, _ in good]
     _unique_names(stems)
     for s in stems:
@@ -366,7 +491,7 @@ def _import_one(library: Library, src: TrackSource, by_origin: dict[str, Track],
         if (sorted(st.file for st in existing.stems) == sorted(f"stems/{s.name}" for s in stems)
                 and all(_same_content(s.path, old_dir / "stems" / s.name) for s in stems)):
             report.unchanged.append(existing.id)
-            return
+            return existing.id
         track_id = existing.id
     else:
         track_id = _free_id(library, make_track_id(src.name))
@@ -390,6 +515,7 @@ def _import_one(library: Library, src: TrackSource, by_origin: dict[str, Track],
     _write_track(library, track, stems, link, replace=existing is not None)
     by_origin[src.origin] = track
     (report.updated if existing else report.added).append(track_id)
+    return track_id
 
 
 def _free_id(library: Library, base: str) -> str:
@@ -428,7 +554,8 @@ def count_candidates(kind: str, root: str | os.PathLike, limit: int = 0) -> int:
     if kind == "medleydb":
         n = sum(1 for p in root.rglob("*_STEMS") if p.is_dir())
     elif kind == "slakh":
-        n = sum(1 for _ in root.rglob("metadata.yaml"))
+        n = sum(1 for p in _slakh_metadata_files(root)
+                if SLAKH_OMITTED not in p.parent.relative_to(root).parts[:-1])
     else:
         n = sum(1 for p in [root, *root.rglob("*")] if p.is_dir() and any(is_audio(f) for f in p.iterdir()))
     return min(n, limit) if limit else n
