@@ -192,24 +192,66 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def by_level(report_path: Path) -> list[str]:
+    """Rows of median instrument SDR per instrument-to-rest level (model, HPSS, mixture, oracle)."""
+    doc = json.loads(report_path.read_text())
+    rows = []
+    for level in ("minus6db", "0db", "plus6db"):
+        tracks = [t for t in doc["tracks"] if t["status"] == "scored" and t["track"].endswith(f"-{level}")]
+
+        def med(method: str, value: str = "sdr") -> str:
+            values = [((t["methods"].get(method) or {}).get("whole") or {}).get("instrument", {}).get(value)
+                      for t in tracks]
+            values = [float(v) for v in values if v is not None]
+            if not values:
+                return "–"
+            m = float(np.median(values))
+            return f"{100 * m:.0f} %" if value == "share" else f"{m:.2f}"
+
+        name = level.replace("minus", "−").replace("plus", "+").replace("db", " dB")
+        rows.append(f"| {doc['provenance']['dataset']['name']} | {name} | {len(tracks)} | {med('mixture')} "
+                    f"| {med('hpss')} | {med('model')} | {med('oracle')} | {med('model', 'share')} |")
+    return rows
+
+
+def render(reports: list[Path]) -> str:
+    text = table([summary(p) for p in reports])
+    text += ("\nBy instrument-to-rest level (median instrument SDR, dB; share: median per track):\n\n"
+             "| set | level | tracks | mixture | HPSS | model | oracle | share |\n|---|---|---:|---:|---:|---:|---:|---:|\n")
+    text += "\n".join(row for p in reports for row in by_level(p)) + "\n"
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, required=True, help="private data root (created; must not be shared)")
+    parser.add_argument("--data", type=Path, help="private data root (created; must not be shared)")
     parser.add_argument("--out", type=Path, required=True, help="where the reports and table.md go")
     parser.add_argument("--guitar-model", type=Path, default=REPO / "model/pretrained/guitar/11")
     parser.add_argument("--piano-model", type=Path, default=REPO / "model/pretrained/piano/8")
     parser.add_argument("--instruments", default="guitar,piano", help="comma-separated (default both)")
     parser.add_argument("--halves", default="val", help="val, test or val,test (default val: choose on val)")
+    parser.add_argument("--from-reports", action="store_true",
+                        help="no stack: write the table from the reports already in --out/*/report.json")
     args = parser.parse_args()
+    if args.from_reports:
+        reports = sorted(args.out.glob("*/report.json"))
+        if not reports:
+            raise SystemExit(f"no */report.json under {args.out}")
+        text = render(reports)
+        (args.out / "table.md").write_text(text)
+        print(text)
+        return
     wanted = [i.strip() for i in args.instruments.split(",") if i.strip()]
     models = {i: m for i, m in (("guitar", args.guitar_model), ("piano", args.piano_model)) if i in wanted}
     halves = [h.strip() for h in args.halves.split(",") if h.strip()]
+    if args.data is None:
+        raise SystemExit("--data DIR (a private data root) is required")
     if not set(halves) <= {"val", "test"} or not halves or not models:
         raise SystemExit("--halves takes val and/or test; --instruments guitar and/or piano")
     args.out.mkdir(parents=True, exist_ok=True)
     with Stack(args.data) as stack:
         reports = build_and_evaluate(stack, models, halves, args.out)
-    text = table([summary(p) for p in reports])
+    text = render(reports)
     (args.out / "table.md").write_text(text)
     print(text)
 
