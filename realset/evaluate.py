@@ -234,7 +234,9 @@ def main() -> None:
                         help="no stack: write the table from the reports already in --out/*/report.json")
     args = parser.parse_args()
     if args.from_reports:
-        reports = sorted(args.out.glob("*/report.json"))
+        # guitar before piano, the validation half before the test half
+        reports = sorted(args.out.glob("*/report.json"), key=lambda p: (p.parent.name.split("-")[0],
+                                                                          p.parent.name.endswith("-test")))
         if not reports:
             raise SystemExit(f"no */report.json under {args.out}")
         text = render(reports)
