@@ -128,3 +128,48 @@ def test_score_track_skips_a_silent_instrument_and_flags_a_silent_estimate():
     assert scored["status"] == "scored"
     assert "all zeros" in scored["methods"]["model"]["skipped"]
     assert scored["methods"]["mixture"]["whole"]["instrument"]["sdri"] == 0.0
+
+
+def test_share_of_the_way_is_zero_at_the_mixture_one_at_the_oracle():
+    from services.evaluation.metrics import share_of_the_way
+
+    # 0.8 dB where returning the mix scores 0.0 and the oracle 12.3 is 6.5 % of the way.
+    assert share_of_the_way(0.8, 0.0, 12.3) == pytest.approx(0.8 / 12.3)
+    assert share_of_the_way(-2.0, 0.5, 13.0) == pytest.approx(-2.5 / 12.5)  # worse than the mix: negative
+    assert share_of_the_way(13.0, 0.5, 13.0) == 1.0 and share_of_the_way(0.5, 0.5, 13.0) == 0.0
+    assert math.isnan(share_of_the_way(3.0, 5.0, 5.0))  # the oracle no better than the mix: undefined
+    assert math.isnan(share_of_the_way(math.inf, 0.0, 10.0))
+
+
+def test_leakage_is_output_energy_over_mix_energy_in_db():
+    from services.evaluation.metrics import is_absent, leakage_db
+
+    rng = np.random.default_rng(0)
+    mix = rng.standard_normal(22050)
+    assert leakage_db(mix, mix) == pytest.approx(0.0)
+    assert leakage_db(0.1 * mix, mix) == pytest.approx(-20.0)
+    assert leakage_db(np.zeros_like(mix), mix) == -math.inf
+    with pytest.raises(ValueError, match="silent"):
+        leakage_db(mix, np.zeros_like(mix))
+    assert is_absent(np.stack([np.zeros_like(mix), mix]))
+    assert not is_absent(np.stack([mix, mix])) and not is_absent(np.stack([mix, np.zeros_like(mix)]))
+
+
+def test_report_gives_the_share_of_the_medians_and_the_leakage_medians():
+    from services.evaluation import report
+
+    def track(name, model, mixture, oracle):
+        def entry(sdr):
+            return {"whole": {"instrument": {"sdr": sdr, "sir": 0.0, "sar": 0.0},
+                              "rest": {"sdr": sdr, "sir": 0.0, "sar": 0.0}}}
+        return {"track": name, "status": "scored", "reason": "",
+                "methods": {"model": entry(model), "mixture": entry(mixture), "oracle": entry(oracle)}}
+
+    tracks = [track("a", 2.0, 0.0, 10.0), track("b", 6.0, 2.0, 12.0), track("c", 4.0, 1.0, 11.0),
+              {"track": "d", "status": "absent", "reason": "", "methods": {"model": {"leakage_db": -12.0}}},
+              {"track": "e", "status": "absent", "reason": "", "methods": {"model": {"leakage_db": -30.0}}}]
+    doc = report.build_report("r", tracks, {"dataset": {"name": "x", "version": 1}}, {})
+    # medians: model 4, mixture 1, oracle 11 -> (4 - 1) / (11 - 1) = 30 %.
+    assert doc["share_of_the_way"]["model"] == pytest.approx(0.3)
+    assert doc["leakage"] == {"model": {"tracks": 2, "median_db": -21.0, "max_db": -12.0}}
+    assert doc["counts"] == {"tracks": 5, "scored": 3, "skipped": 0, "absent": 2}

@@ -78,12 +78,17 @@ def test_perfect_estimates_score_far_above_the_mixture(evaluated):
     assert med["model"]["framewise"]["tracks"] == 3
 
 
-def test_silent_instrument_track_is_skipped_with_a_reason(evaluated):
+def test_silent_instrument_track_is_scored_by_leakage_not_bss_eval(evaluated):
+    """A track without the instrument is "absent": bss_eval would refuse its all-zero reference, so
+    it counts apart and gets the leakage of what came back (here silence: -inf dB)."""
     data, _, summary, progress = evaluated
-    assert (summary["tracks"], summary["scored"], summary["skipped"]) == (4, 3, 1)
+    assert (summary["tracks"], summary["scored"], summary["skipped"], summary["absent"]) == (4, 3, 0, 1)
     doc = json.loads((data.evaluations / summary["report_id"] / "report.json").read_text())
-    assert doc["skipped"] == [{"track": "Quiet", "reason": doc["skipped"][0]["reason"]}]
-    assert "instrument is silent" in doc["skipped"][0]["reason"]
+    quiet = next(t for t in doc["tracks"] if t["track"] == "Quiet")
+    assert quiet["status"] == "absent" and quiet["methods"] == {"model": {"leakage_db": "-inf"}}
+    assert doc["leakage"] == {"model": {"tracks": 1, "median_db": "-inf", "max_db": "-inf"}}
+    assert doc["medians"]["model"]["whole"]["tracks"] == 3
+    assert "Tracks without the instrument (1" in (data.evaluations / summary["report_id"] / "report.md").read_text()
     assert progress[-1][:2] == (4, 4)
 
 
@@ -119,7 +124,7 @@ def test_report_files_exist_and_parse(evaluated):
     assert doc["settings"]["stft"]["n_fft"] == 1536
     md = (folder / "report.md").read_text()
     assert "| Track | Instrument SDR | SIR | SAR | Rest SDR | SIR | SAR |" in md
-    assert "| Song02 |" in md and "Quiet: reference instrument is silent" in md
+    assert "| Song02 |" in md and "| Quiet | -∞ |" in md
     html = (folder / "report.html").read_text()
     assert html.startswith("<!doctype html>") and "<table>" in html
     images = sorted(p.name for p in (folder / "spectrograms").iterdir())

@@ -30,18 +30,30 @@ def test_an_evaluation_job_runs_in_the_service_and_publishes_a_report(service):
     svc, root, estimates = service
     stub = evaluation_pb2_grpc.EvaluationServiceStub(svc.channel())
     job = stub.StartEvaluation(evaluation_pb2.StartEvaluationRequest(
-        estimates_dir=str(estimates), dataset="evalset", baselines=["mixture", "oracle"]), timeout=30)
+        estimates_dir=str(estimates), dataset="evalset", baselines=["mixture", "oracle", "hpss"]), timeout=30)
     assert job.id.startswith("evaluation-") and job.kind == "evaluation.evaluate"
     final = wait_job(svc.channel(), job.id, timeout=120)
     assert final.state == jobs_pb2.SUCCEEDED, final.error + svc.log()[-3000:]
     assert (final.progress.done, final.progress.total) == (3, 3)
     result = from_struct(final.result)
-    assert (result["scored"], result["skipped"]) == (2, 1)
+    assert (result["scored"], result["skipped"], result["absent"]) == (2, 0, 1)
     med = result["medians"]
     assert med["model"]["whole"]["instrument"]["sdr"] > med["mixture"]["whole"]["instrument"]["sdr"] + 5
+    # The harmonic/percussive floor is scored beside the model on the same tracks.
+    assert med["hpss"]["whole"]["tracks"] == 2 and np.isfinite(med["hpss"]["whole"]["instrument"]["sdr"])
+    # Quiet has no instrument: the model returned a fifth of the rest, 20·log10(0.2) = -13.98 dB of
+    # the mix's energy; HPSS returns the harmonic part of a harmonic signal, far more.
+    leak = result["leakage"]
+    assert leak["model"] == {"tracks": 1, "median_db": pytest.approx(20 * np.log10(0.2), abs=0.01),
+                             "max_db": pytest.approx(20 * np.log10(0.2), abs=0.01)}
+    assert leak["hpss"]["tracks"] == 1 and leak["hpss"]["median_db"] > leak["model"]["median_db"]
+    share = med["model"]["whole"]["instrument"]["share"]
+    assert 0 < share and med["mixture"]["whole"]["instrument"]["share"] == 0
     got = stub.GetReport(evaluation_pb2.GetReportRequest(id=result["report_id"]), timeout=10)
     doc = from_struct(got.report)
-    assert doc["skipped"][0]["track"] == "Quiet" and "silent" in doc["skipped"][0]["reason"]
+    quiet = next(t for t in doc["tracks"] if t["track"] == "Quiet")
+    assert quiet["status"] == "absent" and set(quiet["methods"]) == {"model", "hpss"}
+    assert "Median leakage (dB)" in got.markdown and "Share of the way" in got.markdown
     assert "| Track | Instrument SDR |" in got.markdown
     assert (root / "evaluations" / result["report_id"] / "report.html").is_file()
     listed = stub.ListReports(evaluation_pb2.ListReportsRequest(), timeout=10)

@@ -110,7 +110,9 @@ def evaluate_dataset(
 ) -> dict:
     """Evaluate `source` (None: baselines only) on a dataset split; publish DATA/evaluations/<id>/.
 
-    Returns a summary: {"report_id", "report_dir", "tracks", "scored", "skipped", "medians"}.
+    Returns a summary: {"report_id", "report_dir", "tracks", "scored", "skipped", "absent", "medians",
+    "leakage"}. Tracks without the instrument (silent instrument reference) are "absent": scored by
+    the leakage of what the model returns, not by bss_eval.
     Raises EvaluationCancelled when should_stop() turns true (no report is published then).
     """
     settings = (settings or EvaluationSettings()).validated()
@@ -153,7 +155,7 @@ def evaluate_dataset(
                 if task is None:
                     progress(len(results), total, f"skipped {pair.track}")
                     continue
-                if source is not None and plotted < settings.plot_tracks:
+                if source is not None and plotted < settings.plot_tracks and not task.absent:
                     task.plot_path = str(tmp / "spectrograms" / f"{pair.track}.png")
                     plotted += 1
                 pending[pool.submit(score_track, task)] = pair.track
@@ -188,8 +190,8 @@ def evaluate_dataset(
         )
         report.write_report(tmp, doc)
     return {"report_id": report_id, "report_dir": str(target), "tracks": len(pairs),
-            "scored": doc["counts"]["scored"], "skipped": doc["counts"]["skipped"],
-            "medians": report.json_safe(doc["medians"])}
+            "scored": doc["counts"]["scored"], "skipped": doc["counts"]["skipped"], "absent": doc["counts"]["absent"],
+            "medians": report.json_safe(doc["medians"]), "leakage": report.json_safe(doc["leakage"])}
 
 
 def _prepare(data, pair, rate_hz, source, settings, stft, results) -> TrackTask | None:
@@ -199,7 +201,8 @@ def _prepare(data, pair, rate_hz, source, settings, stft, results) -> TrackTask 
     except (AudioError, ManifestError) as e:
         results[pair.track] = _skipped(pair.track, f"cannot read the track: {e}")
         return None
-    reason = metrics.silent_reason(references, settings.silent_rms_dbfs)
+    absent = metrics.is_absent(references, settings.silent_rms_dbfs)
+    reason = None if absent else metrics.silent_reason(references, settings.silent_rms_dbfs)
     if reason is not None:
         # Skip before separating: a silent reference cannot be scored whatever the model does.
         results[pair.track] = _skipped(pair.track, reason, references.shape[1] / rate_hz)
@@ -215,7 +218,8 @@ def _prepare(data, pair, rate_hz, source, settings, stft, results) -> TrackTask 
         estimate = np.stack([instrument, rest]).astype(np.float32)
     return TrackTask(track=pair.track, rate_hz=rate_hz, references=references, model_estimate=estimate,
                      baselines=settings.baselines, stft=stft, framewise=settings.framewise,
-                     window_seconds=settings.window_seconds, silent_rms_dbfs=settings.silent_rms_dbfs)
+                     window_seconds=settings.window_seconds, silent_rms_dbfs=settings.silent_rms_dbfs,
+                     absent=absent)
 
 
 def _skipped(track: str, reason: str, seconds: float = 0.0) -> dict:

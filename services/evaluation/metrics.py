@@ -54,6 +54,35 @@ def silent_reason(references: np.ndarray, silent_rms_dbfs: float = DEFAULT_SILEN
     return None
 
 
+def is_absent(references: np.ndarray, silent_rms_dbfs: float = DEFAULT_SILENT_RMS_DBFS) -> bool:
+    """Whether the instrument reference is silent while the rest plays: a track without the
+    instrument, where the right output is silence. references: (2, samples) = [instrument, rest]."""
+    return rms_dbfs(references[0]) < silent_rms_dbfs <= rms_dbfs(references[1])
+
+
+def leakage_db(instrument_estimate: np.ndarray, mix: np.ndarray) -> float:
+    """Energy of the instrument estimate over the energy of the mix it came from, in dB.
+
+    What an extractor lets through on a track without its instrument: 0 dB returns the whole
+    mix, -inf returns silence. bss_eval cannot score such a track (its reference is all zeros).
+    """
+    mix_energy = float(np.sum(np.square(np.asarray(mix, np.float64))))
+    if mix_energy <= 0:
+        raise ValueError("the mix is silent: leakage is undefined")
+    energy = float(np.sum(np.square(np.asarray(instrument_estimate, np.float64))))
+    return 10.0 * math.log10(energy / mix_energy) if energy > 0 else -math.inf
+
+
+def share_of_the_way(value: float, mixture: float, oracle: float) -> float:
+    """(value - mixture) / (oracle - mixture): 0 for returning the mix, 1 for the oracle mask.
+
+    NaN when the oracle is not above the mixture (no way to go) or a number is not finite.
+    """
+    if not all(math.isfinite(x) for x in (value, mixture, oracle)) or oracle <= mixture:
+        return math.nan
+    return (value - mixture) / (oracle - mixture)
+
+
 def silent_estimate_reason(estimates: np.ndarray) -> str | None:
     """mir_eval also refuses all-zero estimates; say which one is. estimates: (2, samples)."""
     for name, source in zip(SOURCES, estimates, strict=True):

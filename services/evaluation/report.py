@@ -23,7 +23,7 @@ METHOD_ORDER = ("model", "mixture", "oracle", "hpss")
 METHOD_TITLES = {"model": "model", "mixture": "mixture (estimate = mix)", "oracle": "oracle ratio mask",
                  "hpss": "HPSS (harmonic = instrument)"}
 _KINDS = ("whole", "framewise")
-_VALUES = (*METRICS, "sdri")
+_VALUES = (*METRICS, "sdri", "share")
 
 
 def method_names(tracks: list[dict]) -> list[str]:
@@ -52,9 +52,39 @@ def medians(tracks: list[dict]) -> dict:
     return out
 
 
+def leakage_medians(tracks: list[dict]) -> dict:
+    """{method: {"tracks", "median_db", "max_db"}} over the absent tracks (no instrument in them)."""
+    out: dict = {}
+    for method in method_names(tracks):
+        values = [t["methods"][method]["leakage_db"] for t in tracks
+                  if t["status"] == "absent" and "leakage_db" in t["methods"].get(method, {})]
+        if values:
+            out[method] = {"tracks": len(values), "median_db": float(np.median(values)), "max_db": float(np.max(values))}
+    return out
+
+
+def shares_of_the_way(med: dict, kind: str = "whole") -> dict:
+    """{method: (median SDR - mixture's) / (oracle's - mixture's)} of the instrument, from the medians.
+
+    Besides the median of the per-track shares (medians[...]["share"]), the share the medians
+    themselves go: what "x % of the way" means when a table shows medians only.
+    """
+    from services.evaluation.metrics import share_of_the_way
+
+    def sdr(method):
+        return number(((med.get(method) or {}).get(kind) or {}).get("instrument", {}).get("sdr"))
+
+    if kind not in (med.get("oracle") or {}) or kind not in (med.get("mixture") or {}):
+        return {}
+    return {m: share_of_the_way(sdr(m), sdr("mixture"), sdr("oracle"))
+            for m in med if m not in ("mixture", "oracle") and kind in med[m]}
+
+
 def build_report(report_id: str, tracks: list[dict], provenance: dict, settings: dict) -> dict:
     """The whole report as one dict (what report.json holds, before json_safe)."""
     skipped = [{"track": t["track"], "reason": t["reason"]} for t in tracks if t["status"] == "skipped"]
+    absent = sum(t["status"] == "absent" for t in tracks)
+    med = medians(tracks)
     method_skips = [{"track": t["track"], "method": m, "reason": e["skipped"]}
                     for t in tracks for m, e in t.get("methods", {}).items() if "skipped" in e]
     return {
@@ -62,10 +92,13 @@ def build_report(report_id: str, tracks: list[dict], provenance: dict, settings:
         "id": report_id,
         "provenance": provenance,
         "settings": settings,
-        "counts": {"tracks": len(tracks), "scored": len(tracks) - len(skipped), "skipped": len(skipped)},
+        "counts": {"tracks": len(tracks), "scored": len(tracks) - len(skipped) - absent, "skipped": len(skipped),
+                   "absent": absent},
         "skipped": skipped,
         "method_skips": method_skips,
-        "medians": medians(tracks),
+        "medians": med,
+        "share_of_the_way": shares_of_the_way(med),
+        "leakage": leakage_medians(tracks),
         "tracks": tracks,
     }
 
@@ -136,6 +169,13 @@ def fmt(value, digits: int = 2) -> str:
     return f"{float(value):.{digits}f}"
 
 
+def percent(value) -> str:
+    """A share of the way as a whole percentage ("–" when undefined)."""
+    if value is None or isinstance(value, str) or math.isnan(float(value)):
+        return "–"
+    return f"{100 * float(value):.0f} %"
+
+
 def model_label(doc: dict) -> str:
     model = (doc.get("provenance") or {}).get("model") or {}
     kind = model.get("kind", "")
@@ -160,11 +200,39 @@ def summary_rows(doc: dict, kind: str = "whole") -> list[list[str]]:
             continue
         m = kinds[kind]
         title = METHOD_TITLES.get(method, method) + (f" ({model_label(doc)})" if method == "model" else "")
-        rows.append([title, *[fmt(m[s][v]) for s in SOURCES for v in _VALUES], str(m["tracks"])])
+        rows.append([title, *[percent(m[s].get(v)) if v == "share" else fmt(m[s].get(v))
+                              for s in SOURCES for v in _VALUES], str(m["tracks"])])
     return rows
 
 
-_SUMMARY_HEAD = ["Method", "Instrument SDR", "SIR", "SAR", "SDRi", "Rest SDR", "SIR", "SAR", "SDRi", "Tracks"]
+_LEAKAGE_HEAD = ["Method", "Median leakage (dB)", "Worst (dB)", "Absent tracks"]
+
+
+def leakage_rows(doc: dict) -> list[list[str]]:
+    """Leakage on the absent tracks: what the method returns as the instrument where there is none."""
+    return [[METHOD_TITLES.get(m, m) + (f" ({model_label(doc)})" if m == "model" else ""),
+             fmt(v["median_db"]), fmt(v["max_db"]), str(v["tracks"])]
+            for m, v in (doc.get("leakage") or {}).items()]
+
+
+def absent_track_rows(doc: dict) -> list[list[str]]:
+    methods = list(doc.get("leakage") or {})
+    return [[t["track"], *[fmt(t["methods"].get(m, {}).get("leakage_db")) for m in methods]]
+            for t in doc["tracks"] if t["status"] == "absent"]
+
+
+def share_line(doc: dict) -> str:
+    shares = doc.get("share_of_the_way") or {}
+    if not shares:
+        return ""
+    parts = ", ".join(f"{METHOD_TITLES.get(m, m).split(' (')[0]} {percent(v)}" for m, v in shares.items())
+    return ("Share of the way from the mixture to the oracle, of the median instrument SDRs "
+            f"((method − mixture) / (oracle − mixture)): {parts}. The Share columns are medians of the "
+            "per-track shares.")
+
+
+_SUMMARY_HEAD = ["Method", "Instrument SDR", "SIR", "SAR", "SDRi", "Share", "Rest SDR", "SIR", "SAR", "SDRi", "Share",
+                 "Tracks"]
 _TRACK_HEAD = ["Track", "Instrument SDR", "SIR", "SAR", "Rest SDR", "SIR", "SAR"]
 
 
@@ -214,12 +282,21 @@ def render_markdown(doc: dict) -> str:
            f"{doc['counts']['skipped']} skipped. Values in dB, medians over tracks; "
            "SDRi = SDR minus the mixture's SDR.", "",
            "## Medians (whole track)", "", _md_table(_SUMMARY_HEAD, summary_rows(doc, "whole")), ""]
+    if share_line(doc):
+        out += [share_line(doc), ""]
+    if doc.get("leakage"):
+        out += [f"Tracks without the instrument ({doc['counts'].get('absent', 0)}, silent reference): leakage = "
+                "energy of the returned instrument over the mix's, dB (0 returns the mix, lower is better).", "",
+                _md_table(_LEAKAGE_HEAD, leakage_rows(doc)), ""]
     if any("framewise" in k for k in doc["medians"].values()):
         out += ["## Medians (framewise, median over 1-second windows per track)", "",
                 _md_table(_SUMMARY_HEAD, summary_rows(doc, "framewise")), ""]
     for method in doc["medians"]:
         out += [f"## {METHOD_TITLES.get(method, method)} — per track", "",
                 _md_table(_TRACK_HEAD, track_rows(doc, method)), ""]
+    if doc.get("leakage"):
+        out += ["## Tracks without the instrument — leakage per track (dB)", "",
+                _md_table(["Track", *[METHOD_TITLES.get(m, m) for m in doc["leakage"]]], absent_track_rows(doc)), ""]
     if doc["skipped"] or doc["method_skips"]:
         out += ["## Skipped", ""]
         out += [f"- {s['track']}: {s['reason']}" for s in doc["skipped"]]
@@ -248,6 +325,11 @@ def render_html(doc: dict) -> str:
              f"<p>{e(model_label(doc))} on {e(str(doc['provenance']['dataset']['name']))}: "
              f"{doc['counts']['scored']} tracks scored, {doc['counts']['skipped']} skipped. dB, medians over tracks.</p>",
              "<h2>Medians (whole track)</h2>", _html_table(_SUMMARY_HEAD, summary_rows(doc, "whole"))]
+    if share_line(doc):
+        parts.append(f"<p>{e(share_line(doc))}</p>")
+    if doc.get("leakage"):
+        parts += ["<h2>Tracks without the instrument: leakage (dB)</h2>", _html_table(_LEAKAGE_HEAD, leakage_rows(doc)),
+                  _html_table(["Track", *[METHOD_TITLES.get(m, m) for m in doc["leakage"]]], absent_track_rows(doc))]
     if any("framewise" in k for k in doc["medians"].values()):
         parts += ["<h2>Medians (framewise)</h2>", _html_table(_SUMMARY_HEAD, summary_rows(doc, "framewise"))]
     for method in doc["medians"]:
@@ -271,6 +353,10 @@ def render_html(doc: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Comparing two reports
+
+
+def _method_rank(method: str) -> tuple[int, str]:
+    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
 
 
 def compare_reports(a: dict, b: dict) -> dict:
@@ -301,6 +387,10 @@ def compare_reports(a: dict, b: dict) -> dict:
                     rows.append({"method": method, "kind": kind, "source": source, "metric": value,
                                  "a": va, "b": vb, "delta": vb - va if math.isfinite(va) and math.isfinite(vb)
                                  else math.nan})
+    for method in sorted(set(a.get("leakage") or {}) | set(b.get("leakage") or {}), key=_method_rank):
+        va, vb = (number(((r.get("leakage") or {}).get(method) or {}).get("median_db")) for r in (a, b))
+        rows.append({"method": method, "kind": "absent", "source": "instrument", "metric": "leakage_db", "a": va,
+                     "b": vb, "delta": vb - va if math.isfinite(va) and math.isfinite(vb) else math.nan})
     paired = paired_differences(a, b)
     if paired["only_a"] or paired["only_b"]:
         warnings.append(f"{paired['only_a'] + paired['only_b']} tracks scored in only one report are left out "

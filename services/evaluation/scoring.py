@@ -37,6 +37,8 @@ class TrackTask:
     window_seconds: float = 1.0
     silent_rms_dbfs: float = metrics.DEFAULT_SILENT_RMS_DBFS
     plot_path: str | None = None
+    # The instrument reference is silent (a track without the instrument): scored by leakage only.
+    absent: bool = False
 
 
 def method_estimates(task: TrackTask) -> dict[str, np.ndarray]:
@@ -68,6 +70,10 @@ def score_track(task: TrackTask) -> dict:
     references = np.asarray(task.references, np.float64)
     result: dict = {"track": task.track, "seconds": references.shape[1] / task.rate_hz, "status": "scored",
                     "reason": "", "methods": {}}
+    if task.absent:
+        result.update(score_absent(task))
+        result["elapsed_seconds"] = time.perf_counter() - started
+        return result
     reason = metrics.silent_reason(references, task.silent_rms_dbfs)
     if reason is not None:
         result.update(status="skipped", reason=reason)
@@ -91,6 +97,7 @@ def score_track(task: TrackTask) -> dict:
         result["methods"][method] = entry
 
     _add_sdr_improvement(result["methods"])
+    _add_share_of_the_way(result["methods"])
     if task.plot_path and task.model_estimate is not None:
         plot_spectrograms(task.plot_path, references[0] + references[1], references[0],
                           np.asarray(task.model_estimate[0], np.float64), task.rate_hz, task.stft, task.track)
@@ -107,6 +114,35 @@ def _add_sdr_improvement(methods: dict) -> None:
                 continue
             for source in metrics.SOURCES:
                 entry[kind][source]["sdri"] = entry[kind][source]["sdr"] - mixture[kind][source]["sdr"]
+
+
+def _add_share_of_the_way(methods: dict) -> None:
+    """share = (SDR - mixture SDR) / (oracle SDR - mixture SDR), per source, when the oracle was scored."""
+    mixture, oracle = methods.get(MIXTURE, {}), methods.get("oracle", {})
+    for entry in methods.values():
+        for kind in ("whole", "framewise"):
+            if kind not in entry or kind not in mixture or kind not in oracle:
+                continue
+            for source in metrics.SOURCES:
+                entry[kind][source]["share"] = metrics.share_of_the_way(
+                    entry[kind][source]["sdr"], mixture[kind][source]["sdr"], oracle[kind][source]["sdr"])
+
+
+def score_absent(task: TrackTask) -> dict:
+    """A track without the instrument: the leakage of the model and of HPSS (bss_eval is undefined).
+
+    Returns {"status": "absent", "reason", "methods": {method: {"leakage_db": dB}}}. The mixture
+    (0 dB) and the oracle mask (silence) are left out: their leakage is fixed by definition.
+    """
+    instrument, rest = np.asarray(task.references, np.float64)
+    mix = instrument + rest
+    methods: dict = {}
+    if task.model_estimate is not None:
+        methods[MODEL] = {"leakage_db": metrics.leakage_db(task.model_estimate[0], mix)}
+    if "hpss" in task.baselines:
+        methods["hpss"] = {"leakage_db": metrics.leakage_db(bl.hpss_estimate(mix, task.stft)[0], mix)}
+    return {"status": "absent", "reason": "no instrument in this track (silent reference): scored by leakage",
+            "methods": methods}
 
 
 def plot_spectrograms(path: str, mix: np.ndarray, instrument: np.ndarray, estimate: np.ndarray,

@@ -1,0 +1,341 @@
+"""Rebuild the real-recordings set (realset/stems/, realset/lists/, realset/PROVENANCE.md).
+
+Every stem is cut from a public recording of a real performance, read straight out of a git
+snapshot of its repository (`fetch github:OWNER/NAME` brings one to /work/.mirror/OWNER+NAME/repo;
+any clone works with --mirrors pointing at a folder of OWNER+NAME/repo checkouts or bare repos).
+Nothing is rendered from MIDI.
+
+Each track is a folder of mono 22050 Hz 16-bit FLAC stems whose file names map to the project's
+classes (services/ingestion/mapping.yaml), so `stemlab dataset import stems realset/stems` reads it.
+The stems are written after scaling and quantising, so the mixture the product builds (the sum of
+the files) is exactly the sum of the references. "Absent" tracks carry an all-zero guitar (or piano)
+stem: the right output there is silence.
+
+The halves are split by recording: a recording (instrument or accompaniment) is used in the
+validation half or the test half, never both.
+
+    .venv/bin/python realset/build.py [--mirrors /work/.mirror] [--out realset]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+RATE = 22050
+PIECE_SECONDS = 10.0  # recordings of 20 s or more give several pieces of this length
+MAX_SECONDS = 12.0  # a shorter recording gives one piece of at most this length
+LEVELS_DB = (-6, 0, 6)  # instrument RMS over rest RMS
+PEAK = 0.89  # the mixture's peak after scaling (about -1 dBFS), so nothing clips at 16 bits
+FADE_SECONDS = 0.01  # fades where a short accompaniment is repeated, so joins do not click
+
+CC0 = "CC0 1.0 (etc/samples/README.md)"
+SMS = "CC BY 4.0 (sounds/LICENSE: freesound.org, pack xserra/13038 and others)"
+MIT = "MIT (the repository's LICENSE; no separate licence for the audio)"
+APACHE = "Apache-2.0 (the repository's LICENSE; no separate licence for the audio)"
+
+
+@dataclass(frozen=True)
+class Recording:
+    key: str  # short name used in track ids
+    repo: str  # OWNER/NAME
+    commit: str
+    path: str
+    licence: str
+    what: str
+    file: str  # stem file name in a track folder: its words map to the class
+    half: str  # "val" or "test"
+    loop: bool = False  # a loop: repeated seamlessly to the piece length
+
+    @property
+    def mirror(self) -> str:
+        return self.repo.replace("/", "+")
+
+
+SONIC = ("sonic-pi-net/sonic-pi", "c0002065a976b1355e7889f4aa96a1804e2b8119")
+MIRW = ("mrocamora/mir_workshop", "5d14695d339a3c87041e18213afee19ca2084459")
+SUSHI = ("elk-audio/sushi", "add70cf0228440cc561f7f37efb2409de68666c0")
+SMST = ("MTG/sms-tools", "7d1d2c704336e0fec7ddcec75996dfbe53e35226")  # the last commit with sounds/
+LIBTSM = ("meinardmueller/libtsm", "91b6be031e91fa3ef5552cad8a1863e2e56acb95")
+SYNC = ("meinardmueller/synctoolbox", "583b47de2b8e152b3240731c5ff9886b98c8f053")
+PIANOTR = ("bytedance/piano_transcription", "1ade7dcd4348add669a67c6e6282456c8c6633bd")
+BPITCH = ("spotify/basic-pitch", "fa5997af0a8210982619003269994a1be25eddf3")
+VOCADITO = "CC BY 4.0 (vocadito; basic-pitch is Apache-2.0)"
+
+
+def rec(key, source, path, licence, what, file, half, loop=False) -> Recording:
+    return Recording(key, source[0], source[1], path, licence, what, file, half, loop)
+
+
+GUITARS = [
+    rec("elecguit", SUSHI, "misc/soundfiles/elecguit.wav", "CC BY 4.0 (misc/README.md: freesound.org/s/652043 by Jibey-)",
+        "electric guitar phrase, amplified", "electric-guitar.flac", "val"),
+    rec("efifths", SONIC, "etc/samples/guit_e_fifths.flac", CC0, "guitar fifths on E (freesound 46990, Sub-d)",
+        "guitar.flac", "val"),
+    rec("eslide", SONIC, "etc/samples/guit_e_slide.flac", CC0, "guitar slide on E (freesound 2410, Suva)",
+        "guitar.flac", "val"),
+    rec("mirguitar", MIRW, "audio/guitar.wav", MIT, "guitar melody (an 8 kHz recording)", "guitar.flac",
+        "val"),
+    rec("dedos", MIRW, "audio/dedos_guitar.wav", MIT, "guitar part of a recorded song (Dedos)",
+        "guitar.flac", "test"),
+    rec("em9", SONIC, "etc/samples/guit_em9.flac", CC0, "guitar Em9 chord (freesound 46992, Sub-d)",
+        "guitar.flac", "test"),
+    rec("harmonics", SONIC, "etc/samples/guit_harmonics.flac", CC0, "guitar harmonics (freesound 141524, BStateham)",
+        "guitar.flac", "test"),
+]
+PIANOS = [
+    rec("chopin", SYNC, "data_music/Chopin_Op010-03-Measures1-8_Varsi.wav", MIT,
+        "Chopin op. 10 no. 3, bars 1-8, a performance (Varsi)", "piano.flac", "val"),
+    rec("smspiano", SMST, "sounds/piano.wav", SMS, "piano phrase (freesound, xserra)", "piano.flac", "val"),
+    rec("ambipiano", SONIC, "etc/samples/ambi_piano.flac", CC0, "piano chords (freesound 51245, RutgerMuller)",
+        "piano.flac", "val"),
+    rec("beethoven", LIBTSM, "data/BeethovenPiano.wav", MIT, "Beethoven, a piano recording", "piano.flac", "test"),
+    rec("bach", PIANOTR, "resources/cut_bach.mp3", APACHE, "Bach, a piano recording", "piano.flac", "test"),
+]
+# Accompaniment, by half. Drums are loops or rhythm recordings; the second part is a voice or an
+# instrument that is neither guitar nor piano.
+DRUMS = [
+    rec("arovanea", SONIC, "etc/samples/arovane_beat_a.flac", "CC0 1.0 (donated by Arovane, etc/samples/README.md)",
+        "drum beat", "drums.flac", "val", loop=True),
+    rec("amenfull", SONIC, "etc/samples/loop_amen_full.flac", CC0, "amen break drum loop (freesound 202537)",
+        "drums.flac", "val", loop=True),
+    rec("safari", SONIC, "etc/samples/loop_safari.flac", CC0, "percussion loop (freesound 318759)",
+        "percussion.flac", "val", loop=True),
+    rec("arovaneb", SONIC, "etc/samples/arovane_beat_b.flac", "CC0 1.0 (donated by Arovane, etc/samples/README.md)",
+        "drum beat", "drums.flac", "test", loop=True),
+    rec("mika", SONIC, "etc/samples/loop_mika.flac", CC0, "drum loop (freesound 188551)", "drums.flac", "test",
+        loop=True),
+    rec("drumsolo", LIBTSM, "data/DrumSolo.wav", MIT, "drum kit solo recording", "drums.flac", "test"),
+]
+PARTS = [
+    rec("vocadito10", BPITCH, "tests/resources/vocadito_10.wav", VOCADITO, "solo singing (vocadito 10)",
+        "female-singer.flac", "val"),
+    rec("singing", SMST, "sounds/singing-female.wav", SMS, "female singing", "female-singer.flac", "val"),
+    rec("sax", SMST, "sounds/sax-phrase.wav", SMS, "saxophone phrase", "tenor-saxophone.flac", "val"),
+    rec("cello", SMST, "sounds/cello-phrase.wav", SMS, "cello phrase", "cello.flac", "val"),
+    rec("melodica", MIRW, "audio/dedos_melodica.wav", MIT, "melodica part of a recorded song (Dedos)",
+        "melodica.flac", "val"),
+    rec("vocadito14", BPITCH, "tests/resources/vocadito_14.wav", VOCADITO, "solo singing (vocadito 14)",
+        "female-singer.flac", "test"),
+    rec("tsmvoice", LIBTSM, "data/SingingVoice.wav", MIT, "singing voice recording", "female-singer.flac", "test"),
+    rec("orchestra", LIBTSM, "data/BeethovenOrchestra.wav", MIT, "Beethoven orchestra recording",
+        "string-section.flac", "test"),
+    rec("celloduo", SMST, "sounds/cello-double.wav", SMS, "two cellos", "cello.flac", "test"),
+]
+SPEECH = [
+    rec("speechmale", SMST, "sounds/speech-male.wav", SMS, "male speech", "male-speaker.flac", "val"),
+    rec("speechfemale", SMST, "sounds/speech-female.wav", SMS, "female speech", "female-speaker.flac", "test"),
+]
+ALL = GUITARS + PIANOS + DRUMS + PARTS + SPEECH
+
+
+def read_recording(mirrors: Path, r: Recording) -> np.ndarray:
+    """The recording as mono float64 at RATE, read from the git snapshot (no work tree needed)."""
+    from services.common.audio import resample
+
+    blob = subprocess.run(["git", "-C", str(mirrors / r.mirror / "repo"), "show", f"{r.commit}:{r.path}"],
+                          capture_output=True, check=True).stdout
+    audio, rate = sf.read(io.BytesIO(blob), always_2d=True, dtype="float64")
+    mono = audio.mean(axis=1)
+    return resample(mono[None, :], rate, RATE)[0].astype(np.float64)
+
+
+def pieces(audio: np.ndarray) -> list[np.ndarray]:
+    """Consecutive PIECE_SECONDS pieces of a long recording, or the first MAX_SECONDS of a short one."""
+    piece = int(PIECE_SECONDS * RATE)
+    count = len(audio) // piece
+    if count < 2:
+        return [audio[: int(MAX_SECONDS * RATE)]]
+    return [audio[i * piece:(i + 1) * piece] for i in range(count)]
+
+
+def fit(audio: np.ndarray, length: int, loop: bool) -> np.ndarray:
+    """`audio` repeated (short fades at the joins unless it is a loop) or cut to `length` samples."""
+    if len(audio) >= length:
+        return audio[:length].copy()
+    unit = audio.copy()
+    if not loop:
+        fade = min(int(FADE_SECONDS * RATE), len(unit) // 2)
+        ramp = np.linspace(0.0, 1.0, fade)
+        unit[:fade] *= ramp
+        unit[len(unit) - fade:] *= ramp[::-1]
+    return np.tile(unit, length // len(unit) + 1)[:length]
+
+
+def rms(x: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(x)))) if len(x) else 0.0
+
+
+def quantise(x: np.ndarray) -> np.ndarray:
+    """What a 16-bit FLAC file holds, so the mixture sums exactly the references written."""
+    return np.round(np.clip(x, -1.0, 1.0 - 1 / 32768) * 32768) / 32768
+
+
+@dataclass
+class Track:
+    name: str
+    half: str
+    instrument: str  # "guitar" or "piano": the dataset it belongs to
+    stems: dict[str, np.ndarray]  # file name -> audio (before the common scaling)
+    parts: dict[str, Recording | None]  # file name -> recording (None: the silent absent stem)
+    level_db: float | None  # instrument over rest; None for absent tracks
+
+
+def mixed(name, half, instrument, inst_rec, inst_audio, rest, level_db) -> Track:
+    """Instrument over accompaniment at `level_db` (RMS over the piece), rest parts at equal RMS."""
+    length = len(inst_audio)
+    rest_audio = {}
+    for r, audio in rest:
+        part = fit(audio, length, r.loop)
+        rest_audio[r.file] = part / max(rms(part), 1e-9)
+    rest_sum = sum(rest_audio.values())
+    gain = 10 ** (level_db / 20) * rms(rest_sum) / max(rms(inst_audio), 1e-9)
+    stems = {inst_rec.file: inst_audio * gain, **rest_audio}
+    parts = {inst_rec.file: inst_rec, **{r.file: r for r, _ in rest}}
+    return Track(name, half, instrument, stems, parts, level_db)
+
+
+def absent(name, half, instrument, rest) -> Track:
+    """A track without the instrument: its stem is all zeros, the right answer silence."""
+    length = max(min(len(a), int(MAX_SECONDS * RATE)) for _, a in rest)
+    stems = {f"{instrument}.flac": np.zeros(length)}
+    parts: dict[str, Recording | None] = {f"{instrument}.flac": None}
+    for r, audio in rest:
+        part = fit(audio, length, r.loop)
+        stems[r.file] = part / max(rms(part), 1e-9)
+        parts[r.file] = r
+    return Track(name, half, instrument, stems, parts, None)
+
+
+def level_name(db: int) -> str:
+    return f"minus{-db}db" if db < 0 else f"plus{db}db" if db > 0 else "0db"
+
+
+def make_tracks(mirrors: Path) -> list[Track]:
+    audio = {r.key: read_recording(mirrors, r) for r in ALL}
+    tracks: list[Track] = []
+    for instrument, recordings in (("guitar", GUITARS), ("piano", PIANOS)):
+        for half in ("val", "test"):
+            drums = [r for r in DRUMS if r.half == half]
+            parts = [r for r in PARTS if r.half == half]
+            combo = 0
+            for r in (r for r in recordings if r.half == half):
+                for n, piece in enumerate(pieces(audio[r.key]), 1):
+                    for db in LEVELS_DB:
+                        # Accompaniment rotates over the half's drums and parts, so each piece
+                        # meets several combinations and each level several accompaniments.
+                        d, p = drums[combo % len(drums)], parts[combo % len(parts)]
+                        combo += 1
+                        name = f"{half}-{instrument}-{r.key}{n}-{level_name(db)}"
+                        tracks.append(mixed(name, half, instrument, r, piece,
+                                            [(d, audio[d.key]), (p, audio[p.key])], db))
+    for half in ("val", "test"):
+        guitars = [r for r in GUITARS if r.half == half]
+        pianos = [r for r in PIANOS if r.half == half]
+        speech = next(r for r in SPEECH if r.half == half)
+        drums = [r for r in DRUMS if r.half == half]
+        parts = [r for r in PARTS if r.half == half]
+        # No guitar: real solo piano (each piano recording of the half), speech, a band without guitar.
+        for r in pianos:
+            tracks.append(absent(f"{half}-noguitar-solopiano-{r.key}", half, "guitar",
+                                 [(r, pieces(audio[r.key])[0])]))
+        tracks.append(absent(f"{half}-noguitar-speech-{speech.key}", half, "guitar", [(speech, audio[speech.key])]))
+        for d, p in zip(drums[:2], parts[:2], strict=True):
+            tracks.append(absent(f"{half}-noguitar-band-{d.key}-{p.key}", half, "guitar",
+                                 [(d, audio[d.key]), (p, audio[p.key])]))
+        # No piano: real solo guitar, speech, a band without piano.
+        for r in guitars[:2]:
+            tracks.append(absent(f"{half}-nopiano-sologuitar-{r.key}", half, "piano",
+                                 [(r, pieces(audio[r.key])[0])]))
+        tracks.append(absent(f"{half}-nopiano-speech-{speech.key}", half, "piano", [(speech, audio[speech.key])]))
+        for d, p in zip(drums[1:3], parts[2:4], strict=True):
+            tracks.append(absent(f"{half}-nopiano-band-{d.key}-{p.key}", half, "piano",
+                                 [(d, audio[d.key]), (p, audio[p.key])]))
+    return tracks
+
+
+def write_track(track: Track, folder: Path) -> dict[str, float]:
+    """Scale the stems together so the mixture peaks at PEAK, quantise, write FLAC. Returns gains in dB."""
+    mixture = sum(track.stems.values())
+    scale = PEAK / max(float(np.max(np.abs(mixture))), 1e-9)
+    folder.mkdir(parents=True, exist_ok=True)
+    gains = {}
+    for file, audio in sorted(track.stems.items()):
+        out = quantise(audio * scale)
+        tmp = folder / f".{file}.tmp"
+        sf.write(tmp, out, RATE, format="FLAC", subtype="PCM_16")
+        tmp.rename(folder / file)
+        gains[file] = 20 * np.log10(rms(out)) if rms(out) > 0 else float("-inf")
+    return gains
+
+
+def provenance(tracks: list[Track], gains: dict[str, dict[str, float]]) -> str:
+    used = sorted({r for t in tracks for r in t.parts.values() if r is not None}, key=lambda r: (r.half, r.key))
+    lines = [
+        "# Real-recordings set: provenance",
+        "",
+        "Written by `realset/build.py` (do not edit by hand). Every stem is cut from the recording named",
+        "below, read from the repository at the commit given; mono, resampled to 22050 Hz (soxr), scaled",
+        "and written as 16-bit FLAC. A track's mixture is the sum of its stem files, exactly.",
+        "A recording belongs to one half only (validation `val` or `test`).",
+        "",
+        "## Recordings",
+        "",
+        "| key | half | repository | path | commit | licence | what |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [f"| {r.key} | {r.half} | {r.repo} | `{r.path}` | `{r.commit[:12]}` | {r.licence} | {r.what} |"
+              for r in used]
+    lines += [
+        "",
+        "## How the tracks are mixed",
+        "",
+        f"- Instrument tracks: each recording is cut into {PIECE_SECONDS:g}-s pieces (recordings of 20 s or",
+        f"  more) or its first {MAX_SECONDS:g} s. Each piece is mixed at instrument-to-rest levels of",
+        f"  {', '.join(f'{d:+d}' for d in LEVELS_DB)} dB (RMS over the piece) with a drum/percussion",
+        "  recording and a voice or instrument recording of the same half, both at equal RMS; the",
+        "  accompaniment rotates over the half's recordings. A shorter accompaniment is repeated (loops",
+        f"  seamlessly, others with {FADE_SECONDS * 1000:g}-ms fades at the joins).",
+        "- Absent tracks (`noguitar`, `nopiano`): the instrument's stem is all zeros; the rest is real",
+        "  solo piano (for guitar), solo guitar (for piano), speech, or drums with a voice/instrument.",
+        f"- All stems of a track are scaled by one factor so the mixture peaks at {PEAK} (about −1 dBFS).",
+        "",
+        "## Tracks (stem RMS in dBFS after scaling)",
+        "",
+        "| track | half | for | level (dB) | stems |",
+        "|---|---|---|---:|---|",
+    ]
+    for t in tracks:
+        stems = ", ".join(
+            f"{file} ({'silent' if r is None else r.key}, {gains[t.name][file]:.1f})" for file, r in sorted(t.parts.items()))
+        level = "absent" if t.level_db is None else f"{t.level_db:+g}"
+        lines.append(f"| {t.name} | {t.half} | {t.instrument} | {level} | {stems} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mirrors", type=Path, default=Path("/work/.mirror"),
+                        help="folder of OWNER+NAME/repo git snapshots")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
+    args = parser.parse_args()
+    tracks = make_tracks(args.mirrors)
+    gains = {t.name: write_track(t, args.out / "stems" / t.name) for t in tracks}
+    lists = args.out / "lists"
+    lists.mkdir(parents=True, exist_ok=True)
+    for instrument in ("guitar", "piano"):
+        for half in ("val", "test"):
+            names = [t.name for t in tracks if t.instrument == instrument and t.half == half]
+            (lists / f"{instrument}-{half}.txt").write_text("\n".join(names) + "\n")
+    (args.out / "PROVENANCE.md").write_text(provenance(tracks, gains))
+    print(f"{len(tracks)} tracks in {args.out / 'stems'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""The committed real-recordings set (realset/): importable, exact, split by recording, small."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from services.ingestion.importers import TrackSource, read_stem_folders
+from services.ingestion.mapping import Mapping
+
+REALSET = Path(__file__).resolve().parent.parent / "realset"
+STEMS = REALSET / "stems"
+INSTRUMENTS = ("guitar", "piano")
+HALVES = ("val", "test")
+
+
+def lists() -> dict[tuple[str, str], list[str]]:
+    return {(i, h): (REALSET / "lists" / f"{i}-{h}.txt").read_text().split() for i in INSTRUMENTS for h in HALVES}
+
+
+def provenance_rows() -> dict[str, dict[str, str]]:
+    """track -> {stem file: recording key or "silent"} from PROVENANCE.md's track table."""
+    rows = {}
+    for line in (REALSET / "PROVENANCE.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 5 and re.match(r"^(val|test)-", cells[0]):
+            rows[cells[0]] = dict(re.findall(r"([\w.-]+\.flac) \(([\w]+),", cells[4]))
+    return rows
+
+
+def read_track(name: str) -> dict[str, np.ndarray]:
+    return {p.name: sf.read(p, dtype="float64")[0] for p in sorted((STEMS / name).glob("*.flac"))}
+
+
+def test_every_listed_track_is_a_stem_folder_the_importer_reads_with_mapped_classes():
+    found = {t.name: t for t in read_stem_folders(STEMS, Mapping.defaults()) if isinstance(t, TrackSource)}
+    listed = {name for names in lists().values() for name in names}
+    assert listed == set(found) and len(listed) == 66
+    for (instrument, _), names in lists().items():
+        for name in names:
+            classes = [s.cls for s in found[name].stems]
+            assert None not in classes, name
+            assert classes.count(instrument) == 1, (name, classes)
+            assert len(classes) >= 2, name
+
+
+def test_halves_never_share_a_recording():
+    rows = provenance_rows()
+    assert set(rows) == {n for names in lists().values() for n in names}
+    halves: dict[str, set[str]] = {}
+    for track, stems in rows.items():
+        for key in stems.values():
+            halves.setdefault(key, set()).add(track.split("-")[0])
+    shared = {k: h for k, h in halves.items() if k != "silent" and len(h) > 1}
+    assert not shared
+    for (_, half), names in lists().items():
+        assert all(n.startswith(f"{half}-") for n in names)
+
+
+@pytest.mark.parametrize("key", [(i, h) for i in INSTRUMENTS for h in HALVES])
+def test_levels_are_as_named_and_absent_tracks_have_a_silent_instrument(key):
+    instrument, _ = key
+    classes = Mapping.defaults()
+    names = lists()[key]
+    assert any("-no" in n for n in names) and any("db" in n for n in names)
+    for name in names:
+        stems = read_track(name)
+        is_instrument = {f: classes.suggest_from_filename(f).cls == instrument for f in stems}
+        inst = sum(a for f, a in stems.items() if is_instrument[f])
+        rest = sum(a for f, a in stems.items() if not is_instrument[f])
+        mix = inst + rest
+        assert np.max(np.abs(mix)) < 0.9, name  # the mixture itself does not clip
+        if "-no" in name:
+            assert not np.any(inst) and np.sqrt(np.mean(rest**2)) > 0.01, name
+            continue
+        level = int(re.search(r"-(minus|plus)?(\d+)db$", name).group(2))
+        level *= -1 if "-minus" in name else 1
+        measured = 20 * np.log10(np.sqrt(np.mean(inst**2)) / np.sqrt(np.mean(rest**2)))
+        assert measured == pytest.approx(level, abs=0.02), name
+
+
+def test_the_set_is_small_and_every_guitar_model_check_has_solo_piano_and_speech():
+    files = list(STEMS.rglob("*.flac"))
+    assert sum(f.stat().st_size for f in files) < 40e6 and max(f.stat().st_size for f in files) < 5e6
+    for half in HALVES:
+        names = lists()[("guitar", half)]
+        assert any("noguitar-solopiano" in n for n in names) and any("noguitar-speech" in n for n in names)
+        names = lists()[("piano", half)]
+        assert any("nopiano-sologuitar" in n for n in names) and any("nopiano-speech" in n for n in names)
