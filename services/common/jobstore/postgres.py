@@ -1,0 +1,102 @@
+"""The PostgreSQL job store: one database shared by every replica of every service.
+
+Selected by STEMLAB_DATABASE_URL=postgresql://user:password@host:port/db. Rows carry their
+service's name, so one database holds all services' jobs. Claims lock the row they take and
+skip rows other claimers hold (`FOR UPDATE SKIP LOCKED`); a claimed job is held by a lease its
+worker renews; a job whose worker died is requeued by any replica once the lease runs out.
+The schema is created and migrated by whichever replica starts first (an advisory lock keeps
+two from migrating at once).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+
+import psycopg
+from psycopg.rows import dict_row
+
+from services.common.jobstore.base import MIGRATIONS, SqlJobStore
+
+log = logging.getLogger(__name__)
+
+_TYPES = {"serial": "BIGSERIAL PRIMARY KEY", "real": "DOUBLE PRECISION"}
+_MIGRATION_LOCK = 7_140_040  # any constant: the advisory lock the migrating replica holds
+_PLACEHOLDER = re.compile(r"\?")
+
+
+def _redacted(url: str) -> str:
+    return re.sub(r"://([^:/@]*):[^@]*@", r"://\1:***@", url)
+
+
+class PostgresJobStore(SqlJobStore):
+    shared = True
+    lock_clause = " FOR UPDATE SKIP LOCKED"
+
+    def __init__(self, url: str, service: str, connect_timeout: float = 30.0):
+        super().__init__(service)
+        self.url = url
+        self._local = threading.local()  # one connection per thread: a claim never waits on a watcher
+        self._connections: list[psycopg.Connection] = []
+        deadline = time.time() + connect_timeout
+        while True:  # a database that starts beside the services (compose) takes a few seconds
+            try:
+                conn = self._connection()
+                break
+            except psycopg.OperationalError as e:
+                if time.time() > deadline:
+                    raise RuntimeError(f"cannot reach the job database {_redacted(url)}: {e}") from None
+                time.sleep(1.0)
+        self._migrate(conn)
+
+    def _connection(self) -> psycopg.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None or conn.closed:
+            conn = psycopg.connect(self.url, autocommit=True, row_factory=dict_row, connect_timeout=10)
+            self._local.conn = conn
+            with self._lock:
+                self._connections.append(conn)
+        return conn
+
+    def _migrate(self, conn: psycopg.Connection) -> None:
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+            conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied "
+                         "DOUBLE PRECISION)")
+            done = {r["version"] for r in conn.execute("SELECT version FROM schema_migrations").fetchall()}
+            for version, statements in MIGRATIONS:
+                if version in done:
+                    continue
+                for statement in statements:
+                    conn.execute(statement.format(**_TYPES).replace("ADD COLUMN", "ADD COLUMN IF NOT EXISTS"))
+                conn.execute("INSERT INTO schema_migrations VALUES (%s, %s)", (version, time.time()))
+                log.info("job database: schema migrated to version %d", version)
+
+    def _run(self, sql: str, args: tuple):
+        sql = _PLACEHOLDER.sub("%s", sql)
+        try:
+            return self._connection().execute(sql, args)
+        except psycopg.OperationalError:
+            # The connection broke (database restarted): one fresh try, then the error stands.
+            self._local.conn = None
+            return self._connection().execute(sql, args)
+
+    def _execute(self, sql: str, args: tuple = ()) -> list[dict]:
+        cursor = self._run(sql, args)
+        return cursor.fetchall() if cursor.description else []
+
+    def _rowcount(self, sql: str, args: tuple = ()) -> int:
+        return self._run(sql, args).rowcount
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+
+    def reset(self) -> None:
+        """Drop every job of this service (tests)."""
+        self._execute("DELETE FROM job_items WHERE service = ?", (self.service,))
+        self._execute("DELETE FROM jobs WHERE service = ?", (self.service,))
