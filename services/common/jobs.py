@@ -32,8 +32,24 @@ from typing import Any
 
 from services.common.errors import FailedPreconditionError, InvalidArgumentError
 from services.common.jobstore import (  # noqa: F401 - the names services import from here
-    CANCELLED, FAILED, INTERRUPTED, QUEUED, RUNNING, STATES, SUCCEEDED, TERMINAL, Item, JobNotFoundError,
-    JobRecord, Progress, SqlJobStore, SqliteJobStore, StoreInUseError, StoreSettings, open_store, store_settings,
+    CANCELLED,
+    FAILED,
+    INTERRUPTED,
+    QUEUED,
+    RUNNING,
+    STATES,
+    SUCCEEDED,
+    TERMINAL,
+    Item,
+    JobNotFoundError,
+    JobRecord,
+    Progress,
+    SqliteJobStore,
+    SqlJobStore,
+    StoreInUseError,
+    StoreSettings,
+    open_store,
+    store_settings,
 )
 
 log = logging.getLogger(__name__)
@@ -199,8 +215,8 @@ class JobRunner:
         if not self.runs:
             raise RuntimeError("this runner only queues jobs (run=False)")
         for lane, count in self._lanes.items():
-            kinds = tuple(k for k, l in self._lane_of.items() if l == lane) if lane else ()
-            exclude = () if lane else tuple(k for k, l in self._lane_of.items() if l)
+            kinds = tuple(k for k, its in self._lane_of.items() if its == lane) if lane else ()
+            exclude = () if lane else tuple(k for k, its in self._lane_of.items() if its)
             if lane and not kinds:
                 continue
             self._threads += [threading.Thread(target=self._work, args=(kinds, exclude, not lane), daemon=True,

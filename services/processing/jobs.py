@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from services.common.jobs import item_function
 from services.common.paths import DataRoot
 from services.processing import datasets, mixing, silence, silence_sets
 from services.processing.mixsets import MixSet
@@ -17,6 +18,9 @@ MIX = "processing.mix"
 SILENCE_STATS = "processing.silence_stats"
 SILENCE_ADJUST = "processing.silence_adjust"
 DATASET_BUILD = "processing.dataset_build"
+
+# A mixing job's tracks may be mixed by any processing replica on a shared job store.
+item_function(mixing.mix_track)
 
 
 def _mixset(params: dict) -> MixSet:
@@ -86,7 +90,8 @@ class ProcessingJobs:
                           stereo=bool(params.get("stereo")), also=params.get("also") or (),
                           include_unchecked=bool(params.get("include_unchecked")),
                           ignore_marks=bool(params.get("ignore_marks")), tracks=params.get("tracks") or (),
-                          force=bool(params.get("force")), workers=self.pool_workers, **self._callbacks(ctx))
+                          force=bool(params.get("force")), workers=self.pool_workers, share=ctx.items,
+                          **self._callbacks(ctx))
 
     def silence_stats(self, ctx: Any, params: dict) -> dict:
         ms = _mixset(params)

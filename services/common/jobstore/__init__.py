@@ -18,8 +18,20 @@ from pathlib import Path
 
 from services.common.config import ConfigError
 from services.common.jobstore.base import (
-    CANCELLED, FAILED, INTERRUPTED, QUEUED, RUNNING, STATES, SUCCEEDED, TERMINAL, Item, JobNotFoundError,
-    JobRecord, Progress, SqlJobStore, StoreInUseError,
+    CANCELLED,
+    FAILED,
+    INTERRUPTED,
+    QUEUED,
+    RUNNING,
+    STATES,
+    SUCCEEDED,
+    TERMINAL,
+    Item,
+    JobNotFoundError,
+    JobRecord,
+    Progress,
+    SqlJobStore,
+    StoreInUseError,
 )
 from services.common.jobstore.sqlite import SqliteJobStore
 

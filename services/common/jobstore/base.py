@@ -241,12 +241,8 @@ class SqlJobStore:
     def finish(self, job_id: str, worker: str, **fields: Any) -> bool:
         """End a job `worker` holds; False (and nothing written) if another worker took it over."""
         cols, values = self._columns(fields)
-        with self._lock:
-            done = self._rowcount(f"UPDATE jobs SET {', '.join(cols)} WHERE id = ? AND service = ? AND worker = ? "
-                                  "AND state = ?", (*values, job_id, self.service, worker, RUNNING)) == 1
-            if done:
-                self._execute("DELETE FROM job_items WHERE job_id = ?", (job_id,))
-        return done
+        return self._rowcount(f"UPDATE jobs SET {', '.join(cols)} WHERE id = ? AND service = ? AND worker = ? "
+                              "AND state = ?", (*values, job_id, self.service, worker, RUNNING)) == 1
 
     def request_cancel(self, job_id: str) -> JobRecord:
         """Cancel a queued job now; ask a running one's worker to stop (it sees the flag at its
@@ -259,9 +255,14 @@ class SqlJobStore:
         return self.get(job_id)
 
     def prune(self, older_than: float) -> int:
-        """Delete ended jobs that finished before `older_than` (a timestamp); returns how many."""
-        return self._rowcount("DELETE FROM jobs WHERE service = ? AND state IN (?, ?, ?) AND finished < ?",
-                              (self.service, *TERMINAL, older_than))
+        """Delete ended jobs that finished before `older_than` (a timestamp), and their items;
+        returns how many jobs."""
+        with self._lock:
+            pruned = self._rowcount("DELETE FROM jobs WHERE service = ? AND state IN (?, ?, ?) AND finished < ?",
+                                    (self.service, *TERMINAL, older_than))
+            self._execute("DELETE FROM job_items WHERE service = ? AND job_id NOT IN (SELECT id FROM jobs)",
+                          (self.service,))
+        return pruned
 
     # -- items of shared jobs -----------------------------------------------------------------
     def add_items(self, job_id: str, fn: str, tasks: list[tuple[str, dict]]) -> None:
@@ -273,15 +274,18 @@ class SqlJobStore:
                               (job_id, idx, self.service, key, fn, json.dumps(kwargs), QUEUED))
 
     def claim_item(self, worker: str, lease_seconds: float, job_id: str | None = None) -> Item | None:
-        """A queued item (or one whose worker's lease ran out) of a running job, now held by `worker`."""
+        """A queued item (or one whose worker's lease ran out) of a running job, now held by `worker`.
+
+        Items stay after their job ended (what was done where) until the job is pruned."""
         now = time.time()
         scope, args = ("job_id = ?", [job_id]) if job_id else ("service = ?", [self.service])
         with self._lock:
             rows = self._execute(
                 "UPDATE job_items SET state = ?, worker = ?, lease_until = ? WHERE (job_id, idx) = "
                 f"(SELECT job_id, idx FROM job_items WHERE {scope} AND (state = ? OR (state = ? AND lease_until < ?)) "
+                "AND job_id IN (SELECT id FROM jobs WHERE state = ?) "
                 f"ORDER BY job_id, idx LIMIT 1{self.lock_clause}) RETURNING job_id, idx, key, fn, kwargs",
-                (RUNNING, worker, now + lease_seconds, *args, QUEUED, RUNNING, now))
+                (RUNNING, worker, now + lease_seconds, *args, QUEUED, RUNNING, now, RUNNING))
         if not rows:
             return None
         r = rows[0]
