@@ -1,6 +1,7 @@
 """A separation worker: takes the web's separations from the shared job store and runs them.
 
-    python -m services.frontend.worker
+    python -m services.frontend.worker            run separations until SIGTERM
+    python -m services.frontend.worker --check    exit 0 if the job store answers (health checks)
 
 It reads the same settings as the web (services/frontend/settings.py: the data root, the
 serving addresses, STEMLAB_WEB_WORKERS separations at once) and the same job store
@@ -27,7 +28,25 @@ from services.common.logs import setup_logging
 log = logging.getLogger("stemlab.web.worker")
 
 
+def check() -> int:
+    """Health check: the separation queue's store opens and answers."""
+    from services.common import jobstore
+    from services.frontend.settings import load_settings
+
+    try:
+        settings = load_settings({"start_workers": False})
+        store = jobstore.open_store("web", settings.web_root / "separations.sqlite")
+        store.count((jobstore.QUEUED,))
+        store.close()
+    except Exception as error:  # noqa: BLE001 - any failure is an unhealthy worker
+        print(f"unhealthy: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main() -> int:
+    if "--check" in sys.argv[1:]:
+        return check()
     config = load_config()
     setup_logging(config.log_level, "web-worker")
     from services.frontend.separations import SeparationQueue
