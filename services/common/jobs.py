@@ -178,8 +178,10 @@ class JobRunner:
         self.runs = run
         self.settings = settings or store_settings()
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-        # How often idle workers look for jobs other processes queued (this process's wake them at once).
-        self.poll_seconds = 0.2 if store.shared else 1.0
+        # How often idle workers look for jobs other processes queued: this process's wake them at
+        # once, and so do other replicas' on PostgreSQL (LISTEN/NOTIFY); polling covers the rest
+        # (a web beside its worker on SQLite, a lost notification, another replica's expired lease).
+        self.poll_seconds = 1.0
         self._kinds: dict[str, JobFunction] = {}
         self._lane_of: dict[str, str] = {}
         self._lanes: dict[str, int] = {"": workers}
@@ -187,6 +189,7 @@ class JobRunner:
         self._items_held: set[tuple[str, int]] = set()
         self._changed = threading.Condition()
         self._wake = threading.Condition()
+        self._wakes = 0  # wake-ups so far: one that comes while a worker claims is not lost
         self._versions: dict[str, int] = {}
         self._live: dict[str, JobRecord] = {}
         self._last_write: dict[str, float] = {}
@@ -222,6 +225,9 @@ class JobRunner:
             self._threads += [threading.Thread(target=self._work, args=(kinds, exclude, not lane), daemon=True,
                                                name=f"job-{lane or 'worker'}-{i}") for i in range(count)]
         self._threads.append(threading.Thread(target=self._heartbeat, daemon=True, name="job-heartbeat"))
+        if hasattr(self.store, "listen"):  # jobs queued by other replicas wake this one's workers at once
+            self._threads.append(threading.Thread(target=self.store.listen, args=(self._wake_workers, self._stopping),
+                                                  daemon=True, name="job-listen"))
         for t in self._threads:
             t.start()
 
@@ -236,8 +242,7 @@ class JobRunner:
             raise InvalidArgumentError("job parameters must be JSON data")
         job = self.store.create(f"{self.service}-{uuid.uuid4().hex[:12]}", kind, params)
         self._notify(job)
-        with self._wake:
-            self._wake.notify_all()
+        self._wake_workers()
         return job
 
     def get(self, job_id: str) -> JobRecord:
@@ -290,8 +295,7 @@ class JobRunner:
             # checkpoint): called "interrupted", it would be resumed at the next start.
             ctx._stop("shutdown")
         self._stopping.set()
-        with self._wake:
-            self._wake.notify_all()
+        self._wake_workers()
         deadline = time.time() + grace_seconds
         for t in self._threads:
             t.join(timeout=max(0.0, deadline - time.time()))
@@ -304,6 +308,11 @@ class JobRunner:
                 self.store.finish(job_id, self.worker_id, state=FAILED, error=SHUTDOWN, finished=time.time())
 
     # -- internals -----------------------------------------------------------------------
+    def _wake_workers(self) -> None:
+        with self._wake:
+            self._wakes += 1
+            self._wake.notify_all()
+
     def _notify(self, job: JobRecord) -> None:
         with self._changed:
             self._versions[job.id] = self._versions.get(job.id, 0) + 1
@@ -327,6 +336,8 @@ class JobRunner:
 
     def _work(self, kinds: tuple[str, ...], exclude: tuple[str, ...], helps: bool) -> None:
         while self._accepting:
+            with self._wake:
+                wakes = self._wakes
             try:
                 job = self.store.claim_next(self.worker_id, self.settings.lease_seconds, kinds, exclude)
                 if job is None and helps and self.store.shared:
@@ -339,7 +350,8 @@ class JobRunner:
                 job = None
             if job is None:
                 with self._wake:
-                    self._wake.wait(self.poll_seconds)
+                    if self._wakes == wakes:
+                        self._wake.wait(self.poll_seconds)
                 continue
             if not self._accepting:
                 self.store.release(job.id, self.worker_id)
@@ -434,8 +446,7 @@ class JobRunner:
                     for job_id in failed:
                         log.error("job %s: its workers were lost %d times; failed", job_id, self.settings.max_attempts)
                     if requeued:
-                        with self._wake:
-                            self._wake.notify_all()
+                        self._wake_workers()
                 if time.time() - last_prune > 3600:
                     last_prune = time.time()
                     pruned = self.store.prune(last_prune - self.settings.retention_days * 86400)

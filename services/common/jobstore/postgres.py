@@ -90,6 +90,39 @@ class PostgresJobStore(SqlJobStore):
     def _rowcount(self, sql: str, args: tuple = ()) -> int:
         return self._run(sql, args).rowcount
 
+    # -- wake-ups: a queued job wakes idle workers of every replica at once ----------------------
+    @property
+    def _channel(self) -> str:
+        return "stemlab_jobs_" + re.sub(r"[^a-z0-9_]", "_", self.service.lower())
+
+    def create(self, job_id: str, kind: str, params: dict):
+        job = super().create(job_id, kind, params)
+        self._execute("SELECT pg_notify(?, '')", (self._channel,))
+        return job
+
+    def release(self, job_id: str, worker: str) -> bool:
+        released = super().release(job_id, worker)
+        if released:
+            self._execute("SELECT pg_notify(?, '')", (self._channel,))
+        return released
+
+    def add_items(self, job_id: str, fn: str, tasks: list) -> None:
+        super().add_items(job_id, fn, tasks)
+        self._execute("SELECT pg_notify(?, '')", (self._channel,))  # idle replicas come and help
+
+    def listen(self, wake, stopping: threading.Event) -> None:
+        """Call `wake()` whenever a job of this service is queued, until `stopping` is set (a thread)."""
+        while not stopping.is_set():
+            try:
+                with psycopg.connect(self.url, autocommit=True, connect_timeout=10) as conn:
+                    conn.execute(f"LISTEN {self._channel}")
+                    while not stopping.is_set():
+                        for _ in conn.notifies(timeout=1.0, stop_after=1):
+                            wake()
+            except psycopg.Error as e:  # the database restarted: the workers' polling covers the gap
+                log.warning("job database: listening for new jobs failed (%s); retrying", e)
+                stopping.wait(2.0)
+
     def close(self) -> None:
         with self._lock:
             for conn in self._connections:
