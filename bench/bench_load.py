@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -111,6 +112,7 @@ def measure(webs: list[str], store, data: bytes, uploads: int, timeout: float) -
 def run_setup(name: str, root: Path, serving: ServingProcess, data: bytes, uploads: int, timeout: float,
               database_url: str = "") -> dict:
     print(f"== {name}", flush=True)
+    load_before = os.getloadavg()[0]
     data_root = root / name
     with ExitStack() as stack:
         if database_url:
@@ -129,7 +131,9 @@ def run_setup(name: str, root: Path, serving: ServingProcess, data: bytes, uploa
             store = PostgresJobStore(database_url, "web")
         result = measure([w.url for w in webs], store, data, uploads, timeout)
         store.close()
-    result.update(web_processes=len(webs), separations_at_once=2)
+    # The machine is shared: its load says how much of a difference between setups is the queue.
+    result.update(web_processes=len(webs), separations_at_once=2,
+                  load_average_1min={"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)})
     print(json.dumps(result, indent=2), flush=True)
     return result
 
@@ -153,7 +157,7 @@ def main() -> None:
                                                      database_url=pg.url),
             }
     report = {"song": {"seconds": args.seconds, "rate_hz": RATE, "channels": 2, "wav_bytes": len(data)},
-              "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
+              "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
               "command": f"nice -n 10 python -m bench.bench_load --uploads {args.uploads} --seconds {args.seconds:g}",
               "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)

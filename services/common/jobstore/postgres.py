@@ -38,8 +38,10 @@ class PostgresJobStore(SqlJobStore):
     def __init__(self, url: str, service: str, connect_timeout: float = 30.0):
         super().__init__(service)
         self.url = url
-        self._local = threading.local()  # one connection per thread: a claim never waits on a watcher
-        self._connections: list[psycopg.Connection] = []
+        # One connection per store, its statements one at a time: each is a single short statement
+        # in its own transaction (claims included), and replicas x threads would otherwise exceed
+        # the server's connection limit. Listening for new jobs has a connection of its own.
+        self._conn: psycopg.Connection | None = None
         deadline = time.time() + connect_timeout
         while True:  # a database that starts beside the services (compose) takes a few seconds
             try:
@@ -52,13 +54,10 @@ class PostgresJobStore(SqlJobStore):
         self._migrate(conn)
 
     def _connection(self) -> psycopg.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None or conn.closed:
-            conn = psycopg.connect(self.url, autocommit=True, row_factory=dict_row, connect_timeout=10)
-            self._local.conn = conn
-            with self._lock:
-                self._connections.append(conn)
-        return conn
+        with self._lock:
+            if self._conn is None or self._conn.closed:
+                self._conn = psycopg.connect(self.url, autocommit=True, row_factory=dict_row, connect_timeout=10)
+            return self._conn
 
     def _migrate(self, conn: psycopg.Connection) -> None:
         with conn.transaction():
@@ -74,21 +73,23 @@ class PostgresJobStore(SqlJobStore):
                 conn.execute("INSERT INTO schema_migrations VALUES (%s, %s)", (version, time.time()))
                 log.info("job database: schema migrated to version %d", version)
 
-    def _run(self, sql: str, args: tuple):
+    def _run(self, sql: str, args: tuple) -> tuple[list[dict], int]:
         sql = _PLACEHOLDER.sub("%s", sql)
-        try:
-            return self._connection().execute(sql, args)
-        except psycopg.OperationalError:
-            # The connection broke (database restarted): one fresh try, then the error stands.
-            self._local.conn = None
-            return self._connection().execute(sql, args)
+        with self._lock:
+            try:
+                cursor = self._connection().execute(sql, args)
+            except psycopg.OperationalError:
+                # The connection broke (database restarted): one fresh try, then the error stands.
+                if self._conn is not None:
+                    self._conn.close()
+                cursor = self._connection().execute(sql, args)
+            return (cursor.fetchall() if cursor.description else []), cursor.rowcount
 
     def _execute(self, sql: str, args: tuple = ()) -> list[dict]:
-        cursor = self._run(sql, args)
-        return cursor.fetchall() if cursor.description else []
+        return self._run(sql, args)[0]
 
     def _rowcount(self, sql: str, args: tuple = ()) -> int:
-        return self._run(sql, args).rowcount
+        return self._run(sql, args)[1]
 
     # -- wake-ups: a queued job wakes idle workers of every replica at once ----------------------
     @property
@@ -125,9 +126,9 @@ class PostgresJobStore(SqlJobStore):
 
     def close(self) -> None:
         with self._lock:
-            for conn in self._connections:
-                conn.close()
-            self._connections.clear()
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
 
     def reset(self) -> None:
         """Drop every job of this service (tests)."""
