@@ -274,3 +274,11 @@ def test_two_processing_replicas_share_a_mixing_job_without_doing_a_track_twice(
         assert len(done_by) == 2 and sum(done_by.values()) == tracks, done_by
         assert all((data / "mixes" / "guitar" / str(rate) / f"Song{i:02d}" / "instrument.wav").is_file()
                    for i in range(tracks))
+        # Silence statistics share their tracks the same way, submitted through the other replica.
+        stats = processing_pb2_grpc.ProcessingServiceStub(second.channel()).StartSilenceStats(
+            processing_pb2.SilenceStatsRequest(mix_set=processing_pb2.MixSetRef(instrument="guitar", rate_hz=rate)),
+            timeout=10)
+        final = wait_job(first.channel(), stats.id, timeout=240)
+        assert final.state == jobs_pb2.SUCCEEDED, final.error
+        assert [r["status"] for r in final.result["tracks"]] == ["measured"] * tracks
+        assert sum(store.item_workers(stats.id).values()) == tracks

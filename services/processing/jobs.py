@@ -19,8 +19,9 @@ SILENCE_STATS = "processing.silence_stats"
 SILENCE_ADJUST = "processing.silence_adjust"
 DATASET_BUILD = "processing.dataset_build"
 
-# A mixing job's tracks may be mixed by any processing replica on a shared job store.
-item_function(mixing.mix_track)
+# The tracks of mixing and silence jobs may be done by any processing replica on a shared job store.
+for _fn in (mixing.mix_track, silence_sets.track_silence_stats, silence_sets.adjust_track):
+    item_function(_fn)
 
 
 def _mixset(params: dict) -> MixSet:
@@ -98,14 +99,14 @@ class ProcessingJobs:
         return silence_sets.silence_stats(
             self.data.root, ms.instrument, ms.rate_hz, stereo=ms.stereo, also=ms.also,
             params=_silence_params(params), adjusted=_adjusted(params, "adjusted_target", "adjusted_cutoff"),
-            workers=self.pool_workers, **self._callbacks(ctx))
+            workers=self.pool_workers, share=ctx.items, **self._callbacks(ctx))
 
     def silence_adjust(self, ctx: Any, params: dict) -> dict:
         ms = _mixset(params)
         return silence_sets.adjust_silence(
             self.data.root, ms.instrument, ms.rate_hz, stereo=ms.stereo, also=ms.also,
             silence_params=_silence_params(params), adjust_params=_adjust_params(params),
-            force=bool(params.get("force")), workers=self.pool_workers, **self._callbacks(ctx))
+            force=bool(params.get("force")), workers=self.pool_workers, share=ctx.items, **self._callbacks(ctx))
 
     def dataset_build(self, ctx: Any, params: dict) -> dict:
         ms = _mixset(params)
