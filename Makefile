@@ -6,8 +6,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMPS := .stamps
 # System packages the services use: decoding (ffmpeg, libsndfile), synthesis (fluidsynth and the
-# General MIDI soundfont), the browser test (chromium), compose file validation (docker-compose).
-APT_PACKAGES := ffmpeg libsndfile1 fluidsynth fluid-soundfont-gm chromium docker-compose
+# General MIDI soundfont), the browser test (chromium), compose file validation (docker-compose),
+# the job store tests of replicas (postgresql: the tests start a throwaway server of their own).
+APT_PACKAGES := ffmpeg libsndfile1 fluidsynth fluid-soundfont-gm chromium docker-compose postgresql
 PROTOS := $(sort $(wildcard protos/stemlab/v1/*.proto))
 GENERATED := $(patsubst protos/%.proto,%_pb2.py,$(PROTOS)) $(patsubst protos/%.proto,%_pb2_grpc.py,$(PROTOS))
 PYTEST_ARGS ?=

@@ -43,8 +43,10 @@ def k8s_documents() -> dict[tuple[str, str], dict]:
 def test_compose_file_is_valid_and_has_every_service_with_health_and_restart():
     config = compose_config("docker-compose.yml")
     services = config["services"]
-    assert set(services) == {"init", *STEMLAB_SERVICES, "serving", "web"}
-    for name in (*STEMLAB_SERVICES, "serving", "web"):
+    # `config` of docker-compose 1.29 lists every profile's services; the postgres profile's start only when selected.
+    assert {n for n, svc in services.items() if not svc.get("profiles")} == {"init", *STEMLAB_SERVICES, "serving", "web"}
+    assert {n for n, svc in services.items() if svc.get("profiles") == ["postgres"]} == {"postgres", "web-worker"}
+    for name in (*STEMLAB_SERVICES, "serving", "web", "web-worker"):
         assert "healthcheck" in services[name], name
         assert services[name]["restart"] == "unless-stopped", name
         volumes = [v if isinstance(v, str) else f"{v['source']}:{v['target']}"
@@ -60,6 +62,23 @@ def test_compose_file_is_valid_and_has_every_service_with_health_and_restart():
     assert services["web"]["depends_on"]["serving"]["condition"] == "service_healthy"
     assert services["serving"]["depends_on"]["init"]["condition"] == "service_completed_successfully"
     assert "stemlab-data" in config["volumes"]
+
+
+def test_compose_postgres_profile_adds_the_database_and_separation_workers(monkeypatch):
+    monkeypatch.setenv("COMPOSE_PROFILES", "postgres")
+    monkeypatch.setenv("STEMLAB_DATABASE_URL", "postgresql://stemlab:stemlab@postgres:5432/stemlab")
+    services = compose_config("docker-compose.yml")["services"]
+    assert set(services) == {"init", *STEMLAB_SERVICES, "serving", "web", "web-worker", "postgres"}
+    db = services["postgres"]
+    assert db["image"].startswith("postgres:") and "pg_isready" in " ".join(db["healthcheck"]["test"])
+    assert any(str(v).startswith("postgres-data:/var/lib/postgresql/data") or
+               (isinstance(v, dict) and v.get("source") == "postgres-data") for v in db["volumes"])
+    assert "ports" not in db  # reached on the compose network only
+    worker = services["web-worker"]
+    assert worker["command"] == ["python", "-m", "services.frontend.worker"]
+    assert worker["depends_on"]["postgres"]["condition"] == "service_healthy"
+    for name in (*STEMLAB_SERVICES, "web", "web-worker"):
+        assert services[name]["environment"]["STEMLAB_DATABASE_URL"].startswith("postgresql://"), name
 
 
 def test_serving_image_is_pinned_to_the_tensorflow_used_for_export():
@@ -82,7 +101,9 @@ def test_kubernetes_manifests_match_compose():
     docs = k8s_documents()
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     config_map = docs[("ConfigMap", "stemlab-config")]["data"]
-    compose_env = compose["x-stemlab"]["environment"]
+    # Job store settings come from the host (compose) or the database patch (Kubernetes).
+    compose_env = {k: v for k, v in compose["x-stemlab"]["environment"].items()
+                   if k not in ("STEMLAB_DATABASE_URL", "STEMLAB_WEB_START_WORKERS")}
     assert {k: str(v) for k, v in compose_env.items()} == {k: v for k, v in config_map.items()
                                                            if k in compose_env}
     assert docs[("PersistentVolumeClaim", "stemlab-data")]["spec"]["accessModes"] == ["ReadWriteMany"]
@@ -106,11 +127,56 @@ def test_kubernetes_manifests_match_compose():
                                       if a.startswith(("--port", "--rest_api_port", "--model_config_file="))}
     assert {p["port"] for p in docs[("Service", "serving")]["spec"]["ports"]} == {8500, 8501}
     assert container["readinessProbe"]["httpGet"]["port"] == 8501
-    # Web replicas must not share one separation queue (it lives in the process).
+    # Web replicas are stateless: the queue is in the job database, results on the shared volume,
+    # separations in web-worker pods; so no affinity and no volume of their own.
     web = docs[("Deployment", "web")]["spec"]["template"]["spec"]
-    web_mounts = {m["mountPath"]: m["name"] for m in web["containers"][0]["volumeMounts"]}
-    assert {v["name"]: v for v in web["volumes"]}[web_mounts["/data/web"]].get("emptyDir") is not None
-    assert docs[("Service", "web")]["spec"]["sessionAffinity"] == "ClientIP"
+    assert [m["mountPath"] for m in web["containers"][0]["volumeMounts"]] == ["/data"]
+    assert not any("emptyDir" in v for v in web["volumes"])
+    assert "sessionAffinity" not in docs[("Service", "web")]["spec"]
+    assert docs[("ConfigMap", "stemlab-web")]["data"]["STEMLAB_WEB_START_WORKERS"] == "false"
+
+
+def test_kubernetes_scales_workers_on_a_shared_postgresql():
+    docs = k8s_documents()
+    worker = docs[("Deployment", "web-worker")]["spec"]["template"]["spec"]
+    assert worker["containers"][0]["command"] == ["python", "-m", "services.frontend.worker"]
+    assert worker["volumes"][0]["persistentVolumeClaim"]["claimName"] == "stemlab-data"
+    for name in ("web-worker", "processing", "evaluation"):
+        hpa = docs[("HorizontalPodAutoscaler", name)]["spec"]
+        assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
+        assert hpa["metrics"][0]["resource"]["name"] == "cpu" and hpa["maxReplicas"] > hpa["minReplicas"]
+    db = docs[("StatefulSet", "postgres")]["spec"]
+    assert db["template"]["spec"]["containers"][0]["image"].startswith("postgres:")
+    assert db["volumeClaimTemplates"][0]["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert docs[("Service", "postgres")]["spec"]["ports"][0]["port"] == 5432
+    # Every stemlab Deployment gets the database URL from the kustomization's patch.
+    rendered = kustomize()
+    deployments = [d for d in rendered if d["kind"] == "Deployment" and d["metadata"]["labels"]["app"] == "stemlab"]
+    assert {d["metadata"]["name"] for d in deployments} >= {*STEMLAB_SERVICES, "web", "web-worker"}
+    for deploy in deployments:
+        env = {e["name"]: e for e in deploy["spec"]["template"]["spec"]["containers"][0].get("env", [])}
+        assert env["STEMLAB_DATABASE_URL"]["value"].startswith("postgresql://stemlab:$(STEMLAB_DB_PASSWORD)@postgres")
+        assert env["STEMLAB_DB_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "stemlab-db"
+
+
+def kustomize() -> list[dict]:
+    """`kubectl kustomize deploy/k8s` where kubectl is installed, else the same patch applied here."""
+    kubectl = shutil.which("kubectl")
+    if kubectl:
+        r = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        return [d for d in yaml.safe_load_all(r.stdout) if d]
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    docs = [d for name in kustomization["resources"] for d in yaml.safe_load_all((K8S / name).read_text()) if d]
+    for patch in kustomization.get("patches", []):
+        ops = yaml.safe_load((K8S / patch["path"]).read_text())
+        label = dict([patch["target"]["labelSelector"].split("=")])
+        for doc in docs:
+            if doc["kind"] == patch["target"]["kind"] and label.items() <= doc["metadata"].get("labels", {}).items():
+                for op in ops:
+                    assert op["op"] == "add" and op["path"] == "/spec/template/spec/containers/0/env"
+                    doc["spec"]["template"]["spec"]["containers"][0]["env"] = op["value"]
+    return docs
 
 
 def test_training_jobs_exist_for_cpu_and_gpu():

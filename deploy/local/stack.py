@@ -73,7 +73,10 @@ def write_supervisor_config(config, progs: dict[str, dict]) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     logs.mkdir(parents=True, exist_ok=True)
     env = {"STEMLAB_DATA": str(config.data_root), "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
-    for key in ("STEMLAB_CONFIG", "STEMLAB_LOG_LEVEL"):
+    # The job store and its settings (docs/scaling.md): unset, SQLite files under the data root and
+    # the web runs its separations in its own process, as before.
+    for key in ("STEMLAB_CONFIG", "STEMLAB_LOG_LEVEL", "STEMLAB_DATABASE_URL", "STEMLAB_JOB_LEASE_SECONDS",
+                "STEMLAB_JOB_MAX_ATTEMPTS", "STEMLAB_JOB_RETENTION_DAYS"):
         if os.environ.get(key):
             env[key] = os.environ[key]
     for name in (*GRPC_SERVICES, "serving", "serving_rest", "web"):

@@ -200,7 +200,7 @@ class Service:
         setup_logging(self.config.log_level, name)
         self.settings = self.config.service(name)
         self.data = DataRoot(self.config.data_root).ensure()
-        self.store = jobstore.JobStore(self.data.jobs / f"{name}.sqlite")
+        self.store = jobstore.open_store(name, self.data.jobs / f"{name}.sqlite")
         self.runner = jobstore.JobRunner(self.store, name, workers=self.settings.workers, data=self.data)
         self._servicers: list[tuple[Callable, Any, str]] = []
         self._stopped = threading.Event()

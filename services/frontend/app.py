@@ -1,7 +1,10 @@
 """The web demo's application factory: `gunicorn 'services.frontend.app:create_app()'`.
 
-Run it with one gunicorn worker process (and several threads): the separation queue lives in
-the process, its states in DATA/web/separations.sqlite.
+By default the process also runs the separations (`start_workers`), with their states in
+DATA/web/separations.sqlite: run it then with one gunicorn worker process (and several threads).
+With STEMLAB_WEB_START_WORKERS=false it only queues and serves them, separation workers
+(`python -m services.frontend.worker`) run them, and on the shared PostgreSQL store
+(STEMLAB_DATABASE_URL) any number of web processes and replicas answer (docs/scaling.md).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Everything a person can get wrong is refused here, before anything is queued: both or neither
 of file and link, an unknown or unavailable model, a link that is not http(s) or leads to a
-private address, a file that does not decode as audio or is too long.
+private address, a file whose header is not audio or says it is too long, a full queue or a
+full results quota. The song is decoded by the worker that separates it.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def start_separation(settings: WebSettings, queue: SeparationQueue, models: Serv
         raise RequestRefused(f"model {model!r} is not available in serving right now")
     if url:
         url = links.check_url(url, settings.allow_hosts)
+    queue.admit()
     name, folder = queue.new_folder()
     try:
         params = {"folder": name, "model": model}
@@ -61,7 +63,8 @@ def start_separation(settings: WebSettings, queue: SeparationQueue, models: Serv
         else:
             input_name = "input" + _suffix(upload.filename)
             upload.save(folder / input_name)
-            check_song(folder / input_name, settings.max_song_seconds)
+            # The header only: decoding happens in the worker, after admission.
+            check_song(folder / input_name, settings.max_song_seconds, decode=False)
             params.update(input=input_name, title=_title(Path(upload.filename).name))
         return queue.submit(params)
     except BaseException:

@@ -2,8 +2,14 @@
 
 A separation's files live in DATA/web/separations/<folder>/ (the uploaded or downloaded song
 while it runs, then instrument/rest as WAV, FLAC and MP3 and a waveform picture). Job states
-are kept by the common job store in DATA/web/separations.sqlite, so a page reload or a later
-visit finds the job, and a job that was running when the server died reads as failed.
+are kept by the common job store: DATA/web/separations.sqlite by default, where a job that was
+running when the server died reads as failed; or the shared PostgreSQL database
+(STEMLAB_DATABASE_URL), where web replicas only queue and read jobs and separation workers
+(`python -m services.frontend.worker`) run them, a dead worker's job going to another.
+
+The web process stores the bounded upload and reads its header only; decoding happens in the
+worker, after admission. Results are bounded by a byte quota (`results_quota_mb`): the oldest
+finished results are deleted first, and new work is refused while running ones fill it.
 """
 
 from __future__ import annotations
@@ -56,6 +62,10 @@ class QueueFull(FailedPreconditionError):
 
 class SeparationNotFound(NotFoundError):
     pass
+
+
+class StorageFull(FailedPreconditionError):
+    """The results quota is taken by separations still running or waiting."""
 
 
 @dataclass(frozen=True)
@@ -175,14 +185,15 @@ def user_message(error: str) -> str:
 
 
 class SeparationQueue:
-    """A bounded pool of worker threads separating songs, with states in SQLite and files on disk."""
+    """Separations queued in the job store, run by worker threads of this process (the default) or
+    of separate worker processes (`start_workers` false in the web), files under the data root."""
 
     def __init__(self, settings: WebSettings):
         self.settings = settings
         self.root = settings.web_root / "separations"
         self.root.mkdir(parents=True, exist_ok=True)
-        self.store = jobstore.JobStore(settings.web_root / "separations.sqlite")
-        self.runner = jobstore.JobRunner(self.store, "web", workers=settings.workers)
+        self.store = jobstore.open_store("web", settings.web_root / "separations.sqlite")
+        self.runner = jobstore.JobRunner(self.store, "web", workers=settings.workers, run=settings.start_workers)
         self.runner.register(JOB_KIND, self._job)
         self._submit_lock = threading.Lock()
         self._sweeper: threading.Thread | None = None
@@ -192,7 +203,8 @@ class SeparationQueue:
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
         self._started = True
-        self.runner.start()
+        if self.runner.runs:
+            self.runner.start()
         self._sweeper = threading.Thread(target=self._sweep_forever, name="web-sweep", daemon=True)
         self._sweeper.start()
 
@@ -221,13 +233,23 @@ class SeparationQueue:
             raise SeparationNotFound(str(error)) from None
 
     # -- requests -------------------------------------------------------------------------
+    def admit(self) -> None:
+        """Refuse new work before anything is stored: QueueFull when `max_queued` separations are
+        waiting or running (counted across replicas), StorageFull when the results quota is
+        taken by results that cannot be deleted yet."""
+        active = self.store.count((jobstore.QUEUED, jobstore.RUNNING))
+        if active >= self.settings.max_queued:
+            raise QueueFull(f"{active} separations are already waiting; please try again in a few minutes")
+        if self.make_room() >= self.settings.results_quota_bytes:
+            raise StorageFull("the server's space for results is full of separations still running; "
+                              "please try again in a few minutes")
+
     def submit(self, params: dict) -> jobstore.JobRecord:
         """Queue a separation; raises QueueFull when `max_queued` are already waiting or running."""
         with self._submit_lock:
-            active, _ = self.store.list(states=(jobstore.QUEUED, jobstore.RUNNING),
-                                        page_size=self.settings.max_queued + 1)
-            if len(active) >= self.settings.max_queued:
-                raise QueueFull(f"{len(active)} separations are already waiting; please try again in a few minutes")
+            active = self.store.count((jobstore.QUEUED, jobstore.RUNNING))
+            if active >= self.settings.max_queued:
+                raise QueueFull(f"{active} separations are already waiting; please try again in a few minutes")
             return self.runner.submit(JOB_KIND, params)
 
     def get(self, job_id: str) -> jobstore.JobRecord:
@@ -290,6 +312,42 @@ class SeparationQueue:
         return result
 
     # -- cleanup --------------------------------------------------------------------------
+    def _owners(self) -> dict[str, jobstore.JobRecord]:
+        """Every job by the name of its result folder."""
+        owners: dict[str, jobstore.JobRecord] = {}
+        cursor = None
+        while True:
+            page, cursor = self.store.list(page_size=500, before_seq=cursor)
+            for job in page:
+                owners[str(job.params.get("folder", ""))] = job
+            if cursor is None:
+                return owners
+
+    def used_bytes(self) -> int:
+        return sum(_folder_bytes(folder) for folder in self.root.iterdir() if folder.is_dir())
+
+    def make_room(self) -> int:
+        """Keep the results under their quota: at or over it, delete the results of ended
+        separations, oldest first, down to 90 % of it. Returns the bytes used afterwards."""
+        quota = self.settings.results_quota_bytes
+        used = self.used_bytes()
+        if used < quota:
+            return used
+        owners = self._owners()
+        ended = sorted((job.finished or job.created, folder.name, _folder_bytes(folder))
+                       for folder in self.root.iterdir()
+                       if folder.is_dir() and (job := owners.get(folder.name)) is not None and job.ended)
+        deleted = 0
+        for _, name, size in ended:
+            if used < 0.9 * quota:
+                break
+            shutil.rmtree(self.root / name, ignore_errors=True)
+            used -= size
+            deleted += 1
+        if deleted:
+            log.info("results quota: deleted the %d oldest results (%d bytes now used of %d)", deleted, used, quota)
+        return used
+
     def sweep(self, now: float | None = None) -> list[str]:
         """Delete result folders older than the configured time; returns the deleted folder names.
 
@@ -298,14 +356,7 @@ class SeparationQueue:
         """
         now = time.time() if now is None else now
         cutoff = now - self.settings.result_ttl_hours * 3600
-        owners: dict[str, jobstore.JobRecord] = {}
-        cursor = None
-        while True:
-            page, cursor = self.store.list(page_size=500, before_seq=cursor)
-            for job in page:
-                owners[str(job.params.get("folder", ""))] = job
-            if cursor is None:
-                break
+        owners = self._owners()
         deleted = []
         for folder in sorted(self.root.iterdir()):
             if not folder.is_dir():
@@ -326,7 +377,18 @@ class SeparationQueue:
         while True:
             try:
                 self.sweep()
+                self.make_room()
             except Exception:  # the sweep must never stop for good
                 log.exception("cleanup sweep failed")
             if self._stopping.wait(self.settings.sweep_seconds):
                 return
+
+
+def _folder_bytes(folder: Path) -> int:
+    total = 0
+    for entry in folder.rglob("*"):
+        try:
+            total += entry.stat().st_size if entry.is_file() else 0
+        except OSError:  # deleted meanwhile (a sweep in another replica)
+            pass
+    return total

@@ -40,11 +40,15 @@ class WebSettings(BaseModel):
     # Hosts (IPs or CIDR networks) a link may point to although they are loopback or private.
     allow_hosts: list[str] = Field(default_factory=list)
     result_ttl_hours: float = Field(default=24.0, gt=0)  # results are deleted after this long
+    # Bytes all results may take: the oldest finished ones are deleted first (see separations.py).
+    results_quota_mb: float = Field(default=10_000.0, gt=0)
     sweep_seconds: float = Field(default=600.0, gt=0)  # how often the cleanup sweep runs
     segment_seconds: float = Field(default=10.0, gt=0)  # what the separation client sends at once
     model_status_cache_seconds: float = Field(default=5.0, ge=0)
     serving_timeout_seconds: float = Field(default=300.0, gt=0)
-    start_workers: bool = True  # tests that only look at refusals may skip the worker threads
+    # Run separations in this process. False: the web only queues them, and worker processes
+    # (`python -m services.frontend.worker`) on the same job store run them.
+    start_workers: bool = True
 
     @field_validator("models", "allow_hosts", mode="before")
     @classmethod
@@ -73,6 +77,10 @@ class WebSettings(BaseModel):
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def results_quota_bytes(self) -> int:
+        return int(self.results_quota_mb * 1024 * 1024)
 
     @property
     def download_max_bytes(self) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from services.common.jobs import item_function
 from services.common.paths import DataRoot
 from services.processing import datasets, mixing, silence, silence_sets
 from services.processing.mixsets import MixSet
@@ -17,6 +18,10 @@ MIX = "processing.mix"
 SILENCE_STATS = "processing.silence_stats"
 SILENCE_ADJUST = "processing.silence_adjust"
 DATASET_BUILD = "processing.dataset_build"
+
+# The tracks of mixing and silence jobs may be done by any processing replica on a shared job store.
+for _fn in (mixing.mix_track, silence_sets.track_silence_stats, silence_sets.adjust_track):
+    item_function(_fn)
 
 
 def _mixset(params: dict) -> MixSet:
@@ -86,21 +91,22 @@ class ProcessingJobs:
                           stereo=bool(params.get("stereo")), also=params.get("also") or (),
                           include_unchecked=bool(params.get("include_unchecked")),
                           ignore_marks=bool(params.get("ignore_marks")), tracks=params.get("tracks") or (),
-                          force=bool(params.get("force")), workers=self.pool_workers, **self._callbacks(ctx))
+                          force=bool(params.get("force")), workers=self.pool_workers, share=ctx.items,
+                          **self._callbacks(ctx))
 
     def silence_stats(self, ctx: Any, params: dict) -> dict:
         ms = _mixset(params)
         return silence_sets.silence_stats(
             self.data.root, ms.instrument, ms.rate_hz, stereo=ms.stereo, also=ms.also,
             params=_silence_params(params), adjusted=_adjusted(params, "adjusted_target", "adjusted_cutoff"),
-            workers=self.pool_workers, **self._callbacks(ctx))
+            workers=self.pool_workers, share=ctx.items, **self._callbacks(ctx))
 
     def silence_adjust(self, ctx: Any, params: dict) -> dict:
         ms = _mixset(params)
         return silence_sets.adjust_silence(
             self.data.root, ms.instrument, ms.rate_hz, stereo=ms.stereo, also=ms.also,
             silence_params=_silence_params(params), adjust_params=_adjust_params(params),
-            force=bool(params.get("force")), workers=self.pool_workers, **self._callbacks(ctx))
+            force=bool(params.get("force")), workers=self.pool_workers, share=ctx.items, **self._callbacks(ctx))
 
     def dataset_build(self, ctx: Any, params: dict) -> dict:
         ms = _mixset(params)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -252,8 +253,10 @@ def mix(data_root: str | Path, instrument: str, rates_hz: Sequence[int] = (22050
         also: Sequence[str] = (), include_unchecked: bool = False, ignore_marks: bool = False,
         tracks: Sequence[str] = (), force: bool = False, workers: int | None = None,
         progress: Callable[[float, float, str], None] | None = None,
-        should_stop: Callable[[], bool] | None = None) -> dict:
+        should_stop: Callable[[], bool] | None = None, share: Any = None) -> dict:
     """Mix every usable track for `instrument` at each rate. One failing track does not stop the rest.
+
+    `share`: the job's shared items (jobs.JobContext.items), so replicas mix tracks side by side.
 
     Returns {"mix_sets": [paths], "tracks": [rows], "left_out": [...], "counts": {...}, "stopped"}.
     """
@@ -267,7 +270,8 @@ def mix(data_root: str | Path, instrument: str, rates_hz: Sequence[int] = (22050
     selected, left_out = select_tracks(library, instrument, include_unchecked, ignore_marks, tracks)
     tasks = [(t.id, {"data_root": str(data.root), "track_id": t.id, "mixsets": [m.to_dict() for m in mixsets],
                      "force": bool(force)}) for t in selected]
-    rows, stopped = run_tracks(mix_track, tasks, workers=workers, progress=progress, should_stop=should_stop)
+    rows, stopped = run_tracks(mix_track, tasks, workers=workers, progress=progress, should_stop=should_stop,
+                               share=share)
     return {
         "mix_sets": [data.relative(m.root(data)) for m in mixsets],
         "tracks": rows,

@@ -12,6 +12,7 @@ import logging
 import multiprocessing
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -59,14 +60,19 @@ def _call(fn: Callable[..., dict], key: str, kwargs: dict) -> dict:
 
 
 def run_tracks(fn: Callable[..., dict], tasks: Sequence[tuple[str, dict]], workers: int | None = None,
-               progress: Progress | None = None, should_stop: ShouldStop | None = None) -> tuple[list[dict], bool]:
+               progress: Progress | None = None, should_stop: ShouldStop | None = None,
+               share: Any = None) -> tuple[list[dict], bool]:
     """Run fn(**kwargs) for every (track_id, kwargs) task.
 
     `fn` must be a module-level function (it is pickled to the workers) returning a JSON-able
     dict with at least "track" and "status". workers: None = all cores; 1 or 0 = in this
     process (tests, tiny jobs; a single task runs here too). Returns (results in task order,
     stopped early?). Tasks not started because of a stop are left out of the results.
+    `share`: the job's items in a shared job store (JobContext.items); other replicas then run
+    some of the tasks (fn registered with jobs.item_function, kwargs JSON data).
     """
+    if share is not None:
+        return _run_shared(fn, tasks, share, workers, progress, should_stop)
     total = len(tasks)
     results: dict[int, dict] = {}
     report = progress or (lambda done, total, message="": None)
@@ -126,6 +132,58 @@ def run_tracks(fn: Callable[..., dict], tasks: Sequence[tuple[str, dict]], worke
     if broken:
         _discard_pool(workers, pool)
     return ordered(), stopped
+
+
+def _run_shared(fn: Callable[..., dict], tasks: Sequence[tuple[str, dict]], share: Any, workers: int | None,
+                progress: Progress | None, should_stop: ShouldStop | None) -> tuple[list[dict], bool]:
+    """run_tracks over a job's shared items: this process claims tasks one at a time (as many at
+    once as it has workers) beside idle replicas doing the same, and waits for theirs. An item is
+    claimed by one worker at a time, so none is done twice; a job taken over after its worker
+    died keeps the items already done."""
+    total = len(tasks)
+    report = progress or (lambda done, total, message="": None)
+    stop = should_stop or (lambda: False)
+    workers = max(1, default_workers() if workers is None else workers)
+    share.publish(fn, list(tasks))
+    pool = shared_pool(workers) if workers > 1 else None
+    pending: dict[Future, Any] = {}
+    stopped = False
+    done = len(share.results())
+    report(done, total, f"{total} tracks to do, {done} done before")
+    while True:
+        while not stopped and len(pending) < workers:
+            item = share.claim()
+            if item is None:
+                break
+            if pool is None:
+                share.finish(item, _call(fn, item.key, item.kwargs))
+                break  # one at a time in this process: look at stop and progress in between
+            pending[pool.submit(_call, fn, item.key, item.kwargs)] = item
+        if pending:
+            finished, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                item = pending.pop(fut)
+                try:
+                    row = fut.result()
+                except Exception as e:  # noqa: BLE001 - a dead worker process, an unpicklable result
+                    row = {"track": item.key, "status": "failed", "error": f"{type(e).__name__}: {e}"}
+                    if isinstance(e, BrokenProcessPool):
+                        _discard_pool(workers, pool)
+                        pool = shared_pool(workers)
+                share.finish(item, row)
+        results = share.results()
+        if len(results) != done:
+            done = len(results)
+            report(done, total, f"{done} of {total} tracks done")
+        if done >= total or (stopped and not pending):
+            return [results[i] for i in sorted(results)], stopped
+        if not stopped and stop():
+            stopped = True
+            for fut in list(pending):
+                if fut.cancel():
+                    pending.pop(fut)
+        elif not pending:
+            time.sleep(0.2)  # the rest is held by other replicas
 
 
 def count_statuses(results: Sequence[dict[str, Any]]) -> dict[str, int]:

@@ -17,6 +17,7 @@ import os
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -78,8 +79,10 @@ def silence_stats(data_root: str | Path, instrument: str, rate_hz: int, stereo: 
                   also: Sequence[str] = (), params: silence.SilenceParams = silence.DEFAULT_SILENCE,
                   adjusted: tuple[float, float] | None = None, workers: int | None = None,
                   progress: Callable[[float, float, str], None] | None = None,
-                  should_stop: Callable[[], bool] | None = None) -> dict:
+                  should_stop: Callable[[], bool] | None = None, share: Any = None) -> dict:
     """Per-track audible share and the histogram of tracks per 10 % band of silence.
+
+    `share`: the job's shared items (jobs.JobContext.items), so replicas measure tracks side by side.
 
     `adjusted` = (target, cutoff) measures a silence-adjusted set instead of the plain one.
     """
@@ -92,7 +95,7 @@ def silence_stats(data_root: str | Path, instrument: str, rate_hz: int, stereo: 
     tasks = [(i, {"data_root": str(data.root), "mixset": ms.to_dict(), "track_id": i, "params": params.to_dict()})
              for i in ids]
     rows, stopped = run_tracks(track_silence_stats, tasks, workers=workers, progress=progress,
-                               should_stop=should_stop)
+                               should_stop=should_stop, share=share)
     shares = [r["audible_share"] for r in rows if r.get("status") == "measured"]
     return {"mix_set": data.relative(ms.root(data)), "params": params.to_dict(), "tracks": rows,
             "histogram": silence.silence_histogram(shares),
@@ -196,8 +199,11 @@ def adjust_silence(data_root: str | Path, instrument: str, rate_hz: int, stereo:
                    also: Sequence[str] = (), silence_params: silence.SilenceParams = silence.DEFAULT_SILENCE,
                    adjust_params: silence.AdjustParams = silence.DEFAULT_ADJUST, force: bool = False,
                    workers: int | None = None, progress: Callable[[float, float, str], None] | None = None,
-                   should_stop: Callable[[], bool] | None = None) -> dict:
-    """Build the silence-adjusted set of a mix set. Returns the per-track rows and histograms."""
+                   should_stop: Callable[[], bool] | None = None, share: Any = None) -> dict:
+    """Build the silence-adjusted set of a mix set. Returns the per-track rows and histograms.
+
+    `share`: the job's shared items (jobs.JobContext.items), so replicas adjust tracks side by side.
+    """
     data = DataRoot(data_root)
     base = MixSet(instrument, int(rate_hz), bool(stereo), tuple(also))
     base.require(data)
@@ -206,7 +212,8 @@ def adjust_silence(data_root: str | Path, instrument: str, rate_hz: int, stereo:
                   "silence_params": silence_params.to_dict(), "adjust_params": adjust_params.to_dict(),
                   "force": bool(force)})
              for i in base.track_ids(data)]
-    rows, stopped = run_tracks(adjust_track, tasks, workers=workers, progress=progress, should_stop=should_stop)
+    rows, stopped = run_tracks(adjust_track, tasks, workers=workers, progress=progress, should_stop=should_stop,
+                               share=share)
     done = [r for r in rows if "audible_share_after" in r]
     kept = [r for r in done if r.get("outcome") in ("adjusted", "unchanged")]
     return {
