@@ -19,20 +19,14 @@ import soundfile as sf
 import tensorflow as tf
 import yaml
 
+from model.checkpoint import load_best_network, read_run
 from model.config import config_to_dict, make_config
 from model.separate import separate_waveform
 from services.common.errors import FailedPreconditionError, InvalidArgumentError
 from services.common.manifest import Manifest, Pair
 from services.training import data, sampling
-from services.training.trainer import (
-    export_run,
-    load_best_network,
-    read_history,
-    read_run,
-    resume_run,
-    split_overrides,
-    train_run,
-)
+from services.training.export import export_run
+from services.training.trainer import read_history, resume_run, split_overrides, train_run
 
 RATE = 22050
 ROOT = Path(__file__).resolve().parents[1]
@@ -674,7 +668,7 @@ def test_two_runs_in_one_process_take_turns_and_both_finish(dataset, tmp_path, m
     overlap, and checkpoints, networks and datasets are made and restored only in a run's turn."""
     import threading
 
-    from services.training import trainer
+    from services.training import trainer, turns
 
     inside, order, overlaps = [0], [], []
 
@@ -695,7 +689,7 @@ def test_two_runs_in_one_process_take_turns_and_both_finish(dataset, tmp_path, m
             self.lock.release()
 
     lock = CountingLock()
-    monkeypatch.setattr(trainer, "_TF_TURN", lock)
+    monkeypatch.setattr(turns, "_TURN", lock)
     outside_turn = []
 
     def in_turn(real):

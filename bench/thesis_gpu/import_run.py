@@ -30,7 +30,8 @@ from services.common.errors import InvalidArgumentError
 from services.common.manifest import find_manifest, load_manifest
 from services.common.paths import atomic_path, atomic_write_text
 from services.training.jobs import validate_name
-from services.training.trainer import code_version, write_history
+from services.training.provenance import code_version
+from services.training.trainer import write_history
 
 
 class ImportFailed(SystemExit):
