@@ -54,7 +54,7 @@ test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check services model stemlab tests bench deploy
+	$(VENV)/bin/ruff check services model stemlab tests bench research deploy
 
 up: install
 	$(PY) deploy/local/stack.py up

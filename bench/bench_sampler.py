@@ -1,6 +1,6 @@
 """Benchmark the training sampler's host-side cost: chunks per second drawn with the random
 equaliser applied in numpy (ChunkSampler.draw, what the training service does) against drawn
-for an equaliser on the device (ChunkSampler.draw_unequalised, what bench/thesis_gpu/train_jax
+for an equaliser on the device (ChunkSampler.draw_unequalised, what research/thesis_gpu/train_jax
 does), and with the random speed change (--pitch-semitones, always in numpy), in one run, on
 synthetic tracks of the preset's rate. Prints JSON; medians of --repeats.
 
