@@ -7,21 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from services.common.library import Library
-from services.common.paths import DataRoot
 from services.ingestion.importers import import_tracks, read_medleydb, read_slakh, read_stem_folders
-from services.ingestion.mapping import Mapping
 from tests.ingestion_data import drums, make_medleydb, make_slakh, tone, write
-
-
-@pytest.fixture
-def library(tmp_path) -> Library:
-    return Library(DataRoot(tmp_path / "data").ensure())
-
-
-@pytest.fixture(scope="module")
-def mapping() -> Mapping:
-    return Mapping.defaults()
 
 
 def test_medleydb_import_classes_mix_and_metadata(tmp_path, library, mapping):

@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ from services.common.manifest import Manifest, Pair
 from services.training import data, sampling
 from services.training.export import export_run
 from services.training.trainer import read_history, resume_run, split_overrides, train_run
+from tests.polling import wait_until
 
 RATE = 22050
 ROOT = Path(__file__).resolve().parents[1]
@@ -1021,11 +1021,11 @@ def test_kill_9_mid_training_then_restart_resumes_from_the_checkpoint(dataset, t
                "--seed", str(FAST["seed"]), "--patience", str(FAST["patience"])]
     child = subprocess.Popen(command, cwd=ROOT, env=_child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 90
-        while len(read_history(run_dir)) < 2:
+        def two_epochs() -> bool:
             assert child.poll() is None, "training process ended early"
-            assert time.monotonic() < deadline, "no epoch finished in time"
-            time.sleep(0.2)
+            return len(read_history(run_dir)) >= 2
+
+        wait_until(two_epochs, 90, 0.2, "no epoch finished in time")
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait()
@@ -1084,24 +1084,12 @@ def test_two_workers_with_tf_config_train_one_step_together(dataset, tmp_path):
 # ---- the gRPC service ---------------------------------------------------------------------------
 
 
-def _wait_job(stub, job_id, states, timeout=120):
-    from stemlab.v1 import jobs_pb2
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = stub.GetJob(jobs_pb2.GetJobRequest(id=job_id))
-        if job.state in states:
-            return job
-        time.sleep(0.3)
-    pytest.fail(f"job {job_id} did not reach {states}")
-
-
 @pytest.mark.slow
 def test_service_trains_resumes_after_a_crash_and_exports(tmp_path):
     import grpc
 
     from stemlab.v1 import jobs_pb2, jobs_pb2_grpc, training_pb2, training_pb2_grpc
-    from tests.servicetools import ServiceProcess
+    from tests.servicetools import ServiceProcess, wait_job
 
     make_dataset(tmp_path)
     env = {"TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
@@ -1121,10 +1109,7 @@ def test_service_trains_resumes_after_a_crash_and_exports(tmp_path):
                 seed=1, overrides={"hourglass_filters": "6"}))
             assert job.kind == "training.train"
             run_dir = tmp_path / "runs" / "r1"
-            deadline = time.monotonic() + 120
-            while len(read_history(run_dir)) < 2:
-                assert time.monotonic() < deadline, service.log()[-3000:]
-                time.sleep(0.3)
+            wait_until(lambda: len(read_history(run_dir)) >= 2, 120, 0.2, lambda: service.log()[-3000:])
         service.kill()  # kill -9: the job stays RUNNING in the store, the run mid-epoch
         service.proc.wait()
         before = read_history(run_dir)
@@ -1135,18 +1120,16 @@ def test_service_trains_resumes_after_a_crash_and_exports(tmp_path):
             assert job_stub.GetJob(jobs_pb2.GetJobRequest(id=job.id)).error == "interrupted"
             resumes = job_stub.ListJobs(jobs_pb2.ListJobsRequest(kind="training.resume")).jobs
             assert len(resumes) == 1 and resumes[0].params["run_id"] == "r1"
-            deadline = time.monotonic() + 120
-            while len(read_history(run_dir)) < len(before) + 1:
-                assert time.monotonic() < deadline, service.log()[-3000:]
-                time.sleep(0.3)
+            wait_until(lambda: len(read_history(run_dir)) >= len(before) + 1, 120, 0.2,
+                       lambda: service.log()[-3000:])
             # The one worker is busy training; an export has a lane of its own and does not wait for it.
             export = training.ExportModel(training_pb2.ExportModelRequest(run_id="r1", model_name="guitar"))
-            done = _wait_job(job_stub, export.id, (jobs_pb2.SUCCEEDED, jobs_pb2.FAILED))
+            done = wait_job(job_stub, export.id, states=(jobs_pb2.SUCCEEDED, jobs_pb2.FAILED))
             assert done.state == jobs_pb2.SUCCEEDED, done.error
             assert done.result["version"] == 1 and (tmp_path / "models" / "guitar" / "1" / "saved_model.pb").is_file()
             assert job_stub.GetJob(jobs_pb2.GetJobRequest(id=resumes[0].id)).state == jobs_pb2.RUNNING
             job_stub.CancelJob(jobs_pb2.CancelJobRequest(id=resumes[0].id))
-            _wait_job(job_stub, resumes[0].id, (jobs_pb2.CANCELLED,))
+            wait_job(job_stub, resumes[0].id, states=(jobs_pb2.CANCELLED,))
 
             run = training.GetRun(training_pb2.GetRunRequest(run_id="r1"))
             epochs = [h.epoch for h in run.history]
@@ -1178,18 +1161,18 @@ def test_service_trains_resumes_after_a_crash_and_exports(tmp_path):
             tune = training.StartTraining(training_pb2.StartTrainingRequest(
                 dataset="synth", run_id="r2", init_from_model="guitar", epochs=1, steps_per_epoch=2, batch_size=8,
                 overrides={"hourglass_filters": "6"}))
-            done = _wait_job(job_stub, tune.id, (jobs_pb2.SUCCEEDED, jobs_pb2.FAILED))
+            done = wait_job(job_stub, tune.id, states=(jobs_pb2.SUCCEEDED, jobs_pb2.FAILED))
             assert done.state == jobs_pb2.SUCCEEDED, done.error
             assert done.params["init_from_model"] == "guitar:1" and done.params["preset"] == "tiny"
             assert read_run(tmp_path / "runs" / "r2")["init_from"]["model"] == "guitar"
             export = training.ExportModel(training_pb2.ExportModelRequest(run_id="r2", model_name="tuned"))
-            assert _wait_job(job_stub, export.id, (jobs_pb2.SUCCEEDED, jobs_pb2.FAILED)).state == jobs_pb2.SUCCEEDED
+            assert wait_job(job_stub, export.id, states=(jobs_pb2.SUCCEEDED, jobs_pb2.FAILED)).state == jobs_pb2.SUCCEEDED
             provenance = json.loads((tmp_path / "models" / "tuned" / "1" / "assets.extra" / "stemlab.json").read_text())
             assert (provenance["init_from"]["model"], provenance["init_from"]["version"]) == ("guitar", 1)
             # The fine-tune beside the network it started from, in one model; the version is fixed in the job.
             export = training.ExportModel(training_pb2.ExportModelRequest(
                 run_id="r2", model_name="tuned", with_models=["guitar#1"]))
-            done = _wait_job(job_stub, export.id, (jobs_pb2.SUCCEEDED, jobs_pb2.FAILED))
+            done = wait_job(job_stub, export.id, states=(jobs_pb2.SUCCEEDED, jobs_pb2.FAILED))
             assert done.state == jobs_pb2.SUCCEEDED and list(done.params["with_models"]) == ["guitar:1#1"], done.error
             provenance = json.loads((tmp_path / "models" / "tuned" / "2" / "assets.extra" / "stemlab.json").read_text())
             assert [m["source_run"] for m in provenance["members"]] == ["r2", "r1"]
