@@ -8,7 +8,7 @@ synthetic tracks of the preset's rate. Prints JSON; medians of --repeats.
         [--pitch-semitones 2]
 
 On a GPU the step itself is quick, so the sampler bounds a run's chunks per second: the piano run
-of "The thesis preset on a GPU" (model/pretrained/README.md) drew 297 chunks/s against guitar's
+of "The thesis preset on a GPU" (docs/experiments/11-thesis-preset-on-a-gpu.md) drew 297 chunks/s against guitar's
 1672 without the equaliser.
 """
 

@@ -102,7 +102,7 @@ class TrainingOptions(BaseModel):
     # Reduce on plateau: after this many epochs without a better val_loss (counted from the last
     # reduction too), multiply the learning rate by lr_plateau_factor, down to min_learning_rate.
     # 0 keeps it constant. A smaller step late in training settles into a lower loss than a constant
-    # one that keeps overshooting; measured in model/pretrained/README.md.
+    # one that keeps overshooting; measured in docs/experiments/02-version-4.md.
     lr_plateau_patience: int = Field(0, ge=0)
     lr_plateau_factor: float = Field(0.3, gt=0.0, lt=1.0)
     min_learning_rate: float = Field(1e-6, ge=0.0)
