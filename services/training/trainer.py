@@ -316,7 +316,10 @@ def train_run(
     if run.batch_size % strategy.num_replicas_in_sync:
         raise InvalidArgumentError(f"batch_size {run.batch_size} must be a multiple of the "
                                    f"{strategy.num_replicas_in_sync} replicas")
-    stop_requested = lambda: bool(should_stop and should_stop())  # noqa: E731
+
+    def stop_requested() -> bool:
+        return bool(should_stop and should_stop())
+
     lock = _lock_run(run.dir) if run.chief else None
     sampler = None
     try:
