@@ -12,6 +12,9 @@ APT_PACKAGES := ffmpeg libsndfile1 fluidsynth fluid-soundfont-gm chromium docker
 PROTOS := $(sort $(wildcard protos/stemlab/v1/*.proto))
 GENERATED := $(patsubst protos/%.proto,%_pb2.py,$(PROTOS)) $(patsubst protos/%.proto,%_pb2_grpc.py,$(PROTOS))
 PYTEST_ARGS ?=
+# Test workers (pytest-xdist): one per core; each test file runs whole on one worker, so a file's
+# module fixtures (a trained run, a running service) are made once.
+TEST_WORKERS ?= auto
 
 .PHONY: help install system-packages python protos test lint up down status logs clean
 
@@ -52,10 +55,10 @@ $(GENERATED) &: $(PROTOS) $(STAMPS)/python
 	@touch $(GENERATED)
 
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check services model stemlab tests bench deploy
+	$(VENV)/bin/ruff check services model stemlab tests bench research deploy
 
 up: install
 	$(PY) deploy/local/stack.py up

@@ -1,6 +1,6 @@
 """Benchmark the training sampler's host-side cost: chunks per second drawn with the random
 equaliser applied in numpy (ChunkSampler.draw, what the training service does) against drawn
-for an equaliser on the device (ChunkSampler.draw_unequalised, what bench/thesis_gpu/train_jax
+for an equaliser on the device (ChunkSampler.draw_unequalised, what research/thesis_gpu/train_jax
 does), and with the random speed change (--pitch-semitones, always in numpy), in one run, on
 synthetic tracks of the preset's rate. Prints JSON; medians of --repeats.
 
@@ -8,7 +8,7 @@ synthetic tracks of the preset's rate. Prints JSON; medians of --repeats.
         [--pitch-semitones 2]
 
 On a GPU the step itself is quick, so the sampler bounds a run's chunks per second: the piano run
-of "The thesis preset on a GPU" (model/pretrained/README.md) drew 297 chunks/s against guitar's
+of "The thesis preset on a GPU" (docs/experiments/11-thesis-preset-on-a-gpu.md) drew 297 chunks/s against guitar's
 1672 without the equaliser.
 """
 

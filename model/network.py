@@ -104,7 +104,7 @@ def fold_batch_norm(network: keras.Model, config: ModelConfig) -> keras.Model:
     At inference a batch norm is a fixed affine map per channel, gamma * (x - mean) / sqrt(var + eps)
     + beta, so conv then batch norm is one conv with scaled kernel and shifted bias: the same mask up
     to float rounding, without the elementwise passes over every full-resolution activation (about
-    30 % of the `cpu` network's separation time: README, Benchmarks). For inference only: the copy
+    30 % of the `cpu` network's separation time: docs/development.md, Benchmarks). For inference only: the copy
     cannot train as the original does (no batch statistics), so exports serve it and keep the
     original for fine-tuning.
     """

@@ -17,12 +17,13 @@ import tensorflow as tf
 
 from model.config import ModelConfig
 from model.spectral import from_network_rows, istft, magnitude, stft, to_network_rows
+from model.windows import triangle
 
 
 def crossfade_weights(config: ModelConfig) -> tf.Tensor:
-    """Triangular weight over a chunk's frames, (chunk_frames,), never zero (edges still count)."""
-    frames = tf.range(config.chunk_frames, dtype=tf.float32)
-    return tf.minimum(frames + 1.0, float(config.chunk_frames) - frames)
+    """Triangular weight over a chunk's frames, (chunk_frames,), never zero (edges still count):
+    model/windows.triangle, the window the client cross-fades its segments with too."""
+    return tf.constant(triangle(config.chunk_frames))
 
 
 def _network_in_batches(network: keras.Model, chunks: tf.Tensor, batch: int) -> tf.Tensor:

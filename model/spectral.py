@@ -11,11 +11,12 @@ from __future__ import annotations
 import tensorflow as tf
 
 from model.config import ModelConfig
+from model.windows import hann
 
 
 def _window(config: ModelConfig) -> tf.Tensor:
-    """Periodic Hann window, (n_fft,), as librosa/scipy use for STFT."""
-    return tf.signal.hann_window(config.n_fft, periodic=True, dtype=tf.float32)
+    """Periodic Hann window, (n_fft,): model/windows.hann, the same array librosa uses."""
+    return tf.constant(hann(config.n_fft))
 
 
 def stft(waveform: tf.Tensor, config: ModelConfig, center: bool = True) -> tf.Tensor:

@@ -6,12 +6,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 
+from tests.polling import wait_until
 from tests.servicetools import REPO, free_port
 
 MODEL_RATE_HZ = 22050
@@ -61,20 +61,21 @@ class ServingProcess:
                  "--rest_api_port", str(self.rest_port), "--host", "127.0.0.1",
                  "--model_config_file", str(self.config), "--file_system_poll_wait_seconds", "1"],
                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 90
-        while time.time() < deadline:
+        def available() -> bool:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"serving exited: {self.log_path.read_text()[-2000:]}")
             try:
                 with urllib.request.urlopen(f"http://{self.rest_address}/v1/models/guitar", timeout=2) as reply:
-                    states = [s["state"] for s in json.loads(reply.read())["model_version_status"]]
-                if "AVAILABLE" in states:
-                    return self
+                    return "AVAILABLE" in [s["state"] for s in json.loads(reply.read())["model_version_status"]]
             except OSError:
-                pass
-            time.sleep(0.3)
-        self.__exit__()
-        raise RuntimeError(f"serving did not come up: {self.log_path.read_text()[-2000:]}")
+                return False
+
+        try:
+            wait_until(available, 90, interval=0.1)
+        except TimeoutError:
+            self.__exit__()
+            raise RuntimeError(f"serving did not come up: {self.log_path.read_text()[-2000:]}") from None
+        return self
 
     def __exit__(self, *exc) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -7,11 +7,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.polling import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -67,18 +68,21 @@ class ServiceProcess:
 
     def start(self) -> ServiceProcess:
         self._spawn()
-        deadline = time.time() + self.startup_timeout
-        while time.time() < deadline:
+
+        def serving() -> bool:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if health_status(self.address, timeout=1.0) == health_pb2.HealthCheckResponse.SERVING:
-                    return self
+                return health_status(self.address, timeout=1.0) == health_pb2.HealthCheckResponse.SERVING
             except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-        self.kill()
-        raise RuntimeError(f"{self.name} did not become healthy:\n{self.log()}")
+                return False
+
+        try:
+            wait_until(serving, self.startup_timeout, interval=0.1)
+        except TimeoutError:
+            self.kill()
+            raise RuntimeError(f"{self.name} did not become healthy:\n{self.log()}") from None
+        return self
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -111,18 +115,19 @@ class ServiceProcess:
         self.stop()
 
 
-def wait_job(channel: grpc.Channel, job_id: str, timeout: float = 120.0):
-    """Poll until the job has ended; return the final Job message."""
+def wait_job(channel_or_stub, job_id: str, timeout: float = 120.0, states: tuple[int, ...] = ()):
+    """Poll a service's Jobs until the job reaches one of `states` (default: it has ended); the Job."""
     from stemlab.v1 import jobs_pb2, jobs_pb2_grpc
 
-    stub = jobs_pb2_grpc.JobsStub(channel)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+    stub = (channel_or_stub if isinstance(channel_or_stub, jobs_pb2_grpc.JobsStub)
+            else jobs_pb2_grpc.JobsStub(channel_or_stub))
+    states = states or (jobs_pb2.SUCCEEDED, jobs_pb2.FAILED, jobs_pb2.CANCELLED)
+
+    def reached():
         job = stub.GetJob(jobs_pb2.GetJobRequest(id=job_id), timeout=10)
-        if job.state in (jobs_pb2.SUCCEEDED, jobs_pb2.FAILED, jobs_pb2.CANCELLED):
-            return job
-        time.sleep(0.1)
-    raise TimeoutError(f"job {job_id} did not end within {timeout}s")
+        return job if job.state in states else None
+
+    return wait_until(reached, timeout, message=f"job {job_id} did not reach {states}")
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 300.0) -> subprocess.CompletedProcess:

@@ -4,13 +4,13 @@ the GPU override, and the Kubernetes manifests (names, ports, volumes, environme
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from services.common.config import DEFAULT_PORTS
+from tests.polling import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "deploy" / "k8s"
@@ -258,9 +258,8 @@ def test_a_stale_supervisord_pid_file_does_not_count_as_a_running_stack(tmp_path
     assert not stack.supervisord_running(config)  # no pid file
     other = subprocess.Popen(["sleep", "60"])
     lookalike = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "supervisord"])
-    deadline = time.time() + 10
-    while b"supervisord" not in Path(f"/proc/{lookalike.pid}/cmdline").read_bytes() and time.time() < deadline:
-        time.sleep(0.05)  # Popen may return before the child's exec shows in /proc
+    # Popen may return before the child's exec shows in /proc.
+    wait_until(lambda: b"supervisord" in Path(f"/proc/{lookalike.pid}/cmdline").read_bytes(), 10)
     try:
         pid_file.write_text(f"{other.pid}\n")
         assert not stack.supervisord_running(config)  # alive, but not a supervisord

@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from tests.polling import wait_until
 from tests.servicetools import REPO, free_port, run_cli
 
 pytestmark = pytest.mark.slow
@@ -157,16 +157,14 @@ def test_a_song_walks_through_every_service(running_stack, tmp_path):
     exported = cli(env, "export", "e2e-run", "--model", "guitar")
     assert exported["state"] == "SUCCEEDED", exported
     version = int(exported["result"]["version"])
-    deadline = time.time() + 60
-    while True:  # serving polls the models folder: no restart
+    def served() -> bool:  # serving polls the models folder: no restart
         try:
             states = http_json(status_url)["model_version_status"]
-            if any(int(s["version"]) == version and s["state"] == "AVAILABLE" for s in states):
-                break
         except OSError:
-            pass
-        assert time.time() < deadline, "serving did not pick up the exported version"
-        time.sleep(1)
+            return False
+        return any(int(s["version"]) == version and s["state"] == "AVAILABLE" for s in states)
+
+    wait_until(served, 60, 0.2, "serving did not pick up the exported version")
 
     rate, seconds = 44100, 3.0
     t = np.arange(int(rate * seconds)) / rate
@@ -177,10 +175,12 @@ def test_a_song_walks_through_every_service(running_stack, tmp_path):
     web = f"http://127.0.0.1:{ports['web']}"
     created = http_json(f"{web}/api/separations", body, {"Content-Type": content_type})
     job_url = f"{web}/api/separations/{created['id']}"
-    deadline = time.time() + 300
-    while (job := http_json(job_url))["state"].upper() not in ("SUCCEEDED", "FAILED", "CANCELLED"):
-        assert time.time() < deadline, job
-        time.sleep(1)
+
+    def ended():
+        job = http_json(job_url)
+        return job if job["state"].upper() in ("SUCCEEDED", "FAILED", "CANCELLED") else None
+
+    job = wait_until(ended, 300, 0.2, f"separation {created['id']} did not end")
     assert job["state"].upper() == "SUCCEEDED", job
     for stem in ("instrument", "rest"):
         with urllib.request.urlopen(f"{job_url}/{stem}.wav", timeout=60) as r:
@@ -213,9 +213,10 @@ def test_up_twice_changes_nothing_status_down_leaves_nothing_and_up_again_works(
 
     r = stack(env, "down")
     assert r.returncode == 0, r.stderr
-    time.sleep(1)
-    left = {name: pid for name, pid in before.items() if alive(pid)}
-    assert not left, f"processes left behind after down: {left}"
+    try:  # reaped within a second, as before (they may take a moment to leave the process table)
+        wait_until(lambda: not any(alive(pid) for pid in before.values()), 1.0)
+    except TimeoutError:
+        pytest.fail(f"processes left behind after down: {({n: p for n, p in before.items() if alive(p)})}")
     assert processes_of(data) == [], "no pool worker or child may outlive `down`"
     assert stack(env, "status").returncode != 0
 
@@ -225,7 +226,10 @@ def test_up_twice_changes_nothing_status_down_leaves_nothing_and_up_again_works(
     assert stack(env, "status").returncode == 0
     r = stack(env, "down")
     assert r.returncode == 0
-    time.sleep(1)
+    try:
+        wait_until(lambda: not any(alive(pid) for pid in again.values()), 1.0)
+    except TimeoutError:
+        pass  # named and killed below
     for name, pid in again.items():
         if alive(pid):
             os.kill(pid, signal.SIGKILL)

@@ -1,4 +1,4 @@
-"""bench/ensemble_judge.py scores what an exported ensemble would give, without exporting it."""
+"""research/ensemble_judge.py scores what an exported ensemble would give, without exporting it."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from bench.ensemble_judge import (
+from model.config import make_config
+from model.network import build_network
+from model.separate import separate_waveform
+from research.ensemble_judge import (
     instrument_estimate,
     mean_interval,
     member_masks,
@@ -21,9 +24,6 @@ from bench.ensemble_judge import (
     summary,
     write_scores,
 )
-from model.config import make_config
-from model.network import build_network
-from model.separate import separate_waveform
 
 
 @pytest.mark.parametrize("samples", [4000, 200])  # 200: shorter than n_fft, padded like separation pads it
@@ -98,7 +98,7 @@ def test_pool_refuses_files_that_do_not_match(tmp_path):
     for files, message in (([a, b], "differ"), ([a, bad], "not a scores file"), ([empty], "no songs")):
         with pytest.raises(ValueError, match=message):
             pool_scores([str(f) for f in files])
-    script = Path(__file__).resolve().parents[1] / "bench" / "ensemble_judge.py"
+    script = Path(__file__).resolve().parents[1] / "research" / "ensemble_judge.py"
     run = subprocess.run([sys.executable, str(script), "--pool", str(a), str(b)], capture_output=True, text=True)
     assert run.returncode == 2 and "differ" in run.stderr
     run = subprocess.run([sys.executable, str(script), "--dataset", "piano"], capture_output=True, text=True)

@@ -10,6 +10,7 @@ from grpc_health.v1 import health_pb2
 
 from stemlab.v1 import jobs_pb2, jobs_pb2_grpc
 from tests.fixtures.demo_service import submit
+from tests.polling import wait_until
 from tests.servicetools import ServiceProcess, health_status, run_cli, wait_job
 
 DEMO = "tests.fixtures.demo_service"
@@ -59,10 +60,7 @@ def test_cancel_reaches_a_running_job_within_two_seconds(service):
     ch = service.channel()
     job_id = submit(ch, "demo.count", steps=1000, seconds_per_step=0.1)
     stub = jobs_pb2_grpc.JobsStub(ch)
-    deadline = time.time() + 10
-    while stub.GetJob(jobs_pb2.GetJobRequest(id=job_id)).state != jobs_pb2.RUNNING:
-        assert time.time() < deadline
-        time.sleep(0.05)
+    wait_job(stub, job_id, timeout=10, states=(jobs_pb2.RUNNING,))
     t0 = time.time()
     stub.CancelJob(jobs_pb2.CancelJobRequest(id=job_id))
     job = wait_job(ch, job_id, timeout=5)
@@ -128,9 +126,8 @@ def test_kill_9_mid_job_then_restart_marks_it_interrupted_and_keeps_every_other_
     wait_job(ch, failed)
     running = submit(ch, "demo.count", steps=10000, seconds_per_step=0.1)
     stub = jobs_pb2_grpc.JobsStub(ch)
-    while stub.GetJob(jobs_pb2.GetJobRequest(id=running)).state != jobs_pb2.RUNNING:
-        time.sleep(0.05)
-    time.sleep(0.3)
+    # Mid-job: running, with some progress recorded.
+    wait_until(lambda: wait_job(stub, running, states=(jobs_pb2.RUNNING,)).progress.done >= 2, timeout=10)
     svc.kill()
     ch.close()
 
@@ -151,7 +148,7 @@ def test_sigterm_turns_health_not_serving_and_exits_cleanly(tmp_path):
                          env={"STEMLAB_GRACE_SECONDS": "3"}).start()
     ch = svc.channel()
     job_id = submit(ch, "demo.count", steps=10000, seconds_per_step=0.1)
-    time.sleep(0.5)
+    wait_job(ch, job_id, timeout=10, states=(jobs_pb2.RUNNING,))
     from grpc_health.v1 import health_pb2_grpc
 
     health = health_pb2_grpc.HealthStub(ch)
@@ -166,7 +163,7 @@ def test_sigterm_turns_health_not_serving_and_exits_cleanly(tmp_path):
 
     t = threading.Thread(target=watch_health)
     t.start()
-    time.sleep(0.3)
+    wait_until(lambda: statuses, timeout=10)  # the watch has begun: its first status arrived
     t0 = time.time()
     svc.terminate()
     rc = svc.proc.wait(10)
@@ -184,7 +181,7 @@ def test_a_second_copy_on_the_same_data_root_or_port_refuses_to_start_and_the_fi
         ch = first.channel()
         job_id = submit(ch, "demo.count", steps=150, seconds_per_step=0.1)
         jobs = jobs_pb2_grpc.JobsStub(ch)
-        assert wait_for_state(jobs, job_id, jobs_pb2.RUNNING)
+        wait_job(jobs, job_id, timeout=10, states=(jobs_pb2.RUNNING,))
         # Same data root, another port: it must not take the running job for a dead one.
         same_root = ServiceProcess("ingestion", tmp_path / "data", module=DEMO)
         assert same_root.run_to_exit() == 1
@@ -199,15 +196,6 @@ def test_a_second_copy_on_the_same_data_root_or_port_refuses_to_start_and_the_fi
         assert health_status(first.address) == health_pb2.HealthCheckResponse.SERVING
 
 
-def wait_for_state(jobs, job_id: str, state: int, timeout: float = 10.0) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if jobs.GetJob(jobs_pb2.GetJobRequest(id=job_id)).state == state:
-            return True
-        time.sleep(0.05)
-    return False
-
-
 @pytest.mark.parametrize("wind_down", [0.5, 5.0])
 def test_a_job_cancelled_just_before_a_shutdown_stays_cancelled(tmp_path, wind_down):
     """Within the grace period or past it, a job the user cancelled is CANCELLED, never
@@ -216,8 +204,7 @@ def test_a_job_cancelled_just_before_a_shutdown_stays_cancelled(tmp_path, wind_d
     ch = svc.channel()
     job_id = submit(ch, "demo.slow_stop", wind_down=wind_down)
     stub = jobs_pb2_grpc.JobsStub(ch)
-    while stub.GetJob(jobs_pb2.GetJobRequest(id=job_id)).state != jobs_pb2.RUNNING:
-        time.sleep(0.05)
+    wait_job(stub, job_id, timeout=10, states=(jobs_pb2.RUNNING,))
     stub.CancelJob(jobs_pb2.CancelJobRequest(id=job_id))
     svc.terminate()
     assert svc.proc.wait(10) == 0
@@ -288,16 +275,13 @@ def test_a_kind_in_its_own_lane_does_not_wait_behind_long_jobs(tmp_path):
     try:
         running, waiting = runner.submit("demo.long"), runner.submit("demo.long")
         quick = runner.submit("demo.quick")
-        deadline = time.time() + 10
-        while runner.get(quick.id).state != SUCCEEDED and time.time() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: runner.get(quick.id).state == SUCCEEDED, timeout=10, interval=0.02)
         assert runner.get(quick.id).state == SUCCEEDED and runner.get(quick.id).result == {"done": True}
         assert runner.get(running.id).state == RUNNING and runner.get(waiting.id).state == QUEUED
         with pytest.raises(RuntimeError, match="before start"):
             runner.register("demo.late", lambda ctx, params: {}, lane="late")
         release.set()  # then the default lane goes on with the job that waited
-        while runner.get(waiting.id).state != SUCCEEDED and time.time() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: runner.get(waiting.id).state == SUCCEEDED, timeout=10, interval=0.02)
         assert runner.get(running.id).state == runner.get(waiting.id).state == SUCCEEDED
     finally:
         release.set()

@@ -25,6 +25,7 @@ from services.frontend import links
 from services.frontend.app import create_app
 from services.frontend.pictures import envelope
 from tests.frontendtools import GAIN, ServingProcess, build_models, song
+from tests.polling import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -68,13 +69,12 @@ def upload(client, data: bytes, name: str = "song.wav", model: str = "guitar", *
 
 
 def wait_done(client, job_id: str, timeout: float = 60.0) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+    """The separation's record once it has ended."""
+    def ended():
         job = client.get(f"/api/separations/{job_id}").get_json()
-        if job["state"] not in ("queued", "running"):
-            return job
-        time.sleep(0.1)
-    raise AssertionError(f"separation {job_id} did not finish: {job}")
+        return job if job["state"] not in ("queued", "running") else None
+
+    return wait_until(ended, timeout, message=f"separation {job_id} did not finish")
 
 
 def decode(client, url: str, tmp_path: Path) -> tuple[np.ndarray, int]:

@@ -7,21 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from services.common.library import Library
-from services.common.paths import DataRoot
 from services.ingestion.importers import import_tracks, read_medleydb, read_slakh, read_stem_folders
-from services.ingestion.mapping import Mapping
 from tests.ingestion_data import drums, make_medleydb, make_slakh, tone, write
-
-
-@pytest.fixture
-def library(tmp_path) -> Library:
-    return Library(DataRoot(tmp_path / "data").ensure())
-
-
-@pytest.fixture(scope="module")
-def mapping() -> Mapping:
-    return Mapping.defaults()
 
 
 def test_medleydb_import_classes_mix_and_metadata(tmp_path, library, mapping):
@@ -185,8 +172,8 @@ def test_import_reports_progress_and_stops_when_asked(tmp_path, library, mapping
 def test_generated_medleydb_and_slakh_folders_import_completely(tmp_path, library, mapping):
     from services.ingestion.synth import generate_songs
 
-    generate_songs(tmp_path / "gen-mdb", songs=2, seconds=6, seed=5, layout="medleydb", rate=22050)
-    generate_songs(tmp_path / "gen-slakh", songs=2, seconds=6, seed=5, layout="slakh", rate=22050)
+    generate_songs(tmp_path / "gen-mdb", songs=2, seconds=3, seed=5, layout="medleydb", rate=22050)
+    generate_songs(tmp_path / "gen-slakh", songs=2, seconds=3, seed=5, layout="slakh", rate=22050)
     mdb = import_tracks(library, read_medleydb(tmp_path / "gen-mdb", mapping))
     slakh = import_tracks(library, read_slakh(tmp_path / "gen-slakh", mapping))
     assert mdb.added == ["Synth_Song001", "Synth_Song002"] and not mdb.errors and not mdb.unmapped
@@ -194,6 +181,6 @@ def test_generated_medleydb_and_slakh_folders_import_completely(tmp_path, librar
     assert not mdb.disagreements and not slakh.disagreements
     for track_id in mdb.added + slakh.added:
         t = library.load(track_id)
-        assert t.rate == 22050 and t.duration_seconds == pytest.approx(6.0, abs=0.01)
+        assert t.rate == 22050 and t.duration_seconds == pytest.approx(3.0, abs=0.01)
         assert "mix" in t.classes() and {"guitar", "piano"} & t.classes()
         assert all(s.cls is not None and not s.suggested for s in t.stems)

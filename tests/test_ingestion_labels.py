@@ -11,7 +11,7 @@ import soundfile as sf
 from services.common.errors import InvalidArgumentError, NotFoundError
 from services.common.library import Library
 from services.common.paths import DataRoot
-from services.ingestion.importers import import_tracks, read_medleydb, read_stem_folders
+from services.ingestion.importers import import_tracks, read_stem_folders
 from services.ingestion.labels import (
     TrackFilter,
     apply_mapping,
@@ -22,56 +22,49 @@ from services.ingestion.labels import (
 )
 from services.ingestion.listening import audible_bounds, listening_parts, split_parts
 from services.ingestion.mapping import Mapping, update_user_mapping
-from tests.ingestion_data import RATE, make_medleydb, tone, write
+from tests.ingestion_data import RATE, tone, write
 
 
-@pytest.fixture
-def library(tmp_path) -> Library:
-    lib = Library(DataRoot(tmp_path / "data").ensure())
-    import_tracks(lib, read_medleydb(make_medleydb(tmp_path / "mdb", songs=2, seconds=1.0), Mapping.defaults()))
-    return lib
-
-
-def test_list_filters_and_pages(library):
-    set_mark(library, "Artist1_Song1", "guitar", "checked")
-    page, token, total = list_tracks(library, TrackFilter(mark="checked", instrument="guitar"))
+def test_list_filters_and_pages(two_song_library):
+    set_mark(two_song_library, "Artist1_Song1", "guitar", "checked")
+    page, token, total = list_tracks(two_song_library, TrackFilter(mark="checked", instrument="guitar"))
     assert [t.id for t in page] == ["Artist1_Song1"] and token == "" and total == 1
-    page, token, total = list_tracks(library, TrackFilter(mark="checked", instrument="guitar", without_mark=True))
+    page, token, total = list_tracks(two_song_library, TrackFilter(mark="checked", instrument="guitar", without_mark=True))
     assert [t.id for t in page] == ["Artist2_Song2"]
-    page, token, total = list_tracks(library, TrackFilter(has_class="piano"), page_size=1)
+    page, token, total = list_tracks(two_song_library, TrackFilter(has_class="piano"), page_size=1)
     assert [t.id for t in page] == ["Artist1_Song1"] and token == "" and total == 1
-    page, token, total = list_tracks(library, page_size=1)
+    page, token, total = list_tracks(two_song_library, page_size=1)
     assert total == 2 and token == "Artist1_Song1"
-    page2, token2, _ = list_tracks(library, page_size=1, page_token=token)
+    page2, token2, _ = list_tracks(two_song_library, page_size=1, page_token=token)
     assert [t.id for t in page2] == ["Artist2_Song2"] and token2 == ""
-    assert [t.id for t in list_tracks(library, TrackFilter(unmapped=True))[0]] == ["Artist2_Song2"]
+    assert [t.id for t in list_tracks(two_song_library, TrackFilter(unmapped=True))[0]] == ["Artist2_Song2"]
     with pytest.raises(InvalidArgumentError):
-        list_tracks(library, TrackFilter(mark="sparkly"))
+        list_tracks(two_song_library, TrackFilter(mark="sparkly"))
 
 
-def test_marks_record_when_and_clear(library):
-    t = set_mark(library, "Artist1_Song1", "guitar", "bleed")
+def test_marks_record_when_and_clear(two_song_library):
+    t = set_mark(two_song_library, "Artist1_Song1", "guitar", "bleed")
     when = t.marks["guitar"]["bleed"]
     assert when.endswith("Z")
-    assert set_mark(library, "Artist1_Song1", "guitar", "bleed").marks["guitar"]["bleed"] == when
-    assert not set_mark(library, "Artist1_Song1", "guitar", "bleed", on=False).marks
+    assert set_mark(two_song_library, "Artist1_Song1", "guitar", "bleed").marks["guitar"]["bleed"] == when
+    assert not set_mark(two_song_library, "Artist1_Song1", "guitar", "bleed", on=False).marks
     with pytest.raises(NotFoundError):
-        set_mark(library, "Nope", "guitar", "bleed")
+        set_mark(two_song_library, "Nope", "guitar", "bleed")
     with pytest.raises(InvalidArgumentError):
-        set_mark(library, "Artist1_Song1", "guitar", "shiny")
+        set_mark(two_song_library, "Artist1_Song1", "guitar", "shiny")
 
 
-def test_unmapped_names_are_fixed_by_mapping_and_reapply(library):
-    assert unmapped_names(library) == {"piano; tack piano": 1}
-    entries = update_user_mapping(library.data, {"Tack Piano": "piano"})
+def test_unmapped_names_are_fixed_by_mapping_and_reapply(two_song_library):
+    assert unmapped_names(two_song_library) == {"piano; tack piano": 1}
+    entries = update_user_mapping(two_song_library.data, {"Tack Piano": "piano"})
     assert entries == {"tack piano": "piano"}
-    result = apply_mapping(library, Mapping.load(library.data))
+    result = apply_mapping(two_song_library, Mapping.load(two_song_library.data))
     assert result == {"tracks_changed": ["Artist2_Song2"], "still_unmapped": {}}
-    assert unmapped_names(library) == {}
-    stem = [s for s in library.load("Artist2_Song2").stems if "STEM_04" in s.file][0]
+    assert unmapped_names(two_song_library) == {}
+    stem = [s for s in two_song_library.load("Artist2_Song2").stems if "STEM_04" in s.file][0]
     assert stem.cls == "piano" and not stem.suggested
     with pytest.raises(InvalidArgumentError):
-        update_user_mapping(library.data, {"kazoo": "kazoos"})
+        update_user_mapping(two_song_library.data, {"kazoo": "kazoos"})
 
 
 def test_confirmed_class_survives_reapply(tmp_path):

@@ -6,12 +6,7 @@ import pretty_midi
 import pytest
 
 from services.common.library import CLASSES
-from services.ingestion.mapping import Mapping, filename_words
-
-
-@pytest.fixture(scope="module")
-def mapping() -> Mapping:
-    return Mapping.defaults()
+from services.ingestion.mapping import filename_words
 
 
 def test_every_general_midi_program_and_slakh_class_is_mapped(mapping):

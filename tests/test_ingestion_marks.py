@@ -10,22 +10,15 @@ from services.common.paths import DataRoot
 from services.ingestion.importers import import_tracks, read_medleydb
 from services.ingestion.mapping import Mapping
 from services.ingestion.marks import MarksError, export_marks, import_marks, read_track_list
-from tests.ingestion_data import make_medleydb, tone, write
+from tests.ingestion_data import tone, write
 
 
-@pytest.fixture
-def library(tmp_path) -> Library:
-    lib = Library(DataRoot(tmp_path / "data").ensure())
-    import_tracks(lib, read_medleydb(make_medleydb(tmp_path / "mdb", songs=2, seconds=1.0), Mapping.defaults()))
-    return lib
-
-
-def test_marks_round_trip_through_the_thesis_yaml(library, tmp_path):
-    t = library.load("Artist1_Song1")
+def test_marks_round_trip_through_the_thesis_yaml(two_song_library, tmp_path):
+    t = two_song_library.load("Artist1_Song1")
     t.set_mark("guitar", "checked")
     t.set_mark("guitar", "bleed")
-    library.save(t)
-    text = export_marks(library, "guitar", "yaml")
+    two_song_library.save(t)
+    text = export_marks(two_song_library, "guitar", "yaml")
     data = yaml.safe_load(text)
     assert data["Artist1_Song1"] == {"audible": False, "bad_quality": False, "bleed": True, "checked": True,
                                      "detailed": False, "inaudible": False, "mislabeled": False, "missing": False}
@@ -44,31 +37,31 @@ def test_marks_round_trip_through_the_thesis_yaml(library, tmp_path):
     assert other.load("Artist1_Song1").usable_for("guitar")
 
 
-def test_marks_round_trip_through_csv_and_thesis_names(library, tmp_path):
-    t = library.load("Artist2_Song2")
+def test_marks_round_trip_through_csv_and_thesis_names(two_song_library, tmp_path):
+    t = two_song_library.load("Artist2_Song2")
     t.set_mark("piano", "missing")
-    library.save(t)
-    csv_text = export_marks(library, "piano", "csv")
+    two_song_library.save(t)
+    csv_text = export_marks(two_song_library, "piano", "csv")
     assert csv_text.splitlines()[0] == "track,instrument,missing,bleed,bad_quality,inaudible,mislabeled,detailed,checked"
     assert "Artist2_Song2,piano,1,0,0,0,0,0,0" in csv_text
     t.clear_mark("piano", "missing")
-    library.save(t)
-    assert not library.load("Artist2_Song2").marks
-    result = import_marks(library, csv_text, "piano", "csv")
+    two_song_library.save(t)
+    assert not two_song_library.load("Artist2_Song2").marks
+    result = import_marks(two_song_library, csv_text, "piano", "csv")
     assert result["updated"] == ["Artist2_Song2"]
-    assert library.load("Artist2_Song2").has_mark("piano", "missing")
+    assert two_song_library.load("Artist2_Song2").has_mark("piano", "missing")
     # Unknown tracks are reported, not guessed; titles match too.
-    res = import_marks(library, yaml.safe_dump({"Song 1": {"checked": True}, "NoSuchSong": {"checked": True}}),
+    res = import_marks(two_song_library, yaml.safe_dump({"Song 1": {"checked": True}, "NoSuchSong": {"checked": True}}),
                        "drums")
     assert res == {"updated": ["Artist1_Song1"], "unchanged": [], "unmatched": ["NoSuchSong"], "ignored": []}
 
 
-def test_bad_marks_files_are_refused_before_anything_changes(library):
+def test_bad_marks_files_are_refused_before_anything_changes(two_song_library):
     with pytest.raises(MarksError):
-        import_marks(library, "Artist1_Song1: {checked: maybe}", "guitar")
+        import_marks(two_song_library, "Artist1_Song1: {checked: maybe}", "guitar")
     with pytest.raises(MarksError):
-        import_marks(library, "Artist1_Song1: {checked: true}", "kazoo")
-    assert not library.load("Artist1_Song1").marks
+        import_marks(two_song_library, "Artist1_Song1: {checked: true}", "kazoo")
+    assert not two_song_library.load("Artist1_Song1").marks
 
 
 def _thesis_list(tmp_path, audio_root):

@@ -17,8 +17,10 @@ from model.config import ConfigError, config_from_dict, config_to_dict, make_con
 from model.export import ExportError, export_saved_model, load_exported_networks, read_export_info, versions
 from model.loss import masked_l1
 from model.network import build_network, fold_batch_norm, trainable_parameter_count
-from model.separate import separate_waveform, spectrogram_mask
-from model.spectral import from_network_rows, istft, magnitude, stft, to_network_rows
+from model.separate import crossfade_weights, separate_waveform, spectrogram_mask
+from model.spectral import _window, from_network_rows, istft, magnitude, stft, to_network_rows
+from model.windows import hann, triangle
+from services.serving.client import segment_window
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +55,20 @@ def test_unknown_or_impossible_overrides_are_rejected():
         make_config("huge")
     config = make_config("cpu", {"hourglass_filters": 24})
     assert config_from_dict(json.loads(json.dumps(config_to_dict(config)))) == config
+
+
+def test_one_hann_window_and_one_triangle_serve_every_side():
+    """The STFT window is librosa's periodic Hann to the bit, so the evaluation baselines' librosa STFT
+    and the model's are one; the chunk cross-fade inside the SavedModel is the client's segment window."""
+    config = make_config("thesis")
+    for n_fft in (256, 1536):
+        assert np.array_equal(hann(n_fft), librosa.filters.get_window("hann", n_fft, fftbins=True).astype(np.float32))
+    assert np.array_equal(_window(config).numpy(), hann(config.n_fft))
+    assert segment_window is triangle
+    assert np.array_equal(crossfade_weights(config).numpy(), triangle(config.chunk_frames))
+    weights = triangle(7)
+    assert weights.max() == 1.0 and weights.min() > 0 and np.array_equal(weights, weights[::-1])
+    assert np.allclose(np.diff(weights[:4]), weights[0])  # a straight ramp up to the middle
 
 
 def test_stft_matches_librosa_and_inverse_returns_exact_length_and_signal():

@@ -27,6 +27,7 @@ from tensorflow_serving.config import model_server_config_pb2
 from services.serving.config import load_model_config, rebase, rebased_config_text
 from services.serving.local import running_server, write_config
 from services.serving.reference_models import save_gain_model
+from tests.polling import wait_until
 
 MAX_MESSAGE_MB = 8
 
@@ -299,15 +300,6 @@ def test_a_model_that_fails_to_load_reports_its_error_and_the_others_keep_servin
     assert tf.make_ndarray(response.outputs["instrument"]).tolist() == [[1.0, 1.0, 1.0]]
 
 
-def wait_until(condition, timeout_seconds=30.0):
-    deadline = time.monotonic() + timeout_seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.2)
-    return False
-
-
 def test_a_new_version_is_served_without_restart_and_half_written_ones_are_ignored(server, models_root):
     base = models_root / "versioned"
     # Half-written publications: a temp name holding a complete model, and a version folder
@@ -316,14 +308,14 @@ def test_a_new_version_is_served_without_restart_and_half_written_ones_are_ignor
     shutil.copytree(base / ".tmp-5", base / "tmp-6")
     (base / "7" / "variables").mkdir(parents=True)
     shutil.copy(base / ".tmp-5" / "variables" / "variables.index", base / "7" / "variables")
-    time.sleep(1.5)  # several polls
+    time.sleep(1.0)  # a negative check: three polls of the server (every 0.3 s) must not pick these up
     status, body = rest(server, "/v1/models/versioned:predict", {"instances": [[4.0]]})
     assert (status, body["predictions"][0]["instrument"]) == (200, [4.0])
     assert [v["version"] for v in rest(server, "/v1/models/versioned")[1]["model_version_status"]] == ["1"]
 
     os.rename(base / ".tmp-5", base / "5")  # the atomic publication
-    assert wait_until(lambda: rest(server, "/v1/models/versioned:predict",
-                                   {"instances": [[4.0]]})[1]["predictions"][0]["instrument"] == [1.0])
+    wait_until(lambda: rest(server, "/v1/models/versioned:predict",
+                            {"instances": [[4.0]]})[1]["predictions"][0]["instrument"] == [1.0], interval=0.1)
     states = {v["version"]: v["state"] for v in rest(server, "/v1/models/versioned")[1]["model_version_status"]}
     assert states == {"5": "AVAILABLE", "1": "END"}
     assert rest(server, "/v1/models/versioned/versions/1:predict", {"instances": [[4.0]]})[0] == 404

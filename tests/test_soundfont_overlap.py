@@ -1,4 +1,4 @@
-"""bench/soundfont_overlap.py: telling a held-out soundfont's reused samples from its own."""
+"""research/soundfont_overlap.py: telling a held-out soundfont's reused samples from its own."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.soundfont_overlap import overlap, parse_programs, render_programs, similarity
+from research.soundfont_overlap import overlap, parse_programs, render_programs, similarity
 from services.ingestion.synth.rendering import DEFAULT_SOUNDFONT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ def test_a_font_shares_every_program_with_itself_and_none_with_other_instruments
 
 
 def test_the_command_reports_shared_programs_and_refuses_bad_input(tmp_path):
-    script = [sys.executable, str(ROOT / "bench" / "soundfont_overlap.py")]
+    script = [sys.executable, str(ROOT / "research" / "soundfont_overlap.py")]
     out = tmp_path / "overlap.json"
     done = subprocess.run([*script, "--held", str(DEFAULT_SOUNDFONT), "--train", str(DEFAULT_SOUNDFONT),
                            "--programs", "0,24-25", "--out", str(out)], capture_output=True, text=True, timeout=300)

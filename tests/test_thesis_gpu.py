@@ -1,4 +1,4 @@
-"""bench/thesis_gpu: the features in keras.ops, the packing of songs, and the import of JAX-trained weights.
+"""research/thesis_gpu: the features in keras.ops, the packing of songs, and the import of JAX-trained weights.
 
 The trainer itself needs JAX (a GPU machine); what it computes is held here to the training
 service's own TensorFlow code, and its output format to what evaluation and export read.
@@ -13,14 +13,14 @@ import pytest
 import tensorflow as tf
 import yaml
 
-from bench.thesis_gpu import features
-from bench.thesis_gpu.import_run import ImportFailed, import_run
-from bench.thesis_gpu.pack import pack
-from bench.thesis_gpu.train_jax import load_tracks, parse_sets, write_parts
 from model.checkpoint import load_best_network
 from model.config import config_to_dict, make_config
 from model.loss import masked_l1_per_chunk
 from model.network import build_network
+from research.thesis_gpu import features
+from research.thesis_gpu.import_run import ImportFailed, import_run
+from research.thesis_gpu.pack import pack
+from research.thesis_gpu.train_jax import load_tracks, parse_sets, write_parts
 from services.common.audio import write_audio
 from services.common.manifest import Manifest, Pair, publish_manifest
 from services.common.paths import DataRoot
@@ -132,7 +132,7 @@ def test_packed_songs_rebuild_both_instruments_pairs(tmp_path):
 
 
 def test_shards_of_one_order_never_overlap_and_train_jax_joins_them(tmp_path):
-    from bench.thesis_gpu.train_jax import load_all_tracks, read_indexes
+    from research.thesis_gpu.train_jax import load_all_tracks, read_indexes
 
     data = DataRoot(tmp_path / "data").ensure()
     songs = {f"Song{i}": ("validation" if i == 6 else "train", _song(i, 1.0)) for i in range(7)}
@@ -184,9 +184,9 @@ def test_songs_of_one_set_only_are_packed_for_that_instrument_alone(tmp_path):
 def test_one_network_of_an_export_becomes_start_weights_for_a_gpu_run(tmp_path):
     """member_weights writes an ensemble member's weights; train_jax --init-weights loads them, and
     refuses those of another network or spectrogram before training."""
-    from bench.thesis_gpu.member_weights import write_member
-    from bench.thesis_gpu.train_jax import load_init_weights
     from model.export import export_saved_model
+    from research.thesis_gpu.member_weights import write_member
+    from research.thesis_gpu.train_jax import load_init_weights
 
     config = make_config("tiny")
     members = [build_network(config) for _ in range(2)]
@@ -239,7 +239,7 @@ def _trained_output(folder, config, network, val_loss=0.5):
 
 
 def test_imported_weights_become_a_run_that_evaluation_and_export_read(tmp_path, monkeypatch):
-    monkeypatch.setattr("bench.thesis_gpu.train_jax.PART_BYTES", 20_000)  # several parts, joined in order
+    monkeypatch.setattr("research.thesis_gpu.train_jax.PART_BYTES", 20_000)  # several parts, joined in order
     config = make_config("tiny")
     network = build_network(config)
     network(np.random.default_rng(0).uniform(size=(2, config.freq_rows, 16, 1)).astype(np.float32), training=True)
@@ -253,7 +253,7 @@ def test_imported_weights_become_a_run_that_evaluation_and_export_read(tmp_path,
     np.testing.assert_array_equal(loaded(x, training=False).numpy(), network(x, training=False).numpy())
     info = yaml.safe_load((run_dir / "run.yaml").read_text())
     assert info["state"] == "completed" and info["best_epoch"] == 2 and info["preset"] == "tiny"
-    assert info["trained_by"]["tool"] == "bench/thesis_gpu/train_jax.py" and info["trained_by"]["chunks"] == 9600
+    assert info["trained_by"]["tool"] == "research/thesis_gpu/train_jax.py" and info["trained_by"]["chunks"] == 9600
     assert info["manifest"] == {"name": "guitar", "version": 9, "checksum": "abc"}  # not on this root: no path
     assert [row["val_loss"] for row in read_history(run_dir)] == [0.7, 0.5]
     with pytest.raises(ImportFailed, match="exists"):

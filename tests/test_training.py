@@ -1,4 +1,5 @@
-"""Training domain: input pipeline, the training loop, cancel, resume after kill -9, export, multi-worker."""
+"""Training domain: input pipeline, the training loop, cancel, resume, export (processes of their own:
+test_training_processes.py)."""
 
 from __future__ import annotations
 
@@ -6,83 +7,21 @@ import gc
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
 import tensorflow as tf
 import yaml
 
+from model.checkpoint import load_best_network, read_run
 from model.config import config_to_dict, make_config
 from model.separate import separate_waveform
 from services.common.errors import FailedPreconditionError, InvalidArgumentError
-from services.common.manifest import Manifest, Pair
 from services.training import data, sampling
-from services.training.trainer import (
-    export_run,
-    load_best_network,
-    read_history,
-    read_run,
-    resume_run,
-    split_overrides,
-    train_run,
-)
-
-RATE = 22050
-ROOT = Path(__file__).resolve().parents[1]
-# Small and quick: 8 steps of 8 chunks per epoch with the tiny preset.
-FAST = {"preset": "tiny", "steps_per_epoch": 8, "batch_size": 8, "seed": 3, "patience": 20}
-
-
-def _instrument(rng, seconds):
-    """A harmonic 'instrument': notes of random pitch with 5 harmonics, changing every 0.25 s."""
-    t = np.arange(int(seconds * RATE)) / RATE
-    out = np.zeros_like(t)
-    note = int(0.25 * RATE)
-    for start in range(0, t.size, note):
-        f0 = rng.uniform(200, 800)
-        seg = t[start : start + note]
-        out[start : start + note] = sum(np.sin(2 * np.pi * f0 * k * seg) / k for k in range(1, 6))
-    return (0.2 * out).astype(np.float32)
-
-
-def _rest(rng, seconds):
-    """A noisy, drum-like 'rest': decaying noise bursts every 0.2 s."""
-    n = int(seconds * RATE)
-    out = np.zeros(n)
-    for start in range(0, n, int(0.2 * RATE)):
-        burst = rng.standard_normal(min(3000, n - start)) * np.exp(-np.arange(min(3000, n - start)) / 600)
-        out[start : start + burst.size] += burst
-    return (0.2 * out).astype(np.float32)
-
-
-def make_dataset(root: Path, tracks=8, validation=2, seconds=3.0, sources=None) -> Path:
-    """A data root with tracks written as wav and a manifest naming them; returns the manifest path."""
-    rng = np.random.default_rng(11)
-    pairs = []
-    for i in range(tracks):
-        name = f"Synth_{i:02d}"
-        folder = root / "mixes" / "guitar" / str(RATE) / name
-        folder.mkdir(parents=True, exist_ok=True)
-        sf.write(folder / "instrument.wav", _instrument(rng, seconds), RATE, subtype="FLOAT")
-        sf.write(folder / "rest.wav", _rest(rng, seconds), RATE, subtype="FLOAT")
-        source = "synthetic" if i % 2 == 0 else "solo"
-        pairs.append(Pair(track=name, source=source, split="validation" if i < validation else "train",
-                          instrument=f"mixes/guitar/{RATE}/{name}/instrument.wav",
-                          rest=f"mixes/guitar/{RATE}/{name}/rest.wav", seconds=seconds))
-    manifest = Manifest(name="synth", version=1, instrument="guitar", rate=RATE, channels=1, created="",
-                        code_version="test", params={}, sources=sources or {"synthetic": 1.0, "solo": 1.0}, pairs=pairs)
-    manifest.checksum = manifest.compute_checksum()
-    path = root / "datasets" / "synth" / "v1" / "manifest.yaml"
-    path.parent.mkdir(parents=True)
-    path.write_text(manifest.to_yaml())
-    return path
+from services.training.export import export_run
+from services.training.trainer import read_history, resume_run, split_overrides, train_run
+from tests.training_data import FAST, RATE, make_dataset
 
 
 @pytest.fixture(scope="module")
@@ -674,7 +613,7 @@ def test_two_runs_in_one_process_take_turns_and_both_finish(dataset, tmp_path, m
     overlap, and checkpoints, networks and datasets are made and restored only in a run's turn."""
     import threading
 
-    from services.training import trainer
+    from services.training import trainer, turns
 
     inside, order, overlaps = [0], [], []
 
@@ -695,7 +634,7 @@ def test_two_runs_in_one_process_take_turns_and_both_finish(dataset, tmp_path, m
             self.lock.release()
 
     lock = CountingLock()
-    monkeypatch.setattr(trainer, "_TF_TURN", lock)
+    monkeypatch.setattr(turns, "_TURN", lock)
     outside_turn = []
 
     def in_turn(real):
@@ -999,208 +938,3 @@ def test_an_exported_model_alone_is_exported_again_with_the_same_separation(data
         jobs.validate_export(data, {"run_id": "", "model_name": "older", "with_models": []})
     with pytest.raises(InvalidArgumentError, match="nothing to export"):
         export_run(None, data.models, "older")
-
-
-# ---- processes: kill -9 and multi-worker ------------------------------------------------------
-
-_CHILD = """
-import json, sys
-from services.training.trainer import train_run
-args = json.loads(sys.argv[1])
-result = train_run(**args)
-print("RESULT " + json.dumps({k: result[k] for k in ("state", "epochs_completed", "global_step", "history")}))
-"""
-
-
-def _child_env(**extra):
-    return {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "", **extra}
-
-
-@pytest.mark.slow
-def test_kill_9_mid_training_then_restart_resumes_from_the_checkpoint(dataset, tmp_path):
-    root, manifest = dataset
-    run_dir = root / "runs" / "killed"
-    # The foreground runner (what the Kubernetes job runs), killed without warning.
-    command = [sys.executable, "-m", "services.training.run", "--data", str(root), "--dataset", "synth",
-               "--run", "killed", "--epochs", "40", "--preset", FAST["preset"],
-               "--steps-per-epoch", str(FAST["steps_per_epoch"]), "--batch-size", str(FAST["batch_size"]),
-               "--seed", str(FAST["seed"]), "--patience", str(FAST["patience"])]
-    child = subprocess.Popen(command, cwd=ROOT, env=_child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 90
-        while len(read_history(run_dir)) < 2:
-            assert child.poll() is None, "training process ended early"
-            assert time.monotonic() < deadline, "no epoch finished in time"
-            time.sleep(0.2)
-    finally:
-        child.send_signal(signal.SIGKILL)
-        child.wait()
-    before = read_history(run_dir)
-    assert read_run(run_dir)["state"] == "running"  # it died without a word
-    target = len(before) + 2
-    result = train_run(run_dir, manifest, root, epochs=target, **{k: v for k, v in FAST.items()})
-    epochs = [row["epoch"] for row in result["history"]]
-    assert epochs == list(range(1, target + 1))  # continued, not restarted from zero
-    assert result["history"][: len(before)] == before[: len(before)]
-    assert result["global_step"] == target * FAST["steps_per_epoch"]
-
-
-def _free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("localhost", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-@pytest.mark.slow
-def test_two_workers_with_tf_config_train_one_step_together(dataset, tmp_path):
-    root, manifest = dataset
-    cluster = {"worker": [f"localhost:{p}" for p in _free_ports(2)]}
-    children = []
-    for index in range(2):
-        args = {"run_dir": str(tmp_path / "run"), "manifest_path": str(manifest), "data_root": str(root),
-                "epochs": 1, "preset": "tiny", "steps_per_epoch": 1, "batch_size": 2, "seed": 1}
-        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
-        children.append(subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps(args)],
-                                         env=_child_env(TF_CONFIG=tf_config), stdout=subprocess.PIPE,
-                                         stderr=subprocess.PIPE, text=True))
-    outputs = []
-    for child in children:
-        try:
-            out, err = child.communicate(timeout=150)
-        except subprocess.TimeoutExpired:
-            for c in children:
-                c.kill()
-            pytest.fail("multi-worker training did not finish")
-        assert child.returncode == 0, err[-2000:]
-        outputs.append(json.loads(out.split("RESULT ", 1)[1]))
-    assert all(o["state"] == "completed" and o["global_step"] == 1 for o in outputs)
-    # One step of one model: both workers report the same all-reduced training loss.
-    assert outputs[0]["history"][0]["loss"] == pytest.approx(outputs[1]["history"][0]["loss"], rel=1e-5)
-    # Gradients are all-reduced, so weights agree; batch-norm moving statistics are each worker's own
-    # (its local batch), so the inference-mode validation loss agrees only closely.
-    assert outputs[0]["history"][0]["val_loss"] == pytest.approx(outputs[1]["history"][0]["val_loss"], rel=2e-2)
-    assert read_history(tmp_path / "run")[0]["epoch"] == 1  # only the chief wrote the run folder
-    assert yaml.safe_load((tmp_path / "run" / "run.yaml").read_text())["state"] == "completed"
-
-
-# ---- the gRPC service ---------------------------------------------------------------------------
-
-
-def _wait_job(stub, job_id, states, timeout=120):
-    from stemlab.v1 import jobs_pb2
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = stub.GetJob(jobs_pb2.GetJobRequest(id=job_id))
-        if job.state in states:
-            return job
-        time.sleep(0.3)
-    pytest.fail(f"job {job_id} did not reach {states}")
-
-
-@pytest.mark.slow
-def test_service_trains_resumes_after_a_crash_and_exports(tmp_path):
-    import grpc
-
-    from stemlab.v1 import jobs_pb2, jobs_pb2_grpc, training_pb2, training_pb2_grpc
-    from tests.servicetools import ServiceProcess
-
-    make_dataset(tmp_path)
-    env = {"TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
-    service = ServiceProcess("training", tmp_path, env=env).start()
-    try:
-        with service.channel() as channel:
-            training, job_stub = training_pb2_grpc.TrainingServiceStub(channel), jobs_pb2_grpc.JobsStub(channel)
-            with pytest.raises(grpc.RpcError) as e:
-                training.StartTraining(training_pb2.StartTrainingRequest(dataset="nope", preset="tiny"))
-            assert e.value.code() == grpc.StatusCode.NOT_FOUND
-            with pytest.raises(grpc.RpcError) as e:
-                training.StartTraining(training_pb2.StartTrainingRequest(dataset="synth", preset="tiny",
-                                                                         overrides={"filterz": "3"}))
-            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "filterz" in e.value.details()
-            job = training.StartTraining(training_pb2.StartTrainingRequest(
-                dataset="synth", preset="tiny", run_id="r1", epochs=400, patience=400, steps_per_epoch=8, batch_size=8,
-                seed=1, overrides={"hourglass_filters": "6"}))
-            assert job.kind == "training.train"
-            run_dir = tmp_path / "runs" / "r1"
-            deadline = time.monotonic() + 120
-            while len(read_history(run_dir)) < 2:
-                assert time.monotonic() < deadline, service.log()[-3000:]
-                time.sleep(0.3)
-        service.kill()  # kill -9: the job stays RUNNING in the store, the run mid-epoch
-        service.proc.wait()
-        before = read_history(run_dir)
-
-        service = ServiceProcess("training", tmp_path, port=service.port, env=env).start()
-        with service.channel() as channel:
-            training, job_stub = training_pb2_grpc.TrainingServiceStub(channel), jobs_pb2_grpc.JobsStub(channel)
-            assert job_stub.GetJob(jobs_pb2.GetJobRequest(id=job.id)).error == "interrupted"
-            resumes = job_stub.ListJobs(jobs_pb2.ListJobsRequest(kind="training.resume")).jobs
-            assert len(resumes) == 1 and resumes[0].params["run_id"] == "r1"
-            deadline = time.monotonic() + 120
-            while len(read_history(run_dir)) < len(before) + 1:
-                assert time.monotonic() < deadline, service.log()[-3000:]
-                time.sleep(0.3)
-            # The one worker is busy training; an export has a lane of its own and does not wait for it.
-            export = training.ExportModel(training_pb2.ExportModelRequest(run_id="r1", model_name="guitar"))
-            done = _wait_job(job_stub, export.id, (jobs_pb2.SUCCEEDED, jobs_pb2.FAILED))
-            assert done.state == jobs_pb2.SUCCEEDED, done.error
-            assert done.result["version"] == 1 and (tmp_path / "models" / "guitar" / "1" / "saved_model.pb").is_file()
-            assert job_stub.GetJob(jobs_pb2.GetJobRequest(id=resumes[0].id)).state == jobs_pb2.RUNNING
-            job_stub.CancelJob(jobs_pb2.CancelJobRequest(id=resumes[0].id))
-            _wait_job(job_stub, resumes[0].id, (jobs_pb2.CANCELLED,))
-
-            run = training.GetRun(training_pb2.GetRunRequest(run_id="r1"))
-            epochs = [h.epoch for h in run.history]
-            assert epochs == list(range(1, len(epochs) + 1)) and len(epochs) > len(before)
-            assert run.history[0].loss == pytest.approx(before[0]["loss"])  # continued, not restarted
-            assert run.summary.state == "cancelled" and run.config["hourglass_filters"] == 6
-            assert [r.run_id for r in training.ListRuns(training_pb2.ListRunsRequest()).runs] == ["r1"]
-
-            with pytest.raises(grpc.RpcError) as e:  # refused before a job starts: it would not fit the weights
-                training.ExportModel(training_pb2.ExportModelRequest(
-                    run_id="r1", model_name="guitar", overrides={"hourglass_filters": "4"}))
-            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cannot change after training" in e.value.details()
-            with pytest.raises(grpc.RpcError) as e:  # resuming may change how it steps, not the network
-                training.ResumeTraining(training_pb2.ResumeTrainingRequest(
-                    run_id="r1", overrides={"hourglass_filters": "4"}))
-            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cannot change when resuming" in e.value.details()
-            with pytest.raises(grpc.RpcError) as e:
-                training.GetRun(training_pb2.GetRunRequest(run_id="../r1"))
-            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-
-            # Fine-tuning the exported model: its preset by default; its network must be the new run's.
-            with pytest.raises(grpc.RpcError) as e:
-                training.StartTraining(training_pb2.StartTrainingRequest(dataset="synth", init_from_model="guitar:5"))
-            assert e.value.code() == grpc.StatusCode.NOT_FOUND and "has no version 5" in e.value.details()
-            with pytest.raises(grpc.RpcError) as e:
-                training.StartTraining(training_pb2.StartTrainingRequest(dataset="synth", init_from_model="guitar"))
-            assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-            assert "model guitar version 1 has another network" in e.value.details() and "hourglass_filters" in e.value.details()
-            tune = training.StartTraining(training_pb2.StartTrainingRequest(
-                dataset="synth", run_id="r2", init_from_model="guitar", epochs=1, steps_per_epoch=2, batch_size=8,
-                overrides={"hourglass_filters": "6"}))
-            done = _wait_job(job_stub, tune.id, (jobs_pb2.SUCCEEDED, jobs_pb2.FAILED))
-            assert done.state == jobs_pb2.SUCCEEDED, done.error
-            assert done.params["init_from_model"] == "guitar:1" and done.params["preset"] == "tiny"
-            assert read_run(tmp_path / "runs" / "r2")["init_from"]["model"] == "guitar"
-            export = training.ExportModel(training_pb2.ExportModelRequest(run_id="r2", model_name="tuned"))
-            assert _wait_job(job_stub, export.id, (jobs_pb2.SUCCEEDED, jobs_pb2.FAILED)).state == jobs_pb2.SUCCEEDED
-            provenance = json.loads((tmp_path / "models" / "tuned" / "1" / "assets.extra" / "stemlab.json").read_text())
-            assert (provenance["init_from"]["model"], provenance["init_from"]["version"]) == ("guitar", 1)
-            # The fine-tune beside the network it started from, in one model; the version is fixed in the job.
-            export = training.ExportModel(training_pb2.ExportModelRequest(
-                run_id="r2", model_name="tuned", with_models=["guitar#1"]))
-            done = _wait_job(job_stub, export.id, (jobs_pb2.SUCCEEDED, jobs_pb2.FAILED))
-            assert done.state == jobs_pb2.SUCCEEDED and list(done.params["with_models"]) == ["guitar:1#1"], done.error
-            provenance = json.loads((tmp_path / "models" / "tuned" / "2" / "assets.extra" / "stemlab.json").read_text())
-            assert [m["source_run"] for m in provenance["members"]] == ["r2", "r1"]
-            with pytest.raises(grpc.RpcError) as e:
-                training.StartTraining(training_pb2.StartTrainingRequest(dataset="synth", init_from_model="tuned:2#3"))
-            assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "no member 3" in e.value.details()
-    finally:
-        service.kill()

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from services.common.errors import InvalidArgumentError
 
-# The default ports of ARCHITECTURE.md.
+# The default ports of docs/architecture.md.
 DEFAULT_PORTS = {
     "ingestion": 50051,
     "processing": 50052,

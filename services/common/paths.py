@@ -165,7 +165,7 @@ class ExclusiveLock:
 
 
 class DataRoot:
-    """The folders under STEMLAB_DATA, as described in ARCHITECTURE.md."""
+    """The folders under STEMLAB_DATA, as described in docs/architecture.md."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).resolve()

@@ -108,40 +108,15 @@ def _parse_ratios(sources: dict[str, float] | None) -> dict[str, float] | None:
     return dict(sorted(ratios.items()))
 
 
-def build_dataset(data_root: str | Path, name: str, instrument: str, rate_hz: int, stereo: bool = False,
-                  also: Sequence[str] = (), sources: dict[str, float] | None = None, max_tracks: int | None = None,
-                  silence_adjusted: tuple[float, float] | None = None,
-                  validation_ratio: float = DEFAULT_VALIDATION_RATIO, validation_tracks: Sequence[str] | None = None,
-                  tracks: Sequence[str] | None = None, include_unchecked: bool = False, ignore_marks: bool = False,
-                  workers: int | None = None,
-                  progress: Callable[[float, float, str], None] | None = None,
-                  should_stop: Callable[[], bool] | None = None) -> dict:
-    """Publish the manifest of dataset `name` (a new version only when something changed).
-
-    tracks: only these track ids are candidates (None: every mixed track); a listed id that has no
-    pair in the mix set is reported in "unknown_tracks".
-    Returns {"name", "version", "created", "path", "pairs", "train", "validation", "left_out", ...}.
-    """
-    data = DataRoot(data_root)
-    validate_dataset_name(name)
-    if not 0.0 <= validation_ratio < 1.0:
-        raise InvalidArgumentError(f"validation ratio must be in [0, 1), got {validation_ratio}")
-    if max_tracks is not None and max_tracks < 1:
-        raise InvalidArgumentError(f"max tracks must be at least 1, got {max_tracks}")
-    ratios = _parse_ratios(sources)
-    only = None if tracks is None else frozenset(tracks)
-    if only is not None and not only:
-        raise InvalidArgumentError("the track list is empty")
-    mixset = MixSet(instrument, int(rate_hz), bool(stereo), tuple(also), silence_adjusted)
-    mixset.require(data)
+def _candidates(data: DataRoot, library: Library, mixset: MixSet, mixed: Sequence[str], instrument: str,
+                only: frozenset[str] | None, ratios: dict[str, float] | None, include_unchecked: bool,
+                ignore_marks: bool) -> tuple[dict[str, list[str]], dict[str, dict], list[dict]]:
+    """The mixed tracks a dataset may use, per source, with their stems' provenance; and the tracks
+    left out, each with the reason a person can act on."""
     base = mixset.base()
-    library = Library(data)
-
-    # 1. Candidates: finished pairs whose track is still usable and whose mix is current.
     candidates: dict[str, list[str]] = {}
     provenance: dict[str, dict] = {}
     left_out = []
-    mixed = mixset.track_ids(data)
     for track_id in mixed:
         if only is not None and track_id not in only:
             continue
@@ -177,6 +152,41 @@ def build_dataset(data_root: str | Path, name: str, instrument: str, rate_hz: in
             "stems": [{"file": s["file"], "class": s["class"], "role": s["role"], "bytes": s["bytes"]}
                       for s in current["stems"]],
         }
+    return candidates, provenance, left_out
+
+
+def build_dataset(data_root: str | Path, name: str, instrument: str, rate_hz: int, stereo: bool = False,
+                  also: Sequence[str] = (), sources: dict[str, float] | None = None, max_tracks: int | None = None,
+                  silence_adjusted: tuple[float, float] | None = None,
+                  validation_ratio: float = DEFAULT_VALIDATION_RATIO, validation_tracks: Sequence[str] | None = None,
+                  tracks: Sequence[str] | None = None, include_unchecked: bool = False, ignore_marks: bool = False,
+                  workers: int | None = None,
+                  progress: Callable[[float, float, str], None] | None = None,
+                  should_stop: Callable[[], bool] | None = None) -> dict:
+    """Publish the manifest of dataset `name` (a new version only when something changed).
+
+    tracks: only these track ids are candidates (None: every mixed track); a listed id that has no
+    pair in the mix set is reported in "unknown_tracks".
+    Returns {"name", "version", "created", "path", "pairs", "train", "validation", "left_out", ...}.
+    """
+    data = DataRoot(data_root)
+    validate_dataset_name(name)
+    if not 0.0 <= validation_ratio < 1.0:
+        raise InvalidArgumentError(f"validation ratio must be in [0, 1), got {validation_ratio}")
+    if max_tracks is not None and max_tracks < 1:
+        raise InvalidArgumentError(f"max tracks must be at least 1, got {max_tracks}")
+    ratios = _parse_ratios(sources)
+    only = None if tracks is None else frozenset(tracks)
+    if only is not None and not only:
+        raise InvalidArgumentError("the track list is empty")
+    mixset = MixSet(instrument, int(rate_hz), bool(stereo), tuple(also), silence_adjusted)
+    mixset.require(data)
+    library = Library(data)
+
+    # 1. Candidates: finished pairs whose track is still usable and whose mix is current.
+    mixed = mixset.track_ids(data)
+    candidates, provenance, left_out = _candidates(data, library, mixset, mixed, instrument, only, ratios,
+                                                   include_unchecked, ignore_marks)
 
     # 2. Choose per source, deterministically: tracks ordered by the md5 of their id.
     available = {s: len(ids) for s, ids in sorted(candidates.items())}

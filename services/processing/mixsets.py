@@ -6,7 +6,7 @@
 
 `<instrument>` is the class asked for; classes added with --also join it with "+" in sorted
 order (e.g. "guitar+piano"), so a different grouping never overwrites another. Mono sets keep
-the plain `<rate>` folder of ARCHITECTURE.md.
+the plain `<rate>` folder of docs/architecture.md.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from model.windows import triangle as segment_window  # the cross-fade model/separate.py uses too
 from services.common.audio import StreamResampler, read_audio, write_audio
 from services.common.config import load_config
 
@@ -229,16 +230,6 @@ def _ndarray(proto) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------
 # Segments and overlap-add (pure array code)
-
-
-def segment_window(length: int) -> np.ndarray:
-    """Triangular weights (length,), positive everywhere so every sample has a nonzero weight sum.
-
-    Neighbouring segments cross-fade linearly where they overlap; the segment borders, where a
-    network sees the least context, get the least weight.
-    """
-    ramp = np.arange(1, length + 1, dtype=np.float64)
-    return np.minimum(ramp, ramp[::-1]).astype(np.float32) / np.float32((length + 1) / 2)
 
 
 class OverlapAdd:

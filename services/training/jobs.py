@@ -18,7 +18,7 @@ from services.common.errors import FailedPreconditionError, InvalidArgumentError
 from services.common.jobs import INTERRUPTED, QUEUED, RUNNING, JobStore
 from services.common.manifest import ManifestError, find_manifest
 from services.common.paths import DataRoot, PathError, parse_model_ref, safe_join, split_member
-from services.training import trainer
+from services.training import export, trainer
 
 TRAIN = "training.train"
 RESUME = "training.resume"
@@ -137,7 +137,7 @@ def validate_resume(data: DataRoot, params: dict) -> dict:
 
 
 def validate_export(data: DataRoot, params: dict) -> dict:
-    # No run: the exported models' networks alone, exported again (trainer.export_run).
+    # No run: the exported models' networks alone, exported again (export.export_run).
     run_ids = [r for r in [params.get("run_id", ""), *(params.get("with_runs") or [])] if r]
     if not run_ids and not params.get("with_models"):
         raise InvalidArgumentError("nothing to export: name a run (run_id) or an exported model (with_models)")
@@ -150,10 +150,10 @@ def validate_export(data: DataRoot, params: dict) -> dict:
             raise FailedPreconditionError(f"run {run_id} has no finished epoch to export yet")
     infos = [trainer.read_run(path) for path in paths]
     # export_run checks this too; here it fails the request instead of a queued job.
-    instruments = {i for i in map(trainer.run_instrument, infos) if i}
+    instruments = {i for i in map(export.run_instrument, infos) if i}
     refs = [exported_member(data, ref) for ref in params.get("with_models") or []]
     params["with_models"] = [ref for ref, _, _ in refs]  # versions fixed now, as for init_from_model
-    members = [m for _, path, member in refs for m in trainer.model_members(path, member)]
+    members = [m for _, path, member in refs for m in export.model_members(path, member)]
     taken = [tuple(m["from_model"].values()) for m in members]
     if len(set(taken)) != len(taken):
         raise InvalidArgumentError(f"an ensemble names each network once (got {params['with_models']})")
@@ -231,7 +231,7 @@ class TrainingJobs:
         source = params.get("run_id") or ", ".join(params.get("with_models") or [])
         ctx.progress(0, 1, f"exporting {source} as {params['model_name']}")
         run = existing_run(self.data, params["run_id"]) if params.get("run_id") else None
-        version = trainer.export_run(run, self.data.models, params["model_name"],
+        version = export.export_run(run, self.data.models, params["model_name"],
                                      params.get("overrides"),
                                      [existing_run(self.data, r) for r in params.get("with_runs") or []],
                                      [exported_member(self.data, r)[1:] for r in params.get("with_models") or []])

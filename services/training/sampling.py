@@ -1,6 +1,6 @@
 """Training chunks in numpy alone: decoded pairs, random augmented segments, fixed validation segments.
 
-Kept free of TensorFlow so that a trainer on another Keras backend (bench/thesis_gpu, on a GPU
+Kept free of TensorFlow so that a trainer on another Keras backend (research/thesis_gpu, on a GPU
 machine without TensorFlow) draws exactly the chunks the training service draws. Training chunks
 are drawn across all tracks (source by the manifest's weights, then track by length), with a random
 gain per source, optionally a speed change and an equaliser, and, sometimes, the instrument of one
@@ -110,7 +110,7 @@ def equalise(audio: np.ndarray, curve_db: np.ndarray) -> np.ndarray:
 # Samples read on each side of a sped-up segment (46 ms at 22.05 kHz) and dropped after the FFT
 # resampling, whose periodic wrap-around rings at the ends: the ringing stays in the margins.
 # (An FFT, not services.common.audio.resample: soxr is not among the GPU machine's packages, and
-# this module must run there; see bench/thesis_gpu/README.md.)
+# this module must run there; see research/thesis_gpu/README.md.)
 SPEED_MARGIN = 1024
 
 
@@ -214,7 +214,7 @@ class ChunkSampler:
     def draw_unequalised(self, rng: np.random.Generator, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """What `draw` draws with the same `rng`, before its equaliser: instrument, rest, and each
         source's `draw_eq` numbers (count, 2, EQ_PARAMETERS), zero when the equaliser is off — so a
-        trainer can apply the equaliser elsewhere (on a GPU: bench/thesis_gpu/features.equalise)."""
+        trainer can apply the equaliser elsewhere (on a GPU: research/thesis_gpu/features.equalise)."""
         seg = self.segment_samples
         aug = self.augmentation
         n = len(self.tracks)

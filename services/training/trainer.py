@@ -1,4 +1,4 @@
-"""Training runs: a custom loop over the mask network with checkpoints, resume, early stopping and export.
+"""Training runs: a custom loop over the mask network with checkpoints, resume and early stopping.
 
 A run lives in one folder (runs/<run>/):
     run.yaml             what defines the run (config, dataset checksum, code version) and its state
@@ -12,6 +12,11 @@ the disk after a few runs.
 Calling `train_run` again on the same folder continues from its last checkpoint. The loop is
 hand-written (tf.GradientTape) because that is what runs under MultiWorkerMirroredStrategy with
 Keras 3; the same loop serves the default strategy (CPU or one GPU) and MirroredStrategy.
+
+`train_run` reads as its steps: `open_run` (a new run, or the recorded one resumed) gives the
+`Run` record, `build` the TF side (`Learner`: network, optimiser, checkpoint), then `train_epochs`
+repeats `train_epoch` and `close_epoch` (validation, best weights, checkpoint, run.yaml). Every TF
+call takes the process's TF turn (turns.py). Export lives in export.py.
 """
 
 from __future__ import annotations
@@ -22,14 +27,11 @@ import io
 import json
 import logging
 import os
-import re
 import shutil
-import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +42,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tensorflow.core.framework import summary_pb2
 
-from model.checkpoint import BEST_WEIGHTS, RUN_FILE, load_best_network, read_run
+from model.checkpoint import BEST_WEIGHTS, RUN_FILE, read_run
 from model.config import (
-    INFERENCE_KEYS,
     PRESETS,
     ConfigError,
     ModelConfig,
@@ -50,13 +51,9 @@ from model.config import (
     config_to_dict,
     init_mismatch,
     make_config,
-    with_inference_overrides,
 )
 from model.export import (
     ExportError,
-    check_ensemble,
-    export_saved_model,
-    load_exported_networks,
     load_exported_weights,
     read_export_info,
 )
@@ -64,25 +61,17 @@ from model.loss import masked_l1_per_chunk
 from model.network import build_network
 from services.common.config import first_error
 from services.common.errors import FailedPreconditionError, InvalidArgumentError
-from services.common.manifest import load_manifest
-from services.common.paths import ExclusiveLock, LockHeldError, PathError, atomic_write_text, safe_join
+from services.common.manifest import Manifest, load_manifest
+from services.common.paths import ExclusiveLock, LockHeldError, atomic_write_text
 from services.training import data, sampling
+from services.training.export import model_members
+from services.training.provenance import code_version, now
+from services.training.turns import tf_turn
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[..., None]
 ShouldStop = Callable[[], bool]
-
-# Runs that share a process (a training service with several workers) take turns for every TF
-# function they run: train step, validation pass, checkpoint save and restore. TF lowers gradient
-# sums to temporary variables in a per-step container whose name is not unique across concurrent
-# function calls, so two train steps at once can fail with AlreadyExistsError
-# ("__per_step_0/AddN_5/tmp_var"; seen here, and tensorflow/tensorflow#23780). Turns per step alone
-# were not enough: a run saving its first checkpoint beside another run's step hung both of TF's
-# inter-op threads in TemporaryVariableOp for good (three runs in one service; gdb, 2026-11-26).
-# The runs share the same CPU cores or GPU anyway, so turns cost little. Never taken twice by one
-# thread (it is not re-entrant).
-_TF_TURN = threading.Lock()
 
 HISTORY_FILE = "history.csv"
 HISTORY_FIELDS = ("epoch", "loss", "val_loss", "seconds", "steps_per_second", "learning_rate")
@@ -113,7 +102,7 @@ class TrainingOptions(BaseModel):
     # Reduce on plateau: after this many epochs without a better val_loss (counted from the last
     # reduction too), multiply the learning rate by lr_plateau_factor, down to min_learning_rate.
     # 0 keeps it constant. A smaller step late in training settles into a lower loss than a constant
-    # one that keeps overshooting; measured in model/pretrained/README.md.
+    # one that keeps overshooting; measured in docs/experiments/02-version-4.md.
     lr_plateau_patience: int = Field(0, ge=0)
     lr_plateau_factor: float = Field(0.3, gt=0.0, lt=1.0)
     min_learning_rate: float = Field(1e-6, ge=0.0)
@@ -175,30 +164,8 @@ def _is_chief(strategy: tf.distribute.Strategy) -> bool:
     return resolver.task_type == "worker" and resolver.task_id == 0
 
 
-def code_version() -> str:
-    """`git describe` of the source tree when it is a git checkout with commits, else the package version."""
-    root = Path(__file__).resolve().parents[2]
-    try:
-        out = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty", "--tags"],
-                             capture_output=True, text=True, timeout=5, check=False)
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    try:
-        from importlib.metadata import version
-
-        return version("stemlab")
-    except Exception:  # noqa: BLE001 - not installed as a distribution
-        return "unknown"
-
-
 def _file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _write_run(run_dir: Path, info: dict[str, Any]) -> None:
@@ -256,6 +223,61 @@ class _State:
         return json.loads(self.history.numpy().decode())
 
 
+@dataclass
+class Run:
+    """A run as this call trains it: its folder, what run.yaml records, and the settings it trains with.
+
+    `record` is run.yaml's content without its state; it gains the best epoch as training goes on.
+    A resumed run keeps its own config, seed, batch and dataset; `changes` (RESUME_KEYS) are what
+    this call changes, and `target_changed` says whether they change what val_loss measures.
+    """
+
+    dir: Path
+    record: dict[str, Any]
+    manifest: Manifest
+    data_root: Path
+    config: ModelConfig
+    options: TrainingOptions
+    seed: int
+    batch_size: int
+    steps_per_epoch: int
+    epochs: int
+    patience: int
+    chief: bool
+    changes: dict[str, Any] = field(default_factory=dict)
+    target_changed: bool = False
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    def save_record(self, state: str, **fields: Any) -> None:
+        """run.yaml with `state` and `fields` (the chief's; other workers keep no record)."""
+        if self.chief:
+            _write_run(self.dir, {**self.record, "state": state, "updated": now(), **fields})
+
+
+@dataclass
+class Learner:
+    """The TF side of a run: network, optimiser, the checkpointed state, and the step functions."""
+
+    strategy: tf.distribute.Strategy
+    network: keras.Model
+    optimizer: keras.optimizers.Optimizer
+    state: _State
+    manager: tf.train.CheckpointManager
+    checkpoint_dir: Path
+    writer: Any  # a tf.summary writer (a no-op one on workers other than the chief)
+    validation: tf.data.Dataset
+    train_step: Callable[..., tf.Tensor]
+    validation_step: Callable[..., tuple[tf.Tensor, tf.Tensor]]
+    resumed_from: str | None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def save_checkpoint(self) -> None:
+        self.manager.save(checkpoint_number=int(self.state.global_step.numpy()))
+
+
 def train_run(
     run_dir: str | os.PathLike,
     manifest_path: str | os.PathLike,
@@ -288,35 +310,81 @@ def train_run(
     if epochs < 1 or patience < 1 or steps_per_epoch < 1 or batch_size < 1:
         raise InvalidArgumentError("epochs, patience, steps_per_epoch and batch_size must be positive")
     strategy = choose_strategy()  # first: MultiWorkerMirroredStrategy must exist before other TF work
-    chief = _is_chief(strategy)
-    run_dir = Path(run_dir)
-    manifest_path, data_root = Path(manifest_path), Path(data_root)
+    run = open_run(Path(run_dir), Path(manifest_path), Path(data_root), preset, overrides, seed=seed,
+                   batch_size=batch_size, steps_per_epoch=steps_per_epoch, epochs=epochs, patience=patience,
+                   changes=changes, init_from=init_from, init_member=init_member, chief=_is_chief(strategy))
+    if run.batch_size % strategy.num_replicas_in_sync:
+        raise InvalidArgumentError(f"batch_size {run.batch_size} must be a multiple of the "
+                                   f"{strategy.num_replicas_in_sync} replicas")
+
+    def stop_requested() -> bool:
+        return bool(should_stop and should_stop())
+
+    lock = _lock_run(run.dir) if run.chief else None
+    sampler = None
+    try:
+        run.save_record("running")
+        try:
+            tracks = data.load_tracks(
+                run.manifest, run.data_root, run.config, data.decoded_cache_dir(run.data_root),
+                progress=lambda done, total, message: progress and progress(0, run.total_steps, message),
+                should_stop=should_stop)
+        except data.LoadingStopped:
+            run.save_record("cancelled")
+            return _summary_before_training(run)
+        augmentation = sampling.Augmentation(run.options.augment_gain_db, run.options.remix_probability,
+                                             run.options.augment_eq_db, run.options.augment_pitch_semitones)
+        sampler = sampling.ChunkSampler(tracks["train"], run.manifest.sources, run.config.segment_samples,
+                                        run.config.rate_hz, augmentation)
+        learner = build(run, strategy, tracks["validation"])
+        report = _reporter(run, learner.state, progress)
+        result_state = train_epochs(run, learner, sampler, report, stop_requested)
+        summary = _summary(run, learner, result_state)
+        run.save_record(result_state, epochs_completed=summary["epochs_completed"],
+                        best_epoch=summary["best_epoch"], best_val_loss=summary["best_val_loss"])
+        if not run.chief:
+            shutil.rmtree(learner.checkpoint_dir, ignore_errors=True)
+        return summary
+    except Exception as e:
+        run.save_record("failed", error=f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        if sampler is not None:
+            sampler.release()
+        if lock:
+            lock.release()
+
+
+def open_run(run_dir: Path, manifest_path: Path, data_root: Path, preset: str, overrides: dict[str, Any] | None,
+             *, seed: int, batch_size: int, steps_per_epoch: int, epochs: int, patience: int,
+             changes: dict[str, Any] | None, init_from: str | os.PathLike | None, init_member: int | None,
+             chief: bool) -> Run:
+    """The run in `run_dir`: resumed from its run.yaml (same dataset, `changes` applied) or new."""
     manifest = load_manifest(manifest_path)
     checksum = manifest.checksum or _file_sha256(manifest_path)
-
-    existing = (run_dir / RUN_FILE).is_file()
-    target_changed = False
-    if existing:
-        info = read_run(run_dir)
-        info.pop("error", None)
-        if info.get("manifest", {}).get("checksum") != checksum:
+    if (run_dir / RUN_FILE).is_file():
+        record = read_run(run_dir)
+        record.pop("error", None)
+        recorded = record.get("manifest", {}).get("checksum")
+        if recorded != checksum:
             raise FailedPreconditionError(f"run {run_dir.name} was trained on another version of the dataset "
-                                          f"(checksum {info.get('manifest', {}).get('checksum')}); start a new run")
-        config = config_from_dict(info["config"])
-        options = TrainingOptions(**info.get("options", {}))
-        seed, batch_size = int(info["seed"]), int(info["batch_size"])
-        steps_per_epoch = int(info["steps_per_epoch"])
-        if changes:  # recorded in run.yaml once they take effect, below
+                                          f"(checksum {recorded}); start a new run")
+        config = config_from_dict(record["config"])
+        options = TrainingOptions(**record.get("options", {}))
+        target_changed = False
+        if changes:  # recorded in run.yaml once they take effect (_record_changes)
             before = options
             config, options = apply_changes(config, options, changes)
             target_changed = any(getattr(options, k) != getattr(before, k) for k in TARGET_KEYS)
+        seed, batch_size = int(record["seed"]), int(record["batch_size"])
+        steps_per_epoch = int(record["steps_per_epoch"])
     elif changes:
         raise FailedPreconditionError(f"run {run_dir.name} does not exist yet: changes apply to a resumed run")
     else:
         config, options = split_overrides(preset, overrides)
         source = check_init_from(init_from, config, init_member) if init_from else None
-        info = {
-            "run_id": run_dir.name, "state": "created", "created": _now(), "preset": preset,
+        record = {
+            "run_id": run_dir.name, "state": "created", "created": now(), "preset": preset,
             "overrides": dict(overrides or {}), "config": config_to_dict(config), "options": options.model_dump(),
             "manifest": {"path": str(manifest_path.resolve()), "name": manifest.name,
                          "version": manifest.version, "checksum": checksum},
@@ -324,236 +392,264 @@ def train_run(
             "steps_per_epoch": steps_per_epoch, "code_version": code_version(),
         }
         if source:
-            info["init_from"] = source
-    info.update(epochs=epochs, patience=patience)
-    if batch_size % strategy.num_replicas_in_sync:
-        raise InvalidArgumentError(f"batch_size {batch_size} must be a multiple of the "
-                                   f"{strategy.num_replicas_in_sync} replicas")
-    lock = _lock_run(run_dir) if chief else None
-    sampler = None
-    try:
-        if chief:
-            _write_run(run_dir, {**info, "state": "running", "updated": _now()})
-        try:
-            tracks = data.load_tracks(
-                manifest, data_root, config,
-                data.decoded_cache_dir(data_root),
-                progress=lambda done, total, message: progress and progress(0, epochs * steps_per_epoch, message),
-                should_stop=should_stop)
-        except data.LoadingStopped:
-            if chief:
-                _write_run(run_dir, {**info, "state": "cancelled", "updated": _now()})
-            return {"run_id": run_dir.name, "run_dir": str(run_dir), "state": "cancelled",
-                    "epochs_completed": int(info.get("epochs_completed") or 0), "global_step": None,
-                    "best_epoch": int(info.get("best_epoch") or 0), "best_val_loss": info.get("best_val_loss"),
-                    "history": read_history(run_dir) if chief else []}
-        augmentation = sampling.Augmentation(options.augment_gain_db, options.remix_probability, options.augment_eq_db,
-                                              options.augment_pitch_semitones)
-        sampler = sampling.ChunkSampler(tracks["train"], manifest.sources, config.segment_samples, config.rate_hz,
-                                    augmentation)
-        segments = sampling.validation_segments(tracks["validation"], config.segment_samples,
-                                                options.validation_chunks_per_track)
-        # Building a run's datasets, network, optimiser and checkpoint is TF work like a step: done
-        # beside another run's step it hung a service with two workers (2026-12-06), so it is a turn.
-        with _TF_TURN:
-            validation = data.validation_dataset(segments, config, batch_size, options.loss_phase_sensitive)
-            keras.utils.set_random_seed(seed)
-            with strategy.scope():
-                network = build_network(config)
-                optimizer = keras.optimizers.Adam(config.learning_rate)
-                optimizer.build(network.trainable_variables)
-            state = _State()
-            checkpoint = tf.train.Checkpoint(model=network, optimizer=optimizer, **state.trackables())
-            # Every worker must write a checkpoint (the writes synchronise); only the chief's is kept.
-            checkpoint_dir = run_dir / "checkpoints" if chief else Path(tempfile.mkdtemp(prefix="stemlab-ckpt-"))
-            manager = tf.train.CheckpointManager(checkpoint, str(checkpoint_dir), max_to_keep=options.checkpoints_kept)
-            writer = tf.summary.create_file_writer(str(run_dir / "logs")) if chief else tf.summary.create_noop_writer()
-            resumed_from = manager.latest_checkpoint
-            if resumed_from:
-                checkpoint.restore(resumed_from).expect_partial()
-            elif info.get("init_from"):  # a new run (no checkpoint yet) starts from another run's weights
-                # (a source still training saves its best weights in its turns)
-                info["init_from"]["sha256"] = _load_initial_weights(network, config, info["init_from"])
-            if changes and "learning_rate" in changes:
-                optimizer.learning_rate = config.learning_rate
-                state.lr_changed_epoch.assign(state.epoch)
-            if target_changed:
-                # Earlier val_loss values measured another loss or training (TARGET_KEYS): the best
-                # epoch is chosen afresh (the next epoch's weights replace best.weights.h5), and
-                # patience counts from here.
-                state.best_val_loss.assign(np.inf)
-                state.best_epoch.assign(state.epoch)
-            if changes:
-                # Checkpoint first, so a restart before the next one cannot go on at the old rate
-                # while run.yaml names the new one.
-                manager.save(checkpoint_number=int(state.global_step.numpy()))
-        if resumed_from:
-            log.info("resumed %s from %s (epoch %d, step %d)", run_dir.name, resumed_from,
-                     int(state.epoch.numpy()), int(state.step_in_epoch.numpy()))
-        elif info.get("init_from"):
-            source = info["init_from"]
-            log.info("%s starts from the weights of %s (epoch %s)", run_dir.name,
-                     f"model {source['model']}:{source['version']}" + (f"#{source['member']}" if source.get("member") else "")
-                     if source.get("saved_model") else source["run_id"],
-                     source["best_epoch"])
-        if changes:  # where they start: a run stopped mid-epoch resumes mid-epoch
-            info.update(config=config_to_dict(config), options=options.model_dump(),
-                        overrides={**(info.get("overrides") or {}), **changes},
-                        changes=[*(info.get("changes") or []),
-                                 {"from_epoch": int(state.epoch.numpy()) + 1,
-                                  "from_step": int(state.step_in_epoch.numpy()) + 1, **changes}])
-            if chief:
-                _write_run(run_dir, {**info, "state": "running", "updated": _now()})
+            record["init_from"] = source
+        target_changed = False
+    record.update(epochs=epochs, patience=patience)
+    return Run(run_dir, record, manifest, data_root, config, options, seed, batch_size, steps_per_epoch,
+               epochs, patience, chief, dict(changes or {}), target_changed)
 
-        @tf.function
-        def train_step(iterator):
-            def step_fn(mix_rows, instrument_rows):
-                with tf.GradientTape() as tape:
-                    mask = network(mix_rows, training=True)
-                    per_chunk = masked_l1_per_chunk(mix_rows, instrument_rows, mask, config.normalise_eps,
-                                                    options.loss_peak_power, options.loss_error_power)
-                    loss = tf.nn.compute_average_loss(per_chunk, global_batch_size=batch_size)
-                gradients = tape.gradient(loss, network.trainable_variables)
-                optimizer.apply_gradients(zip(gradients, network.trainable_variables, strict=True))
-                return loss
 
-            per_replica = strategy.run(step_fn, args=next(iterator))
-            return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+def build(run: Run, strategy: tf.distribute.Strategy, validation_tracks: list[Any]) -> Learner:
+    """The run's validation set, network, optimiser and checkpoint, restored from its last
+    checkpoint or started from the weights it names, with this call's changes applied.
 
-        @tf.function
-        def validation_step(mix_rows, instrument_rows):
-            mask = network(mix_rows, training=False)
-            per_chunk = masked_l1_per_chunk(mix_rows, instrument_rows, mask, config.normalise_eps,
-                                            options.loss_peak_power, options.loss_error_power)
-            return tf.reduce_sum(per_chunk), tf.cast(tf.shape(per_chunk)[0], tf.float32)
+    One TF turn: building beside another run's steps hung a service with two workers (turns.py).
+    """
+    config, options = run.config, run.options
+    segments = sampling.validation_segments(validation_tracks, config.segment_samples,
+                                            options.validation_chunks_per_track)
+    with tf_turn():
+        validation = data.validation_dataset(segments, config, run.batch_size, options.loss_phase_sensitive)
+        keras.utils.set_random_seed(run.seed)
+        with strategy.scope():
+            network = build_network(config)
+            optimizer = keras.optimizers.Adam(config.learning_rate)
+            optimizer.build(network.trainable_variables)
+        state = _State()
+        checkpoint = tf.train.Checkpoint(model=network, optimizer=optimizer, **state.trackables())
+        # Every worker must write a checkpoint (the writes synchronise); only the chief's is kept.
+        checkpoint_dir = run.dir / "checkpoints" if run.chief else Path(tempfile.mkdtemp(prefix="stemlab-ckpt-"))
+        manager = tf.train.CheckpointManager(checkpoint, str(checkpoint_dir), max_to_keep=options.checkpoints_kept)
+        writer = tf.summary.create_file_writer(str(run.dir / "logs")) if run.chief else tf.summary.create_noop_writer()
+        train_step, validation_step = _step_functions(run, strategy, network, optimizer)
+        learner = Learner(strategy, network, optimizer, state, manager, checkpoint_dir, writer, validation,
+                          train_step, validation_step, resumed_from=manager.latest_checkpoint)
+        if learner.resumed_from:
+            checkpoint.restore(learner.resumed_from).expect_partial()
+        elif run.record.get("init_from"):  # a new run (no checkpoint yet) starts from another run's weights
+            # (a source still training saves its best weights in its turns)
+            run.record["init_from"]["sha256"] = _load_initial_weights(network, config, run.record["init_from"])
+        if run.changes:
+            _apply_run_changes(run, learner)
+    learner.history = state.history_rows()
+    _log_start(run, learner)
+    if run.changes:
+        _record_changes(run, state)
+    return learner
 
-        history = state.history_rows()
-        total_steps = epochs * steps_per_epoch
-        rate_start = (time.monotonic(), int(state.global_step.numpy()))
-        result_state = "completed"
 
-        def report(message: str, **metrics: Any) -> None:
-            if not progress:
-                return
-            done = int(state.global_step.numpy())
-            elapsed, steps_done = time.monotonic() - rate_start[0], done - rate_start[1]
-            speed = steps_done / elapsed if elapsed > 0 and steps_done > 0 else 0.0
-            eta = (total_steps - done) / speed if speed > 0 else -1.0
-            progress(done, total_steps, message, steps_per_second=round(speed, 3), eta_seconds=round(eta, 1), **metrics)
+def _step_functions(run: Run, strategy: tf.distribute.Strategy, network: keras.Model,
+                    optimizer: keras.optimizers.Optimizer) -> tuple[Callable, Callable]:
+    """(train_step(iterator) -> summed loss, validation_step(mix, instrument) -> (loss sum, chunks))."""
+    config, options = run.config, run.options
 
-        def stop_requested() -> bool:
-            return bool(should_stop and should_stop())
+    def chunk_losses(mix_rows, instrument_rows, mask):
+        return masked_l1_per_chunk(mix_rows, instrument_rows, mask, config.normalise_eps,
+                                   options.loss_peak_power, options.loss_error_power)
 
-        def save_checkpoint() -> None:
-            with _TF_TURN:
-                manager.save(checkpoint_number=int(state.global_step.numpy()))
+    @tf.function
+    def train_step(iterator):
+        def step_fn(mix_rows, instrument_rows):
+            with tf.GradientTape() as tape:
+                per_chunk = chunk_losses(mix_rows, instrument_rows, network(mix_rows, training=True))
+                loss = tf.nn.compute_average_loss(per_chunk, global_batch_size=run.batch_size)
+            gradients = tape.gradient(loss, network.trainable_variables)
+            optimizer.apply_gradients(zip(gradients, network.trainable_variables, strict=True))
+            return loss
 
-        stopped_early = bool(history) and int(state.epoch.numpy()) - int(state.best_epoch.numpy()) >= patience
-        while int(state.epoch.numpy()) < epochs and not stopped_early:
-            epoch = int(state.epoch.numpy()) + 1
-            skip = int(state.step_in_epoch.numpy())
-            epoch_start = time.monotonic()
+        per_replica = strategy.run(step_fn, args=next(iterator))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
-            def dataset_fn(context: tf.distribute.InputContext, epoch=epoch, skip=skip):
-                per_replica = context.get_per_replica_batch_size(batch_size)
-                return data.training_dataset(sampler, config, seed, epoch, steps_per_epoch, per_replica,
-                                             worker=context.input_pipeline_id, skip_steps=skip,
-                                             phase_sensitive=options.loss_phase_sensitive)
+    @tf.function
+    def validation_step(mix_rows, instrument_rows):
+        per_chunk = chunk_losses(mix_rows, instrument_rows, network(mix_rows, training=False))
+        return tf.reduce_sum(per_chunk), tf.cast(tf.shape(per_chunk)[0], tf.float32)
 
-            with _TF_TURN:
-                iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
-            cancelled = False
-            for step in range(skip + 1, steps_per_epoch + 1):
-                if stop_requested():
-                    cancelled = True
-                    break
-                with _TF_TURN:
-                    loss = float(train_step(iterator).numpy())
-                    state.step_in_epoch.assign(step)
-                    state.global_step.assign_add(1)
-                    state.loss_sum.assign_add(loss)
-                report(f"epoch {epoch}/{epochs} step {step}/{steps_per_epoch} loss {loss:.4f}",
-                       epoch=epoch, step=step, loss=round(loss, 6),
-                       val_loss=history[-1]["val_loss"] if history else None)
-            if cancelled or stop_requested():
-                save_checkpoint()
-                result_state = "cancelled"
-                break
+    return train_step, validation_step
 
-            # The epoch's close is one turn: validation, the state, the checkpoint, and (chief) the
-            # best weights with run.yaml's record of them — an export (in its own lane, while this
-            # run trains) reads both in its turn, so the exported version's provenance names the
-            # epoch its weights come from.
-            with _TF_TURN:
-                val_sum, val_count = 0.0, 0.0
-                for mix_rows, instrument_rows in validation:
-                    s, c = validation_step(mix_rows, instrument_rows)
-                    val_sum, val_count = val_sum + float(s), val_count + float(c)
-                val_loss = val_sum / max(val_count, 1.0)
-                train_loss = float(state.loss_sum.numpy()) / steps_per_epoch
-                seconds = time.monotonic() - epoch_start
-                learning_rate = float(optimizer.learning_rate.numpy())
-                history.append({"epoch": epoch, "loss": round(train_loss, 6), "val_loss": round(val_loss, 6),
-                                "seconds": round(seconds, 3),
-                                "steps_per_second": round((steps_per_epoch - skip) / seconds, 3),
-                                "learning_rate": float(f"{learning_rate:.6g}")})  # 4.5e-05, not 4.4999999999999996e-05
-                improved = val_loss < float(state.best_val_loss.numpy())
-                if improved:
-                    state.best_val_loss.assign(val_loss)
-                    state.best_epoch.assign(epoch)
-                    info.update(best_epoch=epoch, best_val_loss=val_loss)
-                reduced = _plateau_learning_rate(options, learning_rate, epoch, int(state.best_epoch.numpy()),
-                                                 int(state.lr_changed_epoch.numpy()))
-                if reduced is not None:
-                    state.lr_changed_epoch.assign(epoch)
-                    optimizer.learning_rate = reduced
-                    log.info("%s: no better val_loss for %d epochs, learning rate %.3g -> %.3g",
-                             run_dir.name, options.lr_plateau_patience, learning_rate, reduced)
-                state.epoch.assign(epoch)
-                state.step_in_epoch.assign(0)
-                state.loss_sum.assign(0.0)
-                state.history.assign(json.dumps(history))
-                manager.save(checkpoint_number=int(state.global_step.numpy()))
-                if chief:
-                    if improved:
-                        _save_best_weights(network, run_dir)
-                    _write_run(run_dir, {**info, "state": "running", "updated": _now(), "epochs_completed": epoch})
-                    with writer.as_default(step=epoch):
-                        _scalar_summary("loss", train_loss)
-                        _scalar_summary("val_loss", val_loss)
-                        _scalar_summary("learning_rate", learning_rate)
-                    writer.flush()
-            if chief:
-                write_history(run_dir, history)
-            report(f"epoch {epoch}/{epochs} done: loss {train_loss:.4f} val_loss {val_loss:.4f}",
-                   epoch=epoch, step=steps_per_epoch, loss=round(train_loss, 6), val_loss=round(val_loss, 6))
-            stopped_early = epoch - int(state.best_epoch.numpy()) >= patience
-        if stopped_early:
-            result_state = "early_stopped"
 
-        summary = {
-            "run_id": run_dir.name, "run_dir": str(run_dir), "state": result_state,
-            "epochs_completed": int(state.epoch.numpy()), "global_step": int(state.global_step.numpy()),
-            "best_epoch": int(state.best_epoch.numpy()),
-            "best_val_loss": float(state.best_val_loss.numpy()) if history else None,
-            "history": history,
-        }
-        if chief:
-            _write_run(run_dir, {**info, "state": result_state, "updated": _now(),
-                                 "epochs_completed": summary["epochs_completed"], "best_epoch": summary["best_epoch"],
-                                 "best_val_loss": summary["best_val_loss"]})
-        else:
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)
-        return summary
-    except Exception as e:
-        if chief:
-            _write_run(run_dir, {**info, "state": "failed", "error": f"{type(e).__name__}: {e}", "updated": _now()})
-        raise
-    finally:
-        if sampler is not None:
-            sampler.release()
-        if lock:
-            lock.release()
+def _apply_run_changes(run: Run, learner: Learner) -> None:
+    """This call's changes on the restored state (in the build turn), checkpointed at once."""
+    state = learner.state
+    if "learning_rate" in run.changes:
+        learner.optimizer.learning_rate = run.config.learning_rate
+        state.lr_changed_epoch.assign(state.epoch)
+    if run.target_changed:
+        # Earlier val_loss values measured another loss or training (TARGET_KEYS): the best epoch is
+        # chosen afresh (the next epoch's weights replace best.weights.h5), and patience counts from here.
+        state.best_val_loss.assign(np.inf)
+        state.best_epoch.assign(state.epoch)
+    # Checkpoint first, so a restart before the next one cannot go on at the old rate while
+    # run.yaml names the new one.
+    learner.save_checkpoint()
+
+
+def _record_changes(run: Run, state: _State) -> None:
+    """run.yaml records the changes from where they start: a run stopped mid-epoch resumes mid-epoch."""
+    run.record.update(config=config_to_dict(run.config), options=run.options.model_dump(),
+                      overrides={**(run.record.get("overrides") or {}), **run.changes},
+                      changes=[*(run.record.get("changes") or []),
+                               {"from_epoch": int(state.epoch.numpy()) + 1,
+                                "from_step": int(state.step_in_epoch.numpy()) + 1, **run.changes}])
+    run.save_record("running")
+
+
+def _log_start(run: Run, learner: Learner) -> None:
+    state = learner.state
+    if learner.resumed_from:
+        log.info("resumed %s from %s (epoch %d, step %d)", run.dir.name, learner.resumed_from,
+                 int(state.epoch.numpy()), int(state.step_in_epoch.numpy()))
+    elif run.record.get("init_from"):
+        source = run.record["init_from"]
+        log.info("%s starts from the weights of %s (epoch %s)", run.dir.name,
+                 f"model {source['model']}:{source['version']}" + (f"#{source['member']}" if source.get("member") else "")
+                 if source.get("saved_model") else source["run_id"],
+                 source["best_epoch"])
+
+
+def _reporter(run: Run, state: _State, progress: Progress | None) -> Callable[..., None]:
+    """report(message, **metrics): progress with the steps done, the speed since now and the time left."""
+    started, steps_at_start = time.monotonic(), int(state.global_step.numpy())
+
+    def report(message: str, **metrics: Any) -> None:
+        if not progress:
+            return
+        done = int(state.global_step.numpy())
+        elapsed, steps_done = time.monotonic() - started, done - steps_at_start
+        speed = steps_done / elapsed if elapsed > 0 and steps_done > 0 else 0.0
+        eta = (run.total_steps - done) / speed if speed > 0 else -1.0
+        progress(done, run.total_steps, message, steps_per_second=round(speed, 3), eta_seconds=round(eta, 1),
+                 **metrics)
+
+    return report
+
+
+def train_epochs(run: Run, learner: Learner, sampler: sampling.ChunkSampler, report: Callable[..., None],
+                 stop_requested: Callable[[], bool]) -> str:
+    """Epochs until the last, early stopping or a stop request: "completed", "early_stopped" or "cancelled"."""
+    state = learner.state
+
+    def patience_ran_out() -> bool:
+        return int(state.epoch.numpy()) - int(state.best_epoch.numpy()) >= run.patience
+
+    if learner.history and patience_ran_out():
+        return "early_stopped"
+    while int(state.epoch.numpy()) < run.epochs:
+        epoch = int(state.epoch.numpy()) + 1
+        skip = int(state.step_in_epoch.numpy())  # steps of this epoch done before a stop
+        started = time.monotonic()
+        if not train_epoch(run, learner, sampler, epoch, skip, report, stop_requested):
+            with tf_turn():
+                learner.save_checkpoint()
+            return "cancelled"
+        train_loss, val_loss = close_epoch(run, learner, epoch, time.monotonic() - started, skip)
+        report(f"epoch {epoch}/{run.epochs} done: loss {train_loss:.4f} val_loss {val_loss:.4f}",
+               epoch=epoch, step=run.steps_per_epoch, loss=round(train_loss, 6), val_loss=round(val_loss, 6))
+        if patience_ran_out():
+            return "early_stopped"
+    return "completed"
+
+
+def train_epoch(run: Run, learner: Learner, sampler: sampling.ChunkSampler, epoch: int, skip: int,
+                report: Callable[..., None], stop_requested: Callable[[], bool]) -> bool:
+    """The steps of `epoch` after the first `skip`, a turn each; False when a stop was requested."""
+    state, history = learner.state, learner.history
+
+    def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        per_replica = context.get_per_replica_batch_size(run.batch_size)
+        return data.training_dataset(sampler, run.config, run.seed, epoch, run.steps_per_epoch, per_replica,
+                                     worker=context.input_pipeline_id, skip_steps=skip,
+                                     phase_sensitive=run.options.loss_phase_sensitive)
+
+    with tf_turn():
+        iterator = iter(learner.strategy.distribute_datasets_from_function(dataset_fn))
+    for step in range(skip + 1, run.steps_per_epoch + 1):
+        if stop_requested():
+            return False
+        with tf_turn():
+            loss = float(learner.train_step(iterator).numpy())
+            state.step_in_epoch.assign(step)
+            state.global_step.assign_add(1)
+            state.loss_sum.assign_add(loss)
+        report(f"epoch {epoch}/{run.epochs} step {step}/{run.steps_per_epoch} loss {loss:.4f}",
+               epoch=epoch, step=step, loss=round(loss, 6), val_loss=history[-1]["val_loss"] if history else None)
+    return not stop_requested()
+
+
+def close_epoch(run: Run, learner: Learner, epoch: int, seconds: float, skip: int) -> tuple[float, float]:
+    """Validate, keep the best weights, maybe lower the learning rate, checkpoint, and record the
+    epoch (history, run.yaml, TensorBoard); returns (training loss, validation loss).
+
+    One turn: an export (in its own lane, while this run trains) reads the best weights and
+    run.yaml's record of them in its turn, so the exported version names the epoch its weights
+    come from.
+    """
+    state, history = learner.state, learner.history
+    with tf_turn():
+        val_loss = _validation_loss(learner)
+        train_loss = float(state.loss_sum.numpy()) / run.steps_per_epoch
+        learning_rate = float(learner.optimizer.learning_rate.numpy())
+        history.append({"epoch": epoch, "loss": round(train_loss, 6), "val_loss": round(val_loss, 6),
+                        "seconds": round(seconds, 3),
+                        "steps_per_second": round((run.steps_per_epoch - skip) / seconds, 3),
+                        "learning_rate": float(f"{learning_rate:.6g}")})  # 4.5e-05, not 4.4999999999999996e-05
+        improved = val_loss < float(state.best_val_loss.numpy())
+        if improved:
+            state.best_val_loss.assign(val_loss)
+            state.best_epoch.assign(epoch)
+            run.record.update(best_epoch=epoch, best_val_loss=val_loss)
+        reduced = _plateau_learning_rate(run.options, learning_rate, epoch, int(state.best_epoch.numpy()),
+                                         int(state.lr_changed_epoch.numpy()))
+        if reduced is not None:
+            state.lr_changed_epoch.assign(epoch)
+            learner.optimizer.learning_rate = reduced
+            log.info("%s: no better val_loss for %d epochs, learning rate %.3g -> %.3g",
+                     run.dir.name, run.options.lr_plateau_patience, learning_rate, reduced)
+        state.epoch.assign(epoch)
+        state.step_in_epoch.assign(0)
+        state.loss_sum.assign(0.0)
+        state.history.assign(json.dumps(history))
+        learner.save_checkpoint()
+        if run.chief:
+            if improved:
+                _save_best_weights(learner.network, run.dir)
+            run.save_record("running", epochs_completed=epoch)
+            with learner.writer.as_default(step=epoch):
+                _scalar_summary("loss", train_loss)
+                _scalar_summary("val_loss", val_loss)
+                _scalar_summary("learning_rate", learning_rate)
+            learner.writer.flush()
+    if run.chief:
+        write_history(run.dir, history)
+    return train_loss, val_loss
+
+
+def _validation_loss(learner: Learner) -> float:
+    """The mean loss over the validation chunks."""
+    loss_sum, chunks = 0.0, 0.0
+    for mix_rows, instrument_rows in learner.validation:
+        s, c = learner.validation_step(mix_rows, instrument_rows)
+        loss_sum, chunks = loss_sum + float(s), chunks + float(c)
+    return loss_sum / max(chunks, 1.0)
+
+
+def _summary(run: Run, learner: Learner, result_state: str) -> dict[str, Any]:
+    state = learner.state
+    return {
+        "run_id": run.dir.name, "run_dir": str(run.dir), "state": result_state,
+        "epochs_completed": int(state.epoch.numpy()), "global_step": int(state.global_step.numpy()),
+        "best_epoch": int(state.best_epoch.numpy()),
+        "best_val_loss": float(state.best_val_loss.numpy()) if learner.history else None,
+        "history": learner.history,
+    }
+
+
+def _summary_before_training(run: Run) -> dict[str, Any]:
+    """What a run stopped while its songs were still loading returns: where it stood before."""
+    return {"run_id": run.dir.name, "run_dir": str(run.dir), "state": "cancelled",
+            "epochs_completed": int(run.record.get("epochs_completed") or 0), "global_step": None,
+            "best_epoch": int(run.record.get("best_epoch") or 0), "best_val_loss": run.record.get("best_val_loss"),
+            "history": read_history(run.dir) if run.chief else []}
 
 
 def apply_changes(config: ModelConfig, options: TrainingOptions,
@@ -684,107 +780,3 @@ def resume_run(run_dir: str | os.PathLike, epochs: int | None = None, patience: 
                      seed=int(info["seed"]), steps_per_epoch=int(info["steps_per_epoch"]),
                      batch_size=int(info["batch_size"]), progress=progress, should_stop=should_stop,
                      changes=changes)
-
-
-MEMBER_RECORD_KEYS = ("preset", "source_run", "best_epoch", "best_val_loss", "dataset", "instrument", "init_from")
-
-
-def model_members(version_dir: str | os.PathLike, member: int | None = None) -> list[dict[str, Any]]:
-    """The records (with "config") of an exported model's networks — all of them, or its `member`-th
-    (1: the first) — as export_run lists members; FailedPreconditionError when it has no such member."""
-    version_dir = Path(version_dir)
-    try:
-        info = read_export_info(version_dir)
-    except (ExportError, ValueError) as e:
-        raise FailedPreconditionError(f"{version_dir} is not an exported model: {e}") from e
-    members = info.get("members") if isinstance(info.get("members"), list) else [info]
-    if not all(isinstance(m, dict) and isinstance(m.get("config"), dict) for m in members):
-        raise FailedPreconditionError(f"exported model {version_dir} does not record its networks' settings")
-    chosen = range(1, len(members) + 1) if member is None else [member]
-    if member is not None and not 1 <= member <= len(members):
-        raise FailedPreconditionError(f"model {version_dir.parent.name} version {version_dir.name} has "
-                                      f"{len(members)} network(s), no member {member}")
-    where = {"model": version_dir.parent.name, "version": int(version_dir.name) if version_dir.name.isdigit()
-             else version_dir.name}
-    return [{**{k: members[i - 1][k] for k in MEMBER_RECORD_KEYS if k in members[i - 1]}, "config": members[i - 1]["config"],
-             "from_model": {**where, "member": i}} for i in chosen]
-
-
-def export_run(run_dir: str | os.PathLike | None, models_root: str | os.PathLike, model_name: str,
-               overrides: dict[str, Any] | None = None,
-               with_runs: list[str | os.PathLike] | None = None,
-               with_models: list[tuple[str | os.PathLike, int | None]] | None = None) -> int:
-    """Export the run's best weights as the next version of models/<model_name>/; returns the version.
-
-    `overrides` may change how the network is applied (config.INFERENCE_KEYS, e.g. mask_exponent).
-    `with_runs`: more runs whose networks join the first in an ensemble (the mean of their masks);
-    stemlab.json then lists every member under "members", the first one's record staying on top.
-    `with_models`: (exported version folder, member or None for all its networks) whose networks join
-    after the runs' — e.g. a shipped model's network beside a run trained since; each member's record
-    names the model, version and member it came from ("from_model").
-    With no run (run_dir None, no with_runs) the exported models' networks alone are exported again,
-    applied as the first of those models applies them unless `overrides` say otherwise: an export
-    made by older code gets the current export (folded batch norm) with the same separation.
-    """
-    run_dirs = [Path(r) for r in [run_dir, *(with_runs or [])] if r]
-    if not run_dirs and not with_models:
-        raise InvalidArgumentError("nothing to export: name a run or an exported model")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", model_name or ""):
-        raise InvalidArgumentError(f"invalid model name {model_name!r}: use letters, digits, '.', '_' and '-'")
-    try:
-        model_dir = safe_join(models_root, model_name)
-    except PathError as e:
-        raise InvalidArgumentError(str(e)) from e
-    # Building, loading and saving the network run TF functions: in turn with the service's
-    # training runs, like their own checkpoint saves (_TF_TURN). run.yaml is read in the same
-    # turn, as a training run updates it with its best weights.
-    with _TF_TURN:
-        networks, configs, records = [], [], []
-        for path in run_dirs:
-            info = read_run(path)
-            network, member_config = load_best_network(path)
-            record = {"preset": info.get("preset"), "source_run": info.get("run_id", path.name),
-                      "best_epoch": info.get("best_epoch"), "best_val_loss": info.get("best_val_loss"),
-                      "dataset": info.get("manifest", {}), "instrument": run_instrument(info)}
-            if info.get("init_from"):  # a fine-tune names the weights it started from
-                record["init_from"] = info["init_from"]
-            networks.append(network)
-            configs.append(member_config)
-            records.append(record)
-        for version_dir, member in with_models or []:
-            chosen = model_members(version_dir, member)
-            try:
-                members, _ = load_exported_networks(version_dir)
-            except ExportError as e:
-                raise FailedPreconditionError(f"cannot read {version_dir}: {e}") from e
-            for record in chosen:
-                networks.append(members[record["from_model"]["member"] - 1])
-                configs.append(config_from_dict(record.pop("config")))
-                records.append(record)
-        instruments = {r["instrument"] for r in records if r["instrument"]}
-        if len(instruments) > 1:
-            raise InvalidArgumentError(f"an ensemble separates one instrument; these runs learnt {sorted(instruments)}")
-        try:
-            check_ensemble(configs)
-        except ExportError as e:
-            raise FailedPreconditionError(str(e)) from e
-        config = configs[0]
-        if not run_dirs:  # the first model's own way of applying its networks, not its member's record
-            applied = config_from_dict(read_export_info(with_models[0][0])["config"])
-            config = config.model_copy(update={k: getattr(applied, k) for k in INFERENCE_KEYS})
-        try:
-            config = with_inference_overrides(config, overrides)
-        except ConfigError as e:
-            raise InvalidArgumentError(str(e)) from e
-        metadata = {**records[0], "code_version": code_version(), "exported": _now()}
-        if len(records) > 1:
-            metadata["members"] = [{**r, "config": config_to_dict(c)} for r, c in zip(records, configs, strict=True)]
-        return export_saved_model(networks if len(networks) > 1 else networks[0], config, model_dir, metadata)
-
-
-def run_instrument(info: dict[str, Any]) -> str | None:
-    """The instrument a run learnt (its dataset's), or None when its manifest is not readable here."""
-    try:
-        return load_manifest(info["manifest"]["path"]).instrument
-    except Exception:  # noqa: BLE001 - the dataset may have been moved since training; not needed to export
-        return None

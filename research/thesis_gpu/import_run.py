@@ -1,6 +1,6 @@
-"""Make a training run of weights trained by bench.thesis_gpu.train_jax, so stemlab can use them.
+"""Make a training run of weights trained by research.thesis_gpu.train_jax, so stemlab can use them.
 
-    .venv/bin/python -m bench.thesis_gpu.import_run --from DIR --instrument guitar \
+    .venv/bin/python -m research.thesis_gpu.import_run --from DIR --instrument guitar \
         --data /work/testroot --run-id thesis-gpu-guitar
 
 Joins DIR/<instrument>.weights.h5.part* into DATA/runs/<run>/best.weights.h5, after loading them
@@ -30,7 +30,8 @@ from services.common.errors import InvalidArgumentError
 from services.common.manifest import find_manifest, load_manifest
 from services.common.paths import atomic_path, atomic_write_text
 from services.training.jobs import validate_name
-from services.training.trainer import code_version, write_history
+from services.training.provenance import code_version
+from services.training.trainer import write_history
 
 
 class ImportFailed(SystemExit):
@@ -111,7 +112,7 @@ def import_run(source: Path, instrument: str, data: Path, run_id: str) -> Path:
         "best_epoch": summary["best_epoch"], "best_val_loss": summary["best_val_loss"],
         "epochs_completed": len(summary["history"]), "code_version": code_version(),
         "trained_by": {
-            "tool": "bench/thesis_gpu/train_jax.py", "device": summary["device"], "jax": summary["jax"],
+            "tool": "research/thesis_gpu/train_jax.py", "device": summary["device"], "jax": summary["jax"],
             "keras": summary["keras"], "steps": summary["steps"], "chunks": summary["chunks"],
             "training_seconds": round(summary["training_seconds"], 1),
             "wall_seconds": round(summary["wall_seconds"], 1), "finished": summary["finished"],

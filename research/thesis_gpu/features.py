@@ -1,8 +1,9 @@
-"""Chunk features and training loss in keras.ops, for a trainer on any Keras backend.
+"""Chunk features and training loss in keras.ops, for a trainer on any Keras backend: the twin of
+the TensorFlow ones (same window, model/windows.hann), held equal by tests/test_thesis_gpu.py.
 
 The training service computes these in TensorFlow (services/training/data.chunk_features,
 model/loss.masked_l1_per_chunk); a GPU machine without TensorFlow trains under JAX with these
-instead. tests/test_thesis_gpu.py holds them equal to the TensorFlow ones.
+instead.
 """
 
 from __future__ import annotations
@@ -11,17 +12,12 @@ import numpy as np
 from keras import ops
 
 from model.config import ModelConfig
+from model.windows import hann
 
 
 def _frames(config: ModelConfig) -> np.ndarray:
     """Sample indices of each uncentred STFT frame of one segment: (chunk_frames, n_fft)."""
     return np.arange(config.chunk_frames)[:, None] * config.hop_length + np.arange(config.n_fft)[None, :]
-
-
-def _window(config: ModelConfig) -> np.ndarray:
-    """Periodic Hann, as model/spectral uses."""
-    n = np.arange(config.n_fft)
-    return (0.5 - 0.5 * np.cos(2.0 * np.pi * n / config.n_fft)).astype(np.float32)
 
 
 def _rows(values):
@@ -54,7 +50,7 @@ def equalise(segments, eq_params, config: ModelConfig, eq_db: float):
 
 def chunk_features(instrument, rest, config: ModelConfig, phase_sensitive: bool = False):
     """Network input and target for segments (batch, segment_samples), as data.chunk_features."""
-    frames, window = _frames(config), _window(config)
+    frames, window = _frames(config), hann(config.n_fft)
 
     def spectrum(signal):
         return ops.rfft(ops.take(signal, frames, axis=1) * window)

@@ -3,7 +3,7 @@ computed once per song, then each combination (which members, mask exponent, wei
 or geometric mean) is applied and scored with mir_eval's bss_eval, per song against the first,
 with a 95 % bootstrap interval of that per-song mean over the songs.
 
-    .venv/bin/python bench/ensemble_judge.py --root DATA --dataset piano-opl3 [--split all] \
+    .venv/bin/python research/ensemble_judge.py --root DATA --dataset piano-opl3 [--split all] \
         [--max-tracks 0] --model model/pretrained/piano/6 [--model DATA/models/piano-cand/1] \
         --combo 0+1@1.5 --combo 0+2@1.25 --combo 0+1@1.5:0.6,0.4 --combo geo:0+1@1.5 [--silent-share]
 
@@ -20,7 +20,7 @@ loudest block): what a gate silencing those blocks could remove at most.
 files (the same combinations, in the same order) and gives the per-song figures over all their
 songs together, e.g. both judge fonts pooled:
 
-    .venv/bin/python bench/ensemble_judge.py --pool opl3.json sonivox.json
+    .venv/bin/python research/ensemble_judge.py --pool opl3.json sonivox.json
 
 Exporting each candidate and running `stemlab evaluate --saved-model` gives the same numbers; this
 only saves the repeated network passes when many combinations are compared.

@@ -9,9 +9,9 @@ sample at any delay and level, near 0 for unrelated sounds. A program is shared 
 its pitches reaches --threshold (0.95 by default: another recording of the same instrument lands
 well below it).
 
-    .venv/bin/python bench/soundfont_overlap.py --held /usr/share/sounds/sf2/TimGM6mb.sf2 \
+    .venv/bin/python research/soundfont_overlap.py --held /usr/share/sounds/sf2/TimGM6mb.sf2 \
         --train /usr/share/sounds/sf2/sf_GMbank.sf2 --train /usr/share/sounds/sf2/FluidR3_GM.sf2 \
-        [--programs 0-127] [--out bench/results/soundfont_overlap.json]
+        [--programs 0-127] [--out research/results/soundfont_overlap.json]
 """
 
 from __future__ import annotations

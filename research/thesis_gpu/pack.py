@@ -1,6 +1,6 @@
 """Pack songs of the guitar and piano training sets small enough to carry to a GPU machine.
 
-    .venv/bin/python -m bench.thesis_gpu.pack --data /work/pretrain --out .gpu/data \
+    .venv/bin/python -m research.thesis_gpu.pack --data /work/pretrain --out .gpu/data \
         --train-songs 80 --validation-songs 6 --quality 0.5
 
 A GPU machine lent for a few minutes takes at most ~50 MB with the code, and the datasets' pairs

@@ -1,18 +1,18 @@
 """Train a network of model/network.py under Keras' JAX backend, for a fixed wall time.
 
-    KERAS_BACKEND=jax python -m bench.thesis_gpu.train_jax --data .gpu/data [--data .gpu/data2] --instrument guitar \
+    KERAS_BACKEND=jax python -m research.thesis_gpu.train_jax --data .gpu/data [--data .gpu/data2] --instrument guitar \
         --preset thesis --set input_log_scale=1000 --phase-sensitive --peak-power 1 --minutes 6 --out OUT
 
 For a GPU machine with JAX and no TensorFlow (the lent ones here: TensorFlow's wheels are far
 over what can be carried to them). It draws chunks with the training service's own sampler
-(services/training/sampling) from songs packed by bench.thesis_gpu.pack, applies its random
+(services/training/sampling) from songs packed by research.thesis_gpu.pack, applies its random
 equaliser (--eq-db) and computes the service's features and loss in keras.ops on the device
-(bench/thesis_gpu/features), and trains with Adam (Keras'
+(research/thesis_gpu/features), and trains with Adam (Keras'
 epsilon). The learning rate warms up over the first steps and then follows a cosine over the wall
 time, down to a tenth, since the number of steps is not known ahead. Every --validate-seconds it
 scores the fixed validation chunks and keeps the best weights, written as OUT/<instrument>.weights.h5
 in parts of at most 15 MiB (what a lent machine hands back per file), with OUT/<instrument>.json
-holding the config, options and history; bench.thesis_gpu.import_run makes a training run of them.
+holding the config, options and history; research.thesis_gpu.import_run makes a training run of them.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def load_init_weights(network, config, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, action="append", required=True,
-                        help="a folder of bench.thesis_gpu.pack (repeatable: shards of one set)")
+                        help="a folder of research.thesis_gpu.pack (repeatable: shards of one set)")
     parser.add_argument("--instrument", required=True)
     parser.add_argument("--preset", default="thesis")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model config override")
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--validate-seconds", type=float, default=45.0)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--init-weights", type=Path, default=None,
-                        help="start from these weights (bench.thesis_gpu.member_weights, or a run's best.weights.h5)")
+                        help="start from these weights (research.thesis_gpu.member_weights, or a run's best.weights.h5)")
     args = parser.parse_args(argv)
     started = time.monotonic()
     deadline = started + 60.0 * args.minutes
@@ -157,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     import keras
     import optax
 
-    from bench.thesis_gpu.features import chunk_features, equalise, loss_per_chunk
     from model.network import build_network, trainable_parameter_count
+    from research.thesis_gpu.features import chunk_features, equalise, loss_per_chunk
 
     try:  # TF32 convolutions on GPUs that have them; a JAX that names precisions otherwise keeps its default
         jax.config.update("jax_default_matmul_precision", "tensorfloat32")

@@ -1,11 +1,11 @@
 """Write one network of an exported model as a Keras weights file, to start a GPU run from it.
 
-    .venv/bin/python -m bench.thesis_gpu.member_weights --model DATA/models/guitar/10 --member 2 \
+    .venv/bin/python -m research.thesis_gpu.member_weights --model DATA/models/guitar/10 --member 2 \
         --out .gpu/init/guitar.weights.h5
 
 The shipped models come without their training runs; an ensemble holds several networks. This
 reads one of them (1: the first) from the SavedModel's variables, as `stemlab train
---init-from-model NAME:VERSION#MEMBER` does, and saves it where bench.thesis_gpu.train_jax
+--init-from-model NAME:VERSION#MEMBER` does, and saves it where research.thesis_gpu.train_jax
 --init-weights reads it (Keras' weights files are the same under every backend). Next to it,
 <out>.json records the network config, so train_jax can refuse another network before it starts.
 """
