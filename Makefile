@@ -58,7 +58,7 @@ test: install
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check services model stemlab tests bench research deploy
+	$(VENV)/bin/ruff check services model stemlab tests bench research realset deploy
 
 up: install
 	$(PY) deploy/local/stack.py up

@@ -199,19 +199,23 @@ def by_level(report_path: Path) -> list[str]:
     for level in ("minus6db", "0db", "plus6db"):
         tracks = [t for t in doc["tracks"] if t["status"] == "scored" and t["track"].endswith(f"-{level}")]
 
-        def med(method: str, value: str = "sdr") -> str:
-            values = [((t["methods"].get(method) or {}).get("whole") or {}).get("instrument", {}).get(value)
-                      for t in tracks]
-            values = [float(v) for v in values if v is not None]
-            if not values:
-                return "–"
-            m = float(np.median(values))
-            return f"{100 * m:.0f} %" if value == "share" else f"{m:.2f}"
-
         name = level.replace("minus", "−").replace("plus", "+").replace("db", " dB")
-        rows.append(f"| {doc['provenance']['dataset']['name']} | {name} | {len(tracks)} | {med('mixture')} "
-                    f"| {med('hpss')} | {med('model')} | {med('oracle')} | {med('model', 'share')} |")
+        rows.append(f"| {doc['provenance']['dataset']['name']} | {name} | {len(tracks)} "
+                    f"| {_median_of(tracks, 'mixture')} | {_median_of(tracks, 'hpss')} "
+                    f"| {_median_of(tracks, 'model')} | {_median_of(tracks, 'oracle')} "
+                    f"| {_median_of(tracks, 'model', 'share')} |")
     return rows
+
+
+def _median_of(tracks: list[dict], method: str, value: str = "sdr") -> str:
+    """The median whole-track instrument `value` of `method` over `tracks`, formatted for a table."""
+    values = [((t["methods"].get(method) or {}).get("whole") or {}).get("instrument", {}).get(value)
+              for t in tracks]
+    values = [float(v) for v in values if v is not None]
+    if not values:
+        return "–"
+    m = float(np.median(values))
+    return f"{100 * m:.0f} %" if value == "share" else f"{m:.2f}"
 
 
 def render(reports: list[Path]) -> str:
