@@ -11,6 +11,7 @@ import functools
 import http.server
 import io
 import ipaddress
+import os
 import threading
 import time
 from pathlib import Path
@@ -537,12 +538,18 @@ def ingestion(tmp_path_factory):
         yield process, library
 
 
+def authorized(client):
+    """A test client that sends the stack's token, as a reviewer's script would."""
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {os.environ['STEMLAB_TOKEN']}"
+    return client
+
+
 @pytest.fixture
 def review_client(tmp_path, ingestion):
     process, _ = ingestion
     app = create_app({"data_root": str(tmp_path / "data"), "ingestion_address": process.address,
                       "start_workers": False})
-    return app.test_client()
+    return authorized(app.test_client())
 
 
 def test_review_page_lists_tracks_with_their_suggestions(review_client):
@@ -588,6 +595,6 @@ def test_review_refusals(review_client):
 
 def test_review_page_says_when_ingestion_is_down(tmp_path):
     app = create_app({"data_root": str(tmp_path / "data"), "ingestion_address": "127.0.0.1:9", "start_workers": False})
-    page = app.test_client().get("/review")
+    page = authorized(app.test_client()).get("/review")
     assert page.status_code == 200 and "not reachable" in page.get_data(as_text=True)
-    assert_refused(app.test_client().get("/api/review/tracks"), 503, "not reachable")
+    assert_refused(authorized(app.test_client()).get("/api/review/tracks"), 503, "not reachable")

@@ -151,8 +151,10 @@ def healthy(check) -> bool:
         import grpc
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+        from services.common.auth import open_channel
+
         try:
-            with grpc.insecure_channel(f"127.0.0.1:{target}") as ch:
+            with open_channel(f"127.0.0.1:{target}", ca_file=load_config().tls_client_ca) as ch:
                 r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)
                 return r.status == health_pb2.HealthCheckResponse.SERVING
         except grpc.RpcError:
