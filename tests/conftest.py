@@ -2,9 +2,13 @@
 
 import os
 import secrets
+import tempfile
 
 # Set before any test imports a service: servers check it, clients send it.
 os.environ.setdefault("STEMLAB_TOKEN", "test-" + secrets.token_urlsafe(24))
+# Tests import from folders they make under the temporary directory (pytest's tmp_path): the
+# services may read there, as an operator's STEMLAB_IMPORT_ROOTS lets them read a music folder.
+os.environ.setdefault("STEMLAB_IMPORT_ROOTS", tempfile.gettempdir())
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from services.common import egress
 from services.common import jobs as jobstore
 from services.common.audio import read_audio
 from services.frontend import links
@@ -406,8 +407,8 @@ def test_the_guard_checks_the_address_it_connects_to(monkeypatch):
     import urllib.request
 
     answers = iter([[ipaddress.ip_address("93.184.216.34")]])
-    monkeypatch.setattr(links, "resolve_host", lambda host: next(answers, [ipaddress.ip_address("127.0.0.1")]))
-    assert links.check_url("http://rebind.example/a.mp3", resolve=links.resolve_host) == "http://rebind.example/a.mp3"
+    monkeypatch.setattr(egress, "resolve_host", lambda host: next(answers, [ipaddress.ip_address("127.0.0.1")]))
+    assert links.check_url("http://rebind.example/a.mp3", resolve=egress.resolve_host) == "http://rebind.example/a.mp3"
     with links.EgressGuard() as guard:
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": guard.url}))
         with pytest.raises(urllib.error.HTTPError) as refused:
@@ -419,7 +420,7 @@ def test_the_guard_checks_the_address_it_connects_to(monkeypatch):
     # An allowed address is proxied, CONNECT included (bytes relayed both ways).
     echo = socket.create_server(("127.0.0.1", 0))
     threading.Thread(target=lambda: (lambda c: c[0].sendall(c[0].recv(5)))(echo.accept()), daemon=True).start()
-    monkeypatch.setattr(links, "resolve_host", lambda host: [ipaddress.ip_address("127.0.0.1")])
+    monkeypatch.setattr(egress, "resolve_host", lambda host: [ipaddress.ip_address("127.0.0.1")])
     with links.EgressGuard(["127.0.0.1"]) as guard:
         with socket.create_connection(("127.0.0.1", int(guard.url.rsplit(":", 1)[1])), timeout=10) as sock:
             sock.sendall(f"CONNECT echo.test:{echo.getsockname()[1]} HTTP/1.1\r\n\r\n".encode())

@@ -98,3 +98,304 @@ def test_unauthenticated_grpc_calls_are_refused(own_token_service):
     owner = auth.open_channel(svc.address, token=auth.token_path(data).read_text().strip())
     assert ingestion_pb2_grpc.DatasetServiceStub(owner).ListTracks(ingestion_pb2.ListTracksRequest(), timeout=10).total == 0
     assert svc.proc.poll() is None
+
+
+def test_the_review_pages_need_the_token(tmp_path):
+    from services.frontend.app import create_app
+
+    app = create_app({"data_root": str(tmp_path / "data"), "ingestion_address": "127.0.0.1:9", "start_workers": False})
+    client = app.test_client()
+    tried("review API without a token")
+    reply = client.put("/api/review/tracks/Any/marks/bleed?instrument=guitar")
+    assert reply.status_code == 401 and "needs the stack's token" in reply.get_json()["error"]
+    tried("review page without a token")
+    page = client.get("/review")
+    assert page.status_code == 401 and "Log in" in page.get_data(as_text=True)
+    tried("review API with a wrong bearer token")
+    assert client.get("/api/review/tracks", headers={"Authorization": "Bearer wrong-token-0123456789"}).status_code == 401
+    tried("review login with a wrong token")
+    assert client.post("/login", data={"token": "wrong-token-0123456789"}).status_code == 401
+    tried("login redirect to another site")
+    reply = client.post("/login", data={"token": os.environ["STEMLAB_TOKEN"], "next": "//evil.example/"})
+    assert reply.status_code == 302 and reply.headers["Location"].endswith("/review")
+    # Logged in: the session cookie opens the review API (503 here: no ingestion behind it).
+    assert client.get("/api/review/tracks").status_code == 503
+    # The separation API stays public.
+    assert app.test_client().get("/api/models").status_code in (200, 503)
+
+
+# -- 3. paths ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def locked_ingestion(tmp_path_factory):
+    """An ingestion service with no import roots: only its data root may be read."""
+    root = tmp_path_factory.mktemp("paths")
+    with ServiceProcess("ingestion", root / "data", env={"STEMLAB_IMPORT_ROOTS": ""}) as svc:
+        yield svc, root
+
+
+def test_paths_outside_the_data_root_are_refused(locked_ingestion):
+    svc, root = locked_ingestion
+    stub = ingestion_pb2_grpc.DatasetServiceStub(svc.channel())
+    (root / "data" / "escape").symlink_to("/etc")
+    outside = root / "music"
+    outside.mkdir()
+    cases = {
+        "an absolute server path": ingestion_pb2.ImportRequest(format="stems", path="/etc"),
+        "a path that does not exist (no existence oracle)": ingestion_pb2.ImportRequest(format="stems", path="/nonexistent-stemlab"),
+        "a symlink in the data root leading out": ingestion_pb2.ImportRequest(format="stems", path="escape"),
+        "a folder outside the import roots": ingestion_pb2.ImportRequest(format="stems", path=str(outside)),
+        "a local solo file outside": ingestion_pb2.ImportRequest(format="solo", path="/etc/hostname", instrument="guitar"),
+        "a track list's root map to /etc": ingestion_pb2.ImportRequest(format="tracklist", path="escape",
+                                                                       root_map=["/old=/etc"]),
+    }
+    for what, request in cases.items():
+        tried(f"import: {what}")
+        refused(lambda request=request: stub.StartImport(request, timeout=10), grpc.StatusCode.PERMISSION_DENIED,
+                "outside the folders this service may read")
+    tried("a relative path with ..")
+    refused(lambda: stub.StartImport(ingestion_pb2.ImportRequest(format="stems", path="../x"), timeout=10),
+            grpc.StatusCode.INVALID_ARGUMENT, "'..'")
+    tried("synth: a soundfont at a server path")
+    refused(lambda: stub.GenerateSynthetic(ingestion_pb2.GenerateSyntheticRequest(
+        out_dir="synthetic/x", songs=1, seconds=5, soundfont="/etc/passwd"), timeout=10),
+        grpc.StatusCode.PERMISSION_DENIED, "soundfont")
+    tried("solo import of a link to a carrier-grade NAT address")
+    refused(lambda: stub.StartImport(ingestion_pb2.ImportRequest(format="solo", url="http://100.64.0.1/a.mp3",
+                                                                 instrument="guitar"), timeout=10),
+            grpc.StatusCode.INVALID_ARGUMENT, "private or local address")
+    assert svc.proc.poll() is None
+
+
+def test_evaluation_talks_only_to_configured_serving_and_reads_only_allowed_folders(tmp_path):
+    from stemlab.v1 import evaluation_pb2, evaluation_pb2_grpc
+
+    with ServiceProcess("evaluation", tmp_path / "data", env={"STEMLAB_IMPORT_ROOTS": ""}) as svc:
+        stub = evaluation_pb2_grpc.EvaluationServiceStub(svc.channel())
+        tried("evaluation: validation audio to an address the request names")
+        refused(lambda: stub.StartEvaluation(evaluation_pb2.StartEvaluationRequest(
+            model="guitar", dataset="any", serving_address="attacker.example:8500"), timeout=30),
+            grpc.StatusCode.PERMISSION_DENIED, "not configured")
+        for field in ("estimates_dir", "saved_model_dir"):
+            tried(f"evaluation: {field} at a server path")
+            refused(lambda field=field: stub.StartEvaluation(evaluation_pb2.StartEvaluationRequest(
+                dataset="any", **{field: "/etc"}), timeout=30), grpc.StatusCode.PERMISSION_DENIED, field)
+
+
+# -- 5. the link guard -------------------------------------------------------------------------
+@pytest.mark.parametrize("address", ["100.64.0.1", "100.100.100.200", "2002:c0a8:0101::1", "2001:0:4136:e378::1",
+                                     "64:ff9b::a00:1", "::ffff:10.0.0.1", "192.0.0.1", "198.18.0.1", "fd00::1"])
+def test_the_link_guard_refuses_every_address_that_is_not_global(address):
+    import ipaddress
+
+    from services.common import egress
+
+    tried(f"link to {address}")
+    with pytest.raises(egress.LinkError, match="private or local address"):
+        egress.check_url("https://songs.example/a.mp3", resolve=lambda host: [ipaddress.ip_address(address)])
+
+
+def test_the_link_guard_has_a_port_policy():
+    import ipaddress
+
+    from services.common import egress
+
+    public = lambda host: [ipaddress.ip_address("93.184.216.34")]  # noqa: E731
+    assert egress.check_url("https://songs.example/a.mp3", resolve=public)
+    assert egress.check_url("http://songs.example:80/a.mp3", resolve=public)
+    for url in ("http://songs.example:22/", "https://songs.example:6379/", "http://songs.example:8500/"):
+        tried(f"link on a refused port: {url}")
+        with pytest.raises(egress.LinkError, match="only ports 80, 443"):
+            egress.check_url(url, resolve=public)
+
+
+class _Drip:
+    """A local web server that answers with a page dripping one byte at a time, or endless bytes."""
+
+    def __init__(self, mode: str):
+        import http.server
+
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.end_headers()
+                try:
+                    while not outer.stop.is_set():
+                        if mode == "drip":
+                            self.wfile.write(b"<")
+                            self.wfile.flush()
+                            outer.stop.wait(1.0)
+                        else:
+                            self.wfile.write(b"<p>" * 20000)
+                except OSError:
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.stop = threading.Event()
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/song"
+
+    def __enter__(self):
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_dripping_page_is_cut_off_at_the_total_time_limit(tmp_path):
+    import time
+
+    from services.common import egress
+
+    tried("a page that drips one byte a second")
+    with _Drip("drip") as drip:
+        started = time.monotonic()
+        with pytest.raises(egress.LinkError, match="longer than 3 s"):
+            egress.fetch(drip.url, tmp_path, 10_000_000, 600, 3.0, allow_hosts=["127.0.0.1"])
+        assert time.monotonic() - started < 15
+
+
+def test_an_endless_page_is_cut_off_at_the_byte_budget(tmp_path):
+    from services.common import egress
+
+    tried("a page that never ends")
+    with _Drip("flood") as flood:
+        with pytest.raises(egress.LinkError, match="more than"):
+            egress.fetch(flood.url, tmp_path, 1_000_000, 600, 60.0, allow_hosts=["127.0.0.1"])
+
+
+def test_solo_imports_of_links_go_through_the_guard(tmp_path):
+    from services.common.library import Library
+    from services.common.paths import DataRoot
+    from services.ingestion.solo import SoloImportError, import_solo
+
+    library = Library(DataRoot(tmp_path / "data").ensure())
+    with _Drip("drip") as drip:
+        tried("solo import of a link to this machine")
+        with pytest.raises(SoloImportError, match="private or local address"):
+            import_solo(library, drip.url, "guitar")
+
+
+# -- 7. serving's input limits and its admin RPC ------------------------------------------------
+@pytest.fixture(scope="module")
+def serving(tmp_path_factory):
+    from services.serving.local import running_server, write_config
+    from services.serving.reference_models import save_gain_model
+
+    root = tmp_path_factory.mktemp("serving")
+    save_gain_model(root / "models" / "guitar" / "1", gain=0.5)
+    config = write_config(root / "models.config", {"guitar": root / "models" / "guitar"})
+    with running_server(config, root / "server.log", ready_model="guitar",
+                        extra_args=("--rest_api_max_request_mb", "1")) as server:
+        yield server, root
+
+
+def _rss_peak_mb(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def test_serving_checks_size_dtype_shape_and_values_before_allocating(serving):
+    import numpy as np
+    from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    server, _ = serving
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(server.grpc_address))
+
+    def request(tensor):
+        message = predict_pb2.PredictRequest()
+        message.model_spec.name = "guitar"
+        message.inputs["waveform"].CopyFrom(tensor)
+        return message
+
+    def tensor(shape, dtype=types_pb2.DT_FLOAT, **values):
+        return tensor_pb2.TensorProto(dtype=dtype, tensor_shape=tensor_shape_pb2.TensorShapeProto(
+            dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=s) for s in shape]), **values)
+
+    before = _rss_peak_mb(server.process.pid)
+    bomb = request(tensor([1, 200_000_000], float_val=[1.0]))
+    assert bomb.ByteSize() < 64  # the issue's 45-byte request
+    tried("Predict: 45 bytes claiming shape [1, 2e8]")
+    refused(lambda: stub.Predict(bomb, timeout=30), grpc.StatusCode.INVALID_ARGUMENT, "values")
+    tried("Predict: shape beyond the element limit with matching content claim")
+    refused(lambda: stub.Predict(request(tensor([1 << 20, 1 << 20], float_val=[1.0])), timeout=30),
+            grpc.StatusCode.INVALID_ARGUMENT, "more than the limit")
+    tried("Predict: a negative dimension")
+    refused(lambda: stub.Predict(request(tensor([1, -5], float_val=[1.0])), timeout=30),
+            grpc.StatusCode.INVALID_ARGUMENT, "negative")
+    tried("Predict: float64 where the signature takes float32")
+    refused(lambda: stub.Predict(request(tensor([1, 2], dtype=types_pb2.DT_DOUBLE, double_val=[1.0, 2.0])),
+                                 timeout=30), grpc.StatusCode.INVALID_ARGUMENT, "float32")
+    tried("Predict: content shorter than the shape")
+    refused(lambda: stub.Predict(request(tensor([1, 4], tensor_content=np.zeros(2, np.float32).tobytes())),
+                                 timeout=30), grpc.StatusCode.INVALID_ARGUMENT, "holds 2")
+    for value in (float("nan"), float("inf")):
+        tried(f"Predict: a {value} sample")
+        refused(lambda value=value: stub.Predict(request(tensor([1, 2], float_val=[0.1, value])), timeout=30),
+                grpc.StatusCode.INVALID_ARGUMENT, "NaN or infinite")
+    assert _rss_peak_mb(server.process.pid) - before < 100  # nothing near 763 MB was allocated
+    good = stub.Predict(request(tensor([1, 2], float_val=[0.5, 1.0])), timeout=30)
+    assert list(good.outputs["instrument"].float_val or np.frombuffer(good.outputs["instrument"].tensor_content,
+                                                                         np.float32)) == [0.25, 0.5]
+
+
+def test_serving_rest_caps_the_body_and_refuses_non_finite_samples(serving):
+    import json
+    import urllib.error
+    import urllib.request
+
+    server, _ = serving
+
+    def post(body: bytes):
+        req = urllib.request.Request(f"http://{server.rest_address}/v1/models/guitar:predict", data=body,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as reply:
+                return reply.status, json.loads(reply.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read() or b"{}")
+
+    tried("REST: a 2 MB body (limit 1 MB)")
+    status, body = post(json.dumps({"instances": [[0.0] * 400_000]}).encode())
+    assert status == 413 and "larger than the limit" in body["error"]
+    for value in ("NaN", "Infinity", "-Infinity"):
+        tried(f"REST: a {value} sample")
+        status, body = post(f'{{"instances": [[0.1, {value}]]}}'.encode())
+        assert status == 400 and "NaN or infinite" in body["error"]
+    assert post(b'{"instances": [[0.5, 1.0]]}')[1]["predictions"][0]["instrument"] == [0.25, 0.5]
+
+
+def test_serving_admin_rpc_needs_the_token_and_stays_under_the_model_folders(serving):
+    from tensorflow_serving.apis import model_management_pb2, model_service_pb2_grpc
+    from tensorflow_serving.config import model_server_config_pb2
+
+    server, root = serving
+
+    def reload(base_path: str):
+        config = model_server_config_pb2.ModelServerConfig()
+        entry = config.model_config_list.config.add()
+        entry.name, entry.base_path, entry.model_platform = "guitar", base_path, "tensorflow"
+        return model_management_pb2.ReloadConfigRequest(config=config)
+
+    anonymous = model_service_pb2_grpc.ModelServiceStub(grpc.insecure_channel(server.grpc_address))
+    owner = model_service_pb2_grpc.ModelServiceStub(auth.open_channel(server.grpc_address, token=auth.client_token()))
+    tried("HandleReloadConfigRequest without a token (unload every model)")
+    refused(lambda: anonymous.HandleReloadConfigRequest(model_management_pb2.ReloadConfigRequest(), timeout=30),
+            grpc.StatusCode.UNAUTHENTICATED)
+    for where in ("/etc", str(root / "models" / ".." / ".."), str(root)):
+        tried(f"HandleReloadConfigRequest pointing a model at {where}")
+        refused(lambda where=where: owner.HandleReloadConfigRequest(reload(where), timeout=30),
+                grpc.StatusCode.PERMISSION_DENIED, "outside the model folders")
+    # The served model is untouched, and a reload inside the folders works.
+    assert owner.HandleReloadConfigRequest(reload(str(root / "models" / "guitar")), timeout=60).status.error_code == 0

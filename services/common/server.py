@@ -34,7 +34,12 @@ from grpc_reflection.v1alpha import reflection
 from services.common import auth
 from services.common import jobs as jobstore
 from services.common.config import Config, load_config
-from services.common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from services.common.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    PermissionDeniedError,
+)
 from services.common.logs import setup_logging
 from services.common.paths import DataRoot
 from stemlab.v1 import jobs_pb2, jobs_pb2_grpc
@@ -102,6 +107,8 @@ def handle_errors(method: Callable) -> Callable:
             code = grpc.StatusCode.NOT_FOUND
         elif isinstance(e, FailedPreconditionError):
             code = grpc.StatusCode.FAILED_PRECONDITION
+        elif isinstance(e, PermissionDeniedError):
+            code = grpc.StatusCode.PERMISSION_DENIED
         elif isinstance(e, InvalidArgumentError | ValueError | TypeError):
             code = grpc.StatusCode.INVALID_ARGUMENT
         else:
