@@ -399,3 +399,113 @@ def test_serving_admin_rpc_needs_the_token_and_stays_under_the_model_folders(ser
                 grpc.StatusCode.PERMISSION_DENIED, "outside the model folders")
     # The served model is untouched, and a reload inside the folders works.
     assert owner.HandleReloadConfigRequest(reload(str(root / "models" / "guitar")), timeout=60).status.error_code == 0
+
+
+# -- 4. bounded decoding -----------------------------------------------------------------------
+def _peak_mb(fn) -> tuple[object, float]:
+    """fn()'s result (or exception) and the peak of Python-side allocations (numpy included) in MB."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        try:
+            result = fn()
+        except Exception as error:  # noqa: BLE001 - returned to the test
+            result = error
+        return result, tracemalloc.get_traced_memory()[1] / 1e6
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.fixture(scope="module")
+def flac_bomb(tmp_path_factory):
+    """30 s of silence, 8 channels at 655,340 Hz: a few hundred KB that decode to 629 MB of float32."""
+    import numpy as np
+    import soundfile as sf
+
+    path = tmp_path_factory.mktemp("bomb") / "bomb.flac"
+    with sf.SoundFile(path, "w", samplerate=655_340, channels=8, subtype="PCM_16", format="FLAC") as handle:
+        block = np.zeros((655_340, 8), np.int16)
+        for _ in range(30):
+            handle.write(block)
+    assert path.stat().st_size < 400_000
+    return path
+
+
+def test_a_decoding_bomb_stops_at_the_byte_cap(flac_bomb):
+    from services.common.audio import AudioError, DecodeLimits, read_audio
+
+    tried("FLAC bomb: 8 channels at 655 kHz, decoded as is")
+    error, peak = _peak_mb(lambda: read_audio(flac_bomb, limits=DecodeLimits(max_bytes=64 << 20)))
+    assert isinstance(error, AudioError) and "decodes to more than 64 MiB" in str(error), error
+    assert peak < 3 * 64 + 20, peak  # blocks read before the cap, nothing near 629 MB
+
+
+def test_a_decoding_bomb_is_converted_while_decoding_for_the_web(flac_bomb, tmp_path):
+    import time
+
+    from services.common.audio import read_audio
+    from services.frontend.settings import load_settings
+
+    limits = load_settings({"data_root": str(tmp_path)}).decode_limits
+    tried("FLAC bomb through the web's limits")
+    started = time.monotonic()
+    (audio, rate), peak = _peak_mb(lambda: read_audio(flac_bomb, limits=limits))
+    assert (rate, audio.shape) == (48_000, (2, 30 * 48_000))  # stems at <= 48 kHz, <= 2 channels
+    assert peak < 3 * audio.nbytes / 1e6 + 20, peak
+    assert time.monotonic() - started < 60
+
+
+def test_a_length_the_header_hides_is_counted(tmp_path):
+    import numpy as np
+    import soundfile as sf
+
+    from services.common.audio import AudioError, DecodeLimits, audio_info, read_audio
+
+    flac = tmp_path / "long.flac"
+    sf.write(flac, np.random.default_rng(0).normal(0, 0.01, (8000 * 120, 1)).astype(np.float32), 8000,
+             subtype="PCM_16")
+    data = bytearray(flac.read_bytes())
+    fields = int.from_bytes(data[18:26], "big")  # STREAMINFO: rate, channels, bits, total samples (36 bits)
+    data[18:26] = ((fields >> 36 << 36) | 8000).to_bytes(8, "big")  # claims 1 s
+    upload = tmp_path / "input.bin"  # an upload's name picks the decoder: ffmpeg here
+    upload.write_bytes(bytes(data))
+    assert audio_info(upload)[2] == 8000  # the header says 1 s
+    tried("FLAC whose header claims 1 s but holds 120 s")
+    with pytest.raises(AudioError, match="longer than 60 s"):
+        read_audio(upload, limits=DecodeLimits(max_seconds=60))
+
+
+@pytest.mark.parametrize("name, text", [
+    ("song.m3u8", "#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:2,\n{target}\n#EXT-X-ENDLIST\n"),
+    ("input.m3u", "#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:2,\n{target}\n#EXT-X-ENDLIST\n"),
+    ("input.bin", "#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:2,\nfile:{target}\n#EXT-X-ENDLIST\n"),
+    ("input.txt", "ffconcat version 1.0\nfile '{target}'\n"),
+])
+def test_playlists_never_read_local_files(tmp_path, name, text):
+    import numpy as np
+
+    from services.common.audio import AudioError, audio_info, read_audio, write_audio
+
+    secret = write_audio(tmp_path / "dataset_stem.wav", np.full((1, 44100), 0.5, np.float32), 44100)
+    playlist = tmp_path / name
+    playlist.write_text(text.format(target=secret))
+    tried(f"a playlist upload {name} naming a local file")
+    with pytest.raises(AudioError):
+        read_audio(playlist)
+    with pytest.raises(AudioError):
+        audio_info(playlist)
+
+
+def test_solo_cutting_refuses_playlists(tmp_path):
+    import numpy as np
+
+    from services.common.audio import write_audio
+    from services.ingestion.solo import SoloImportError, cut_pieces
+
+    secret = write_audio(tmp_path / "stem.wav", np.full((1, 44100 * 40), 0.5, np.float32), 44100)
+    playlist = tmp_path / "download.m3u8"
+    playlist.write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:60\n#EXTINF:40,\n{secret}\n#EXT-X-ENDLIST\n")
+    tried("a solo download that is a playlist")
+    with pytest.raises(SoloImportError):
+        cut_pieces(playlist, tmp_path / "pieces", 30, 10)

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from services.common import egress
-from services.common.audio import AudioError, audio_info
+from services.common.audio import FFMPEG_SAFE_INPUT, AudioError, audio_info
 from services.common.errors import InvalidArgumentError, NotFoundError
 from services.common.library import CLASSES, Library, make_track_id
 from services.ingestion.importers import (
@@ -79,7 +79,9 @@ def cut_pieces(path: Path, out_dir: Path, piece_seconds: float, min_piece_second
     out_dir.mkdir(parents=True, exist_ok=True)
     # The segment muxer cuts between audio frames; 256-sample frames keep every cut within
     # a few milliseconds of the asked length.
-    command = [ffmpeg, "-nostdin", "-v", "error", "-i", str(path), "-map", "0:a:0", "-vn",
+    # Local files and audio demuxers only: a download or file that is a playlist reads nothing else.
+    command = [ffmpeg, "-nostdin", "-v", "error", *FFMPEG_SAFE_INPUT, "-i", f"file:{path.resolve()}",
+               "-map", "0:a:0", "-vn",
                "-af", "asetnsamples=n=256:p=0", "-c:a", "pcm_s16le", "-f", "segment", "-segment_time", f"{piece_seconds:g}",
                "-reset_timestamps", "1", str(out_dir / "piece%04d.wav")]
     try:
