@@ -542,3 +542,86 @@ def test_concurrent_marks_through_the_service_are_never_lost(tmp_path):
                 assert sorted(library.load("Song").marks.get("guitar", {})) == sorted(MARKS), attempt
                 list(pool.map(lambda mark: call("ClearQualityMark", mark), MARKS))
                 assert not library.load("Song").marks.get("guitar"), attempt
+
+
+def _mixed_library(root):
+    import numpy as np
+
+    from services.processing.mixing import mix
+    from tests.test_processing_support import make_track
+
+    for i in range(3):
+        noise = (0.2 * np.random.default_rng(i).standard_normal(6615)).astype(np.float32)
+        make_track(root, f"Song{i}", {"g.wav": ("guitar", noise), "d.wav": ("drums", noise[::-1].copy())},
+                   source="synthetic", marks={"guitar": ["checked"]})
+    mix(root, "guitar", rates_hz=[22050], workers=1)
+
+
+def test_a_remix_never_rewrites_what_a_published_version_points_at(tmp_path):
+    import numpy as np
+
+    from services.common.library import Library
+    from services.common.manifest import find_manifest, load_manifest, verify_files
+    from services.processing.datasets import build_dataset
+    from services.processing.mixing import mix
+
+    _mixed_library(tmp_path)
+    build_dataset(tmp_path, "g", "guitar", 22050, workers=1)
+    v1 = load_manifest(find_manifest(tmp_path, "g", 1))
+    before = {p.track: v1.path_of(p.instrument, tmp_path).read_bytes() for p in v1.pairs}
+    # The stems change and everything is mixed again (a person fixed a stem, a mix set was redone).
+    library = Library(tmp_path)
+    stem = library.stem_path(library.load("Song0"), library.load("Song0").stems[0])
+    import soundfile as sf
+    sf.write(stem, np.full(6615, 0.3, np.float32), 22050)
+    tried("a re-mix after a version was published")
+    mix(tmp_path, "guitar", rates_hz=[22050], workers=1, force=True)
+    assert {p.track: v1.path_of(p.instrument, tmp_path).read_bytes() for p in v1.pairs} == before
+    verify_files(v1, tmp_path)  # version 1 still reads what it recorded
+    assert build_dataset(tmp_path, "g", "guitar", 22050, workers=1)["version"] == 2
+
+
+def test_a_changed_file_of_a_version_is_refused_when_read(tmp_path):
+    from services.common.manifest import DatasetChangedError, find_manifest, load_manifest, verify_files
+    from services.common.paths import DataRoot
+    from services.evaluation.evaluate import EvaluationSettings, evaluate_dataset
+    from services.processing.datasets import build_dataset
+
+    _mixed_library(tmp_path)
+    build_dataset(tmp_path, "g", "guitar", 22050, workers=1)
+    manifest = load_manifest(find_manifest(tmp_path, "g", 1))
+    target = manifest.path_of(manifest.pairs[0].rest, tmp_path)
+    data = bytearray(target.read_bytes())
+    data[-8:] = b"\x00\x00\x80\x3f" * 2  # two samples edited in place
+    target.write_bytes(bytes(data))
+    tried("a mix file of a published version edited in place")
+    with pytest.raises(DatasetChangedError, match="changed since the version was published"):
+        verify_files(manifest, tmp_path)
+    tried("an evaluation of a version whose file changed")
+    with pytest.raises(DatasetChangedError, match="changed since the version was published"):
+        evaluate_dataset(DataRoot(tmp_path), None, "g", 1, EvaluationSettings(split=manifest.pairs[0].split, baselines=("mixture",)))
+    target.unlink()
+    tried("a mix file of a published version deleted")
+    with pytest.raises(DatasetChangedError, match="is gone"):
+        verify_files(manifest, tmp_path)
+
+
+def test_two_builds_cannot_publish_the_same_version(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from services.common.manifest import find_manifest, load_manifest, versions
+    from services.processing.datasets import build_dataset
+
+    _mixed_library(tmp_path)
+    ratios = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    tried(f"{len(ratios)} concurrent builds of different versions")
+    with ThreadPoolExecutor(len(ratios)) as pool:
+        results = list(pool.map(lambda r: build_dataset(tmp_path, "g", "guitar", 22050, validation_ratio=r,
+                                                        workers=1), ratios))
+    assert sorted(r["version"] for r in results) == [1, 2, 3, 4, 5, 6]
+    assert versions(tmp_path, "g") == [1, 2, 3, 4, 5, 6]
+    for result in results:  # each version holds the build that got its number
+        manifest = load_manifest(find_manifest(tmp_path, "g", result["version"]))
+        assert manifest.params["validation"]["ratio"] in ratios
+    assert sorted(load_manifest(find_manifest(tmp_path, "g", v)).params["validation"]["ratio"]
+                  for v in range(1, 7)) == ratios

@@ -64,7 +64,7 @@ from model.loss import masked_l1_per_chunk
 from model.network import build_network
 from services.common.config import first_error
 from services.common.errors import FailedPreconditionError, InvalidArgumentError
-from services.common.manifest import load_manifest
+from services.common.manifest import load_manifest, verify_files
 from services.common.paths import ExclusiveLock, LockHeldError, PathError, atomic_write_text, safe_join
 from services.training import data, sampling
 
@@ -292,6 +292,7 @@ def train_run(
     run_dir = Path(run_dir)
     manifest_path, data_root = Path(manifest_path), Path(data_root)
     manifest = load_manifest(manifest_path)
+    verify_files(manifest, data_root)  # a published version's files are what it recorded, or no run
     checksum = manifest.checksum or _file_sha256(manifest_path)
 
     existing = (run_dir / RUN_FILE).is_file()
