@@ -625,3 +625,34 @@ def test_two_builds_cannot_publish_the_same_version(tmp_path):
         assert manifest.params["validation"]["ratio"] in ratios
     assert sorted(load_manifest(find_manifest(tmp_path, "g", v)).params["validation"]["ratio"]
                   for v in range(1, 7)) == ratios
+
+
+def test_optional_tls_refuses_plaintext_and_serves_the_token_holder(tmp_path, monkeypatch):
+    import shutil
+    import subprocess
+
+    from services.common.config import load_config
+    from services.common.server import Service
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    monkeypatch.setenv("STEMLAB_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("STEMLAB_TLS_CERT", str(cert))
+    monkeypatch.setenv("STEMLAB_TLS_KEY", str(key))
+    service = Service("processing", load_config())
+    port = service.start(port=0)
+    try:
+        tried("a plaintext call to a TLS service")
+        plain = jobs_pb2_grpc.JobsStub(grpc.insecure_channel(f"localhost:{port}"))
+        refused(lambda: plain.ListJobs(jobs_pb2.ListJobsRequest(), timeout=5), grpc.StatusCode.UNAVAILABLE)
+        tried("a TLS call without the token")
+        anonymous = jobs_pb2_grpc.JobsStub(auth.open_channel(f"localhost:{port}", ca_file=cert))
+        refused(lambda: anonymous.ListJobs(jobs_pb2.ListJobsRequest(), timeout=5), grpc.StatusCode.UNAUTHENTICATED)
+        owner = jobs_pb2_grpc.JobsStub(auth.stack_channel(f"localhost:{port}"))  # TLS and token from the config
+        assert list(owner.ListJobs(jobs_pb2.ListJobsRequest(), timeout=5).jobs) == []
+    finally:
+        service.stop()
