@@ -656,3 +656,26 @@ def test_optional_tls_refuses_plaintext_and_serves_the_token_holder(tmp_path, mo
         assert list(owner.ListJobs(jobs_pb2.ListJobsRequest(), timeout=5).jobs) == []
     finally:
         service.stop()
+
+
+def test_reload_under_a_prefix_refuses_paths_the_prefix_would_re_root(tmp_path):
+    """With --model_base_path_prefix (the local stack) "/etc" would be re-rooted to PREFIX/etc and
+    replace the served model: a base_path must already lie under the prefix."""
+    from tensorflow_serving.apis import model_management_pb2
+
+    from services.serving.grpc_api import ModelServicer
+
+    class Context:
+        def abort(self, code, message):
+            raise grpc.RpcError(code, message)
+
+    servicer = ModelServicer(registry=None, base_path_prefix=str(tmp_path / "models"),
+                             allowed_roots=[tmp_path / "models"])
+    for where in ("/etc", "/models/../etc", str(tmp_path / "models" / ".." / "secrets")):
+        request = model_management_pb2.ReloadConfigRequest()
+        entry = request.config.model_config_list.config.add()
+        entry.name, entry.base_path = "guitar", where
+        tried(f"reload under a prefix naming {where}")
+        with pytest.raises(grpc.RpcError) as error:
+            servicer.HandleReloadConfigRequest(request, Context())
+        assert error.value.args[0] == grpc.StatusCode.PERMISSION_DENIED and "outside the model folders" in error.value.args[1]

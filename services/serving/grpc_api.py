@@ -168,11 +168,13 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
             response.status.error_code = _error_code_value("INVALID_ARGUMENT")
             response.status.error_message = str(error)
             return response
-        for spec in specs:
-            where = spec.base_path.resolve()
+        # The paths as asked for (before any prefix re-roots them) and as they will be loaded.
+        asked = [(m.name, Path(m.base_path)) for m in request.config.model_config_list.config]
+        for name, base_path in [*asked, *((spec.name, spec.base_path) for spec in specs)]:
+            where = base_path.resolve()
             if not any(where == root or root in where.parents for root in self.allowed_roots):
                 context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                              f"model {spec.name!r}: base_path {spec.base_path} is outside the model folders "
+                              f"model {name!r}: base_path {base_path} is outside the model folders "
                               f"this server may load ({', '.join(map(str, self.allowed_roots)) or 'none'})")
         self.registry.reload_config(specs)
         response.status.error_code = _error_code_value("OK")
