@@ -88,7 +88,10 @@ class ServiceProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def channel(self) -> grpc.Channel:
-        return grpc.insecure_channel(self.address)
+        """A channel that sends the token of this service's data root (or $STEMLAB_TOKEN)."""
+        from services.common.auth import open_channel, read_token
+
+        return open_channel(self.address, token=read_token(self.data_root))
 
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:

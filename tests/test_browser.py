@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import os
 import threading
 from pathlib import Path
 
@@ -205,6 +206,8 @@ def test_refusal_is_shown_on_the_page(site, page):
 def test_review_page_plays_parts_and_sets_marks_by_key(site, page):
     ARTIFACTS.mkdir(exist_ok=True)
     page.goto(site["url"] + "/review?instrument=guitar")
+    page.fill("input[name=token]", os.environ["STEMLAB_TOKEN"])  # reviewing needs the stack's token
+    page.click("button[type=submit]")
     page.wait_for_selector("#review-panel:not([hidden])")
     assert page.inner_text("#review-title") == "Review Song"
     assert "inaudible" in page.inner_text("#suggestions")

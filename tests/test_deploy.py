@@ -29,6 +29,14 @@ def compose_config(*files: str) -> dict:
     return yaml.safe_load(r.stdout)
 
 
+def published_port(entry) -> tuple[str, int]:
+    """(host address, host port) of a compose port, in the long or the short syntax."""
+    if isinstance(entry, dict):
+        return entry.get("host_ip", "0.0.0.0"), int(entry["published"])
+    parts = str(entry).split(":")
+    return (parts[0] if len(parts) == 3 else "0.0.0.0"), int(parts[-2])
+
+
 def k8s_documents() -> dict[tuple[str, str], dict]:
     docs = {}
     for path in sorted(K8S.glob("*.yaml")):
@@ -54,8 +62,7 @@ def test_compose_file_is_valid_and_has_every_service_with_health_and_restart():
         assert any(v.startswith("stemlab-data:/data") for v in volumes), (name, volumes)
     for name in STEMLAB_SERVICES:
         assert services[name]["command"][-1] == f"services.{name}.server"
-        published = {int(p["published"]) if isinstance(p, dict) else int(str(p).split(":")[0])
-                     for p in services[name]["ports"]}
+        published = {published_port(p)[1] for p in services[name]["ports"]}
         assert published == {DEFAULT_PORTS[name]}
     assert services["serving"]["image"].startswith("tensorflow/serving:2.21")
     assert "--model_config_file=/data/serving/models.config" in services["serving"]["command"]
@@ -101,9 +108,10 @@ def test_kubernetes_manifests_match_compose():
     docs = k8s_documents()
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     config_map = docs[("ConfigMap", "stemlab-config")]["data"]
-    # Job store settings come from the host (compose) or the database patch (Kubernetes).
+    # Job store settings come from the host (compose) or the database patch (Kubernetes); the token
+    # is no configuration: compose gets it from `make up`, Kubernetes from a Secret.
     compose_env = {k: v for k, v in compose["x-stemlab"]["environment"].items()
-                   if k not in ("STEMLAB_DATABASE_URL", "STEMLAB_WEB_START_WORKERS")}
+                   if k not in ("STEMLAB_DATABASE_URL", "STEMLAB_WEB_START_WORKERS", "STEMLAB_TOKEN")}
     assert {k: str(v) for k, v in compose_env.items()} == {k: v for k, v in config_map.items()
                                                            if k in compose_env}
     assert docs[("PersistentVolumeClaim", "stemlab-data")]["spec"]["accessModes"] == ["ReadWriteMany"]
@@ -194,7 +202,7 @@ def test_kustomization_lists_every_manifest_but_the_jobs():
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     listed = set(kustomization["resources"])
     on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
-    assert on_disk - listed == {"training-job.yaml", "training-job-gpu.yaml"}
+    assert on_disk - listed == {"training-job.yaml", "training-job-gpu.yaml", "serving-external.yaml"}
     assert listed <= on_disk
 
 
@@ -272,3 +280,57 @@ def test_a_stale_supervisord_pid_file_does_not_count_as_a_running_stack(tmp_path
     assert not stack.supervisord_running(config)  # the pid is gone
     pid_file.write_text("not a pid\n")
     assert not stack.supervisord_running(config)
+
+
+# -- closed by default (issue 37) ----------------------------------------------------------------
+def test_compose_publishes_every_port_on_the_host_loopback_unless_configured(monkeypatch):
+    monkeypatch.delenv("STEMLAB_PUBLISH_HOST", raising=False)
+    services = compose_config("docker-compose.yml")["services"]
+    published = [(name, p) for name, svc in services.items() for p in svc.get("ports", [])]
+    assert len(published) >= 7  # four gRPC services, serving's two ports, the web (and any added since)
+    assert all(published_port(p)[0] == "127.0.0.1" for _, p in published), published
+    monkeypatch.setenv("STEMLAB_PUBLISH_HOST", "0.0.0.0")
+    opened = compose_config("docker-compose.yml")["services"]
+    assert {published_port(p)[0] for svc in opened.values() for p in svc.get("ports", [])} == {"0.0.0.0"}
+    for name in (*STEMLAB_SERVICES, "web"):  # inside the compose network: listening, with the token
+        assert services[name]["environment"]["STEMLAB_BIND_HOST"] == "0.0.0.0"
+        assert "STEMLAB_TOKEN" in services[name]["environment"]
+
+
+def kustomized() -> list[dict]:
+    exe = shutil.which("kubectl")
+    if exe is None:  # the same files, read as kustomize would list them
+        names = yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"]
+        return [d for n in names for d in yaml.safe_load_all((K8S / n).read_text()) if d]
+    r = subprocess.run([exe, "kustomize", str(K8S)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return [d for d in yaml.safe_load_all(r.stdout) if d]
+
+
+def test_kubernetes_exposes_only_the_web_outside_the_cluster():
+    services = {d["metadata"]["name"]: d["spec"] for d in kustomized() if d["kind"] == "Service"}
+    assert set(services) >= {*STEMLAB_SERVICES, "serving", "web"}
+    assert services["web"]["type"] == "LoadBalancer"
+    for name in set(services) - {"web"}:  # every other Service, present or added later
+        assert services[name].get("type", "ClusterIP") == "ClusterIP", name
+    assert all("nodePort" not in port for spec in services.values() for port in spec["ports"])
+    # serving outside the cluster is opt-in, in a file kustomize does not apply
+    external = yaml.safe_load((K8S / "serving-external.yaml").read_text())
+    assert external["spec"]["type"] == "LoadBalancer" and external["spec"]["loadBalancerSourceRanges"]
+
+
+def test_local_stack_binds_loopback_unless_configured(tmp_path, monkeypatch):
+    from services.common.config import load_config
+
+    monkeypatch.setenv("STEMLAB_DATA", str(tmp_path))
+    monkeypatch.delenv("STEMLAB_BIND_HOST", raising=False)
+    stack = _stack_module()
+    config = load_config()
+    assert config.bind_host == "127.0.0.1"
+    progs = stack.programs(config)
+    assert "--bind 127.0.0.1:" in progs["web"]["command"]
+    if "tensorflow_model_server" not in progs["serving"]["command"]:
+        assert "--host=127.0.0.1" in progs["serving"]["command"]
+        assert f"--model_base_path_prefix={tmp_path / 'models'}" in progs["serving"]["command"]
+    monkeypatch.setenv("STEMLAB_BIND_HOST", "0.0.0.0")
+    assert "--bind 0.0.0.0:" in stack.programs(load_config())["web"]["command"]

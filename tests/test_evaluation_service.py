@@ -61,7 +61,7 @@ def test_an_evaluation_job_runs_in_the_service_and_publishes_a_report(service):
 
 
 @pytest.mark.parametrize("request_fields, code, words", [
-    ({"estimates_dir": "/nonexistent", "dataset": "evalset"}, grpc.StatusCode.NOT_FOUND, "does not exist"),
+    ({"estimates_dir": "/tmp/nonexistent-stemlab", "dataset": "evalset"}, grpc.StatusCode.NOT_FOUND, "does not exist"),
     ({"model": "guitar:x", "dataset": "evalset"}, grpc.StatusCode.INVALID_ARGUMENT, "NAME:VERSION"),
     ({"run": "r1", "dataset": "nope"}, grpc.StatusCode.NOT_FOUND, "no dataset named 'nope'"),
     ({"dataset": "evalset"}, grpc.StatusCode.INVALID_ARGUMENT, "name what to evaluate"),

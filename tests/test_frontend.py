@@ -11,6 +11,7 @@ import functools
 import http.server
 import io
 import ipaddress
+import os
 import threading
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from services.common import egress
 from services.common import jobs as jobstore
 from services.common.audio import read_audio
 from services.frontend import links
@@ -405,8 +407,8 @@ def test_the_guard_checks_the_address_it_connects_to(monkeypatch):
     import urllib.request
 
     answers = iter([[ipaddress.ip_address("93.184.216.34")]])
-    monkeypatch.setattr(links, "resolve_host", lambda host: next(answers, [ipaddress.ip_address("127.0.0.1")]))
-    assert links.check_url("http://rebind.example/a.mp3", resolve=links.resolve_host) == "http://rebind.example/a.mp3"
+    monkeypatch.setattr(egress, "resolve_host", lambda host: next(answers, [ipaddress.ip_address("127.0.0.1")]))
+    assert links.check_url("http://rebind.example/a.mp3", resolve=egress.resolve_host) == "http://rebind.example/a.mp3"
     with links.EgressGuard() as guard:
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": guard.url}))
         with pytest.raises(urllib.error.HTTPError) as refused:
@@ -418,7 +420,7 @@ def test_the_guard_checks_the_address_it_connects_to(monkeypatch):
     # An allowed address is proxied, CONNECT included (bytes relayed both ways).
     echo = socket.create_server(("127.0.0.1", 0))
     threading.Thread(target=lambda: (lambda c: c[0].sendall(c[0].recv(5)))(echo.accept()), daemon=True).start()
-    monkeypatch.setattr(links, "resolve_host", lambda host: [ipaddress.ip_address("127.0.0.1")])
+    monkeypatch.setattr(egress, "resolve_host", lambda host: [ipaddress.ip_address("127.0.0.1")])
     with links.EgressGuard(["127.0.0.1"]) as guard:
         with socket.create_connection(("127.0.0.1", int(guard.url.rsplit(":", 1)[1])), timeout=10) as sock:
             sock.sendall(f"CONNECT echo.test:{echo.getsockname()[1]} HTTP/1.1\r\n\r\n".encode())
@@ -537,12 +539,18 @@ def ingestion(tmp_path_factory):
         yield process, library
 
 
+def authorized(client):
+    """A test client that sends the stack's token, as a reviewer's script would."""
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {os.environ['STEMLAB_TOKEN']}"
+    return client
+
+
 @pytest.fixture
 def review_client(tmp_path, ingestion):
     process, _ = ingestion
     app = create_app({"data_root": str(tmp_path / "data"), "ingestion_address": process.address,
                       "start_workers": False})
-    return app.test_client()
+    return authorized(app.test_client())
 
 
 def test_review_page_lists_tracks_with_their_suggestions(review_client):
@@ -588,6 +596,6 @@ def test_review_refusals(review_client):
 
 def test_review_page_says_when_ingestion_is_down(tmp_path):
     app = create_app({"data_root": str(tmp_path / "data"), "ingestion_address": "127.0.0.1:9", "start_workers": False})
-    page = app.test_client().get("/review")
+    page = authorized(app.test_client()).get("/review")
     assert page.status_code == 200 and "not reachable" in page.get_data(as_text=True)
-    assert_refused(app.test_client().get("/api/review/tracks"), 503, "not reachable")
+    assert_refused(authorized(app.test_client()).get("/api/review/tracks"), 503, "not reachable")

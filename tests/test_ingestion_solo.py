@@ -41,7 +41,7 @@ def server(tmp_path):
 def test_url_is_downloaded_cut_into_pieces_and_not_fetched_twice(tmp_path, server):
     lib = Library(DataRoot(tmp_path / "data").ensure())
     url = f"{server}/solo%20guitar.wav"
-    report = import_solo(lib, url, "guitar", piece_seconds=30, min_piece_seconds=15)
+    report = import_solo(lib, url, "guitar", piece_seconds=30, min_piece_seconds=15, allow_hosts=["127.0.0.1"])
     # 70 s -> 30 + 30 + 10; the 10 s rest is shorter than the minimum and dropped.
     assert report.added == ["solo_guitar_001", "solo_guitar_002"], report.to_dict()
     t = lib.load("solo_guitar_001")
@@ -49,7 +49,7 @@ def test_url_is_downloaded_cut_into_pieces_and_not_fetched_twice(tmp_path, serve
     assert [(s.file, s.cls) for s in t.stems] == [("stems/guitar.wav", "guitar")]
     assert t.origin.startswith(url + "#piece=001")
     fetched = len(_Handler.requests)
-    again = import_solo(lib, url, "guitar", piece_seconds=30, min_piece_seconds=15)
+    again = import_solo(lib, url, "guitar", piece_seconds=30, min_piece_seconds=15, allow_hosts=["127.0.0.1"])
     assert again.unchanged == ["solo_guitar_001", "solo_guitar_002"] and not again.added
     assert len(_Handler.requests) == fetched  # recognised without downloading again
     assert not any(p.name.startswith(".solo-") for p in lib.data.downloads.iterdir())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 
 import numpy as np
@@ -60,7 +61,7 @@ def test_pairs_carry_checksums_and_an_md5_split(tmp_path):
         expected = "validation" if int(hashlib.md5(pair.track.encode()).hexdigest(), 16) / 16**32 < 0.2 else "train"
         assert pair.split == expected
         assert pair.seconds == pytest.approx(0.3, abs=1e-3)
-        assert pair.instrument == f"mixes/guitar/{RATE}/{pair.track}/instrument.wav"
+        assert re.fullmatch(rf"mixes/guitar/{RATE}/{pair.track}/instrument\.[0-9a-f]{{16}}\.wav", pair.instrument)
     assert manifest.params["source_tracks"]["Synth00"]["stems"][0]["file"] == "stems/d.wav"
     assert manifest.code_version
 
@@ -144,7 +145,7 @@ def test_a_silence_adjusted_dataset_leaves_out_discarded_tracks(tmp_path):
     result = build_dataset(tmp_path, "adj", "guitar", RATE, silence_adjusted=(0.7, 0.5), workers=1)
     manifest = load_manifest(find_manifest(tmp_path, "adj"))
     assert [p.track for p in manifest.pairs] == ["Loud"]
-    assert manifest.pairs[0].instrument == f"mixes/guitar/{RATE}-silence-0.7-0.5/Loud/instrument.wav"
+    assert re.fullmatch(rf"mixes/guitar/{RATE}-silence-0.7-0.5/Loud/instrument\.[0-9a-f]{{16}}\.wav", manifest.pairs[0].instrument)
     assert result["left_out"] == [{"track": "Quiet", "reason": "discarded by silence adjustment"}]
 
 

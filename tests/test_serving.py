@@ -55,9 +55,11 @@ def server(models_root, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def channel(server):
-    with grpc.insecure_channel(server.grpc_address, options=[
+    from services.common.auth import client_token, open_channel
+
+    with open_channel(server.grpc_address, options=[
         ("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20),
-    ]) as opened:
+    ], token=client_token()) as opened:
         yield opened
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from services.common.auth import TOKEN_ENV, ensure_token  # noqa: E402
 from services.common.config import GRPC_SERVICES, load_config  # noqa: E402
 from services.common.paths import atomic_write_text  # noqa: E402
 
@@ -57,12 +58,13 @@ def programs(config) -> dict[str, dict]:
     elif (REPO / "services" / "serving" / "server.py").exists():
         progs["serving"] = {"command": f"{sys.executable} -m services.serving.server --port={serving_port} "
                                        f"--rest_api_port={rest_port} --model_config_file={models_config} "
+                                       f"--model_base_path_prefix={data / 'models'} --host={config.bind_host} "
                                        "--file_system_poll_wait_seconds=2",
                             "check": ("grpc", serving_port)}
     if (REPO / "services" / "frontend" / "app.py").exists():
         web_port = config.port("web")
         progs["web"] = {"command": f"{VENV_BIN / 'gunicorn'} --workers 1 --threads 8 --timeout 600 "
-                                   f"--bind 0.0.0.0:{web_port} 'services.frontend.app:create_app()'",
+                                   f"--bind {config.bind_host}:{web_port} 'services.frontend.app:create_app()'",
                         "check": ("http", f"http://127.0.0.1:{web_port}/healthz")}
     return progs
 
@@ -74,9 +76,11 @@ def write_supervisor_config(config, progs: dict[str, dict]) -> Path:
     logs.mkdir(parents=True, exist_ok=True)
     env = {"STEMLAB_DATA": str(config.data_root), "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     # The job store and its settings (docs/scaling.md): unset, SQLite files under the data root and
-    # the web runs its separations in its own process, as before.
+    # the web runs its separations in its own process, as before. Security settings: docs/security.md.
     for key in ("STEMLAB_CONFIG", "STEMLAB_LOG_LEVEL", "STEMLAB_DATABASE_URL", "STEMLAB_JOB_LEASE_SECONDS",
-                "STEMLAB_JOB_MAX_ATTEMPTS", "STEMLAB_JOB_RETENTION_DAYS"):
+                "STEMLAB_JOB_MAX_ATTEMPTS", "STEMLAB_JOB_RETENTION_DAYS", "STEMLAB_BIND_HOST",
+                "STEMLAB_IMPORT_ROOTS", "STEMLAB_SERVING_ADDRESSES", "STEMLAB_TLS_CERT", "STEMLAB_TLS_KEY",
+                "STEMLAB_TLS_CA", TOKEN_ENV):
         if os.environ.get(key):
             env[key] = os.environ[key]
     for name in (*GRPC_SERVICES, "serving", "serving_rest", "web"):
@@ -119,6 +123,7 @@ def write_supervisor_config(config, progs: dict[str, dict]) -> Path:
     if not path.exists() or path.read_text() != text:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(text)
+        os.chmod(tmp, 0o600)  # may hold $STEMLAB_TOKEN
         tmp.replace(path)
     return path
 
@@ -154,8 +159,10 @@ def healthy(check) -> bool:
         import grpc
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+        from services.common.auth import open_channel
+
         try:
-            with grpc.insecure_channel(f"127.0.0.1:{target}") as ch:
+            with open_channel(f"127.0.0.1:{target}", ca_file=load_config().tls_client_ca) as ch:
                 r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)
                 return r.status == health_pb2.HealthCheckResponse.SERVING
         except grpc.RpcError:
@@ -234,6 +241,7 @@ def code_fingerprint() -> str:
 
 def up_local(config, timeout: float) -> int:
     install_models(config)
+    ensure_token(config.data_root)  # before any service starts: they all read the same one
     progs = programs(config)
     conf = write_supervisor_config(config, progs)
     stamp = config.data_root / "run" / "code.sha256"
@@ -323,6 +331,9 @@ def main(argv=None) -> int:
     use_docker = args.docker or (not args.local and os.environ.get("STEMLAB_MODE") != "local"
                                  and docker_engine_available())
     if use_docker:
+        if args.command == "up":
+            # The containers get the host data root's token, so the CLI on the host is let in.
+            os.environ[TOKEN_ENV] = ensure_token(config.data_root)
         # --build: images are rebuilt from the code on disk (layer cache makes it quick when
         # nothing changed), so `make up` after a `git pull` never runs the old code.
         return compose(*{"up": ["up", "-d", "--build", "--wait"], "down": ["down"], "status": ["ps"],

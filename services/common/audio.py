@@ -4,6 +4,14 @@ Arrays are float32 with shape (channels, samples) everywhere. WAV/FLAC/OGG/AIFF 
 soundfile (libsndfile); MP3, M4A/AAC and anything libsndfile refuses go through an ffmpeg
 subprocess. Writes land under a temporary name in the target folder and are renamed into place,
 so a reader never sees a half-written file.
+
+Decoding is bounded (`DecodeLimits`): what comes out of the decoder is counted block by block,
+never trusted from the header, and decoding stops with an AudioError at the byte cap (default
+512 MiB of float32, STEMLAB_MAX_DECODED_MB) or the length cap. Limits on rate and channels are
+applied while decoding (ffmpeg resamples and mixes down in its pipe), so a 92 KB FLAC claiming
+8 channels at 655 kHz never becomes gigabytes. ffmpeg reads local files only
+(`-protocol_whitelist file`) with an explicit list of audio demuxers (`-format_whitelist`): no
+playlists (hls/m3u8), concat scripts or network protocols, whatever the file's name or content.
 """
 
 from __future__ import annotations
@@ -14,7 +22,9 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +50,45 @@ DEFAULT_SUBTYPE = {".wav": "FLOAT", ".flac": "PCM_24"}
 MP3_RATES_HZ = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
 
 _FFMPEG_TIMEOUT_S = 600
+# The demuxers ffmpeg may use on a file: audio containers only. Not hls (m3u8 playlists), concat,
+# image sequences, lavfi, sdp/rtp or anything else that can name other files or the network.
+FFMPEG_DEMUXERS = ("wav", "w64", "flac", "mp3", "ogg", "mov", "matroska", "aac", "aiff", "caf", "au", "asf",
+                   "wv", "ape", "tta", "amr", "mpc", "mpc8", "ac3", "eac3", "dts", "truehd", "mlp", "loas", "rf64")
+FFMPEG_SAFE_INPUT = ("-protocol_whitelist", "file", "-format_whitelist", ",".join(FFMPEG_DEMUXERS))
+_BLOCK_FRAMES = 1 << 16
+
+
+def _default_max_bytes() -> int:
+    raw = os.environ.get("STEMLAB_MAX_DECODED_MB", "")
+    return (int(raw) if raw.isdigit() and int(raw) > 0 else 512) << 20
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Bounds of one decode, enforced on what the decoder produces.
+
+    max_seconds: decoded length (counted) beyond which the file is refused.
+    max_rate_hz / max_channels: higher rates are resampled, more channels mixed down, while decoding.
+    max_bytes: float32 output beyond which decoding stops (memory bound).
+    timeout_seconds: wall-clock bound of one decode.
+    """
+
+    max_seconds: float | None = None
+    max_rate_hz: int | None = None
+    max_channels: int | None = None
+    max_bytes: int = field(default_factory=_default_max_bytes)
+    timeout_seconds: float = _FFMPEG_TIMEOUT_S
+
+    def converts(self, rate: int, channels: int) -> bool:
+        return bool((self.max_rate_hz and rate > self.max_rate_hz) or (self.max_channels and channels > self.max_channels))
+
+    def output_format(self, rate: int, channels: int) -> tuple[int, int]:
+        return (min(rate, self.max_rate_hz or rate), min(channels, self.max_channels or channels))
+
+
+# What the web decodes a song to: its own rate up to 48 kHz, at most stereo (docs/security.md).
+WEB_MAX_RATE_HZ = 48_000
+WEB_MAX_CHANNELS = 2
 
 # Read once: os.umask can only be read by setting it, which is unsafe once threads run.
 _UMASK = os.umask(0o022)
@@ -180,22 +229,25 @@ def audio_info(path: str | os.PathLike) -> tuple[int, int, int]:
 
 
 def read_audio(
-    path: str | os.PathLike, rate: int | None = None, mono: bool = False
+    path: str | os.PathLike, rate: int | None = None, mono: bool = False, limits: DecodeLimits | None = None
 ) -> tuple[np.ndarray, int]:
     """Decode an audio file.
 
     Returns (audio float32 (channels, samples), rate_hz). With `rate`, the audio is resampled to
     it and `rate` is returned; with `mono`, channels are averaged to shape (1, samples).
-    Raises AudioError naming the file for anything missing, empty, undecodable or absurd.
+    `limits` bound the decode (default: the byte cap only); rate and channel limits are applied
+    while decoding, so the returned rate may be lower than the file's.
+    Raises AudioError naming the file for anything missing, empty, undecodable, absurd or too large.
     """
     path = _existing_file(path)
+    limits = limits or DecodeLimits()
     if rate is not None and not 0 < int(rate) <= MAX_RATE_HZ:
         raise AudioError(path, f"requested rate {rate} Hz is outside 1..{MAX_RATE_HZ}")
     audio = file_rate = None
     if path.suffix.lower() in SOUNDFILE_READ_SUFFIXES:
-        audio, file_rate = _read_soundfile(path)
+        audio, file_rate = _read_soundfile(path, limits)
     if audio is None:
-        audio, file_rate = _read_ffmpeg(path)
+        audio, file_rate = _read_ffmpeg(path, limits)
     if mono:
         audio = to_mono(audio)
     if rate is not None and int(rate) != file_rate:
@@ -229,20 +281,50 @@ def _checked_format(path: Path, rate: int, channels: int, frames: int) -> tuple[
     return rate, channels, frames
 
 
-def _read_soundfile(path: Path) -> tuple[np.ndarray | None, int | None]:
-    """Returns (None, None) when libsndfile cannot parse the file, so ffmpeg gets a try."""
+def _read_soundfile(path: Path, limits: DecodeLimits) -> tuple[np.ndarray | None, int | None]:
+    """Returns (None, None) when libsndfile cannot parse the file, or when the limits ask for a
+    conversion while decoding, so ffmpeg does it. Reads block by block, counting what comes out."""
     try:
         with sf.SoundFile(str(path)) as handle:
-            _checked_format(path, handle.samplerate, handle.channels, handle.frames)
-            data = handle.read(dtype="float32", always_2d=True)
-            rate = handle.samplerate
+            rate, channels = handle.samplerate, handle.channels
+            _checked_format(path, rate, channels, handle.frames)
+            if limits.converts(rate, channels):
+                return None, None
+            counter = _Counter(path, limits, rate, channels)
+            blocks = []
+            while True:
+                block = handle.read(_BLOCK_FRAMES, dtype="float32", always_2d=True)
+                if block.shape[0] == 0:
+                    break
+                counter.add(block.shape[0])
+                blocks.append(block)
     except (sf.LibsndfileError, RuntimeError):
         return None, None
     except OSError as error:
         raise AudioError(path, f"cannot open: {error.strerror or error}") from error
-    if data.shape[0] == 0:
+    if not blocks:
         raise AudioError(path, "contains no audio frames")
+    data = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
     return _finite(path, np.ascontiguousarray(data.T)), rate
+
+
+class _Counter:
+    """Counts decoded frames against the limits; raises AudioError the moment one is passed."""
+
+    def __init__(self, path: Path, limits: DecodeLimits, rate: int, channels: int):
+        self.path, self.limits, self.rate, self.channels = path, limits, rate, channels
+        self.frames = 0
+        # A decoder may round up a little past the length cap: allow a tenth of a second.
+        self.max_frames = None if limits.max_seconds is None else int((limits.max_seconds + 0.1) * rate)
+
+    def add(self, frames: int) -> None:
+        self.frames += frames
+        if self.frames * self.channels * 4 > self.limits.max_bytes:
+            raise AudioError(self.path, f"decodes to more than {self.limits.max_bytes >> 20} MiB "
+                                        f"({self.channels} channels at {self.rate} Hz); refused")
+        if self.max_frames is not None and self.frames > self.max_frames:
+            raise AudioError(self.path, f"is longer than {self.limits.max_seconds:g} s (counted while decoding); "
+                                        "refused")
 
 
 def _tool(name: str, path: Path) -> str:
@@ -263,7 +345,7 @@ def _ffprobe(path: Path) -> tuple[int, int, int]:
     command = [
         _tool("ffprobe", path), "-v", "error", "-select_streams", "a:0",
         "-show_entries", "stream=sample_rate,channels,duration:format=duration",
-        "-protocol_whitelist", "file", "-of", "json", _ffmpeg_input(path),
+        *FFMPEG_SAFE_INPUT, "-of", "json", _ffmpeg_input(path),
     ]  # fmt: skip
     try:
         result = subprocess.run(command, capture_output=True, timeout=_FFMPEG_TIMEOUT_S, check=False)
@@ -288,26 +370,54 @@ def _ffprobe(path: Path) -> tuple[int, int, int]:
     return rate, channels, int(round(duration * rate))
 
 
-def _read_ffmpeg(path: Path) -> tuple[np.ndarray, int]:
-    rate, channels, _ = _ffprobe(path)
-    _checked_format(path, rate, channels, 1)  # the duration estimate is checked after decoding
-    # Decode to raw float32 on a pipe at the stream's own rate and channel count; resampling, if
-    # asked for, is done by soxr afterwards like for every other format.
+def _read_ffmpeg(path: Path, limits: DecodeLimits) -> tuple[np.ndarray, int]:
+    file_rate, file_channels, _ = _ffprobe(path)
+    _checked_format(path, file_rate, file_channels, 1)  # the duration estimate is checked after decoding
+    # Decode to raw float32 on a pipe at the stream's own rate and channel count, or lower ones the
+    # limits ask for (ffmpeg converts while decoding); resampling to a requested rate is done by
+    # soxr afterwards like for every other format. ffmpeg stops itself a little after the length
+    # cap, and we count and stop reading at the byte cap.
+    rate, channels = limits.output_format(file_rate, file_channels)
+    length = ["-t", f"{limits.max_seconds + 1:.3f}"] if limits.max_seconds is not None else []
     command = [
-        _tool("ffmpeg", path), "-nostdin", "-v", "error", "-protocol_whitelist", "file",
+        _tool("ffmpeg", path), "-nostdin", "-v", "error", *FFMPEG_SAFE_INPUT,
         "-i", _ffmpeg_input(path), "-map", "0:a:0",
-        "-vn", "-ac", str(channels), "-ar", str(rate), "-f", "f32le", "-acodec", "pcm_f32le", "pipe:1",
+        "-vn", "-ac", str(channels), "-ar", str(rate), *length, "-f", "f32le", "-acodec", "pcm_f32le", "pipe:1",
     ]  # fmt: skip
-    try:
-        result = subprocess.run(command, capture_output=True, timeout=_FFMPEG_TIMEOUT_S, check=False)
-    except subprocess.TimeoutExpired as error:
-        raise AudioError(path, "ffmpeg decoding timed out") from error
-    if result.returncode != 0:
-        raise AudioError(path, f"ffmpeg could not decode it ({_last_line(result.stderr, path)})")
-    usable = len(result.stdout) // (4 * channels) * (4 * channels)
+    counter = _Counter(path, limits, rate, channels)
+    frame_bytes = 4 * channels
+    decoded = bytearray()
+    timed_out = threading.Event()
+    with tempfile.TemporaryFile() as errors:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, stdin=subprocess.DEVNULL)
+
+        def stop() -> None:
+            timed_out.set()
+            process.kill()
+
+        timer = threading.Timer(limits.timeout_seconds, stop)
+        timer.start()
+        try:
+            while chunk := process.stdout.read(1 << 20):
+                decoded += chunk
+                counter.add(len(decoded) // frame_bytes - counter.frames)
+            returncode = process.wait()
+        finally:  # also when the counter refuses: stop ffmpeg at once
+            timer.cancel()
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            process.stdout.close()
+        errors.seek(0)
+        stderr = errors.read(1 << 16)
+    if timed_out.is_set():
+        raise AudioError(path, f"ffmpeg decoding took longer than {limits.timeout_seconds:g} s")
+    if returncode != 0:
+        raise AudioError(path, f"ffmpeg could not decode it ({_last_line(stderr, path)})")
+    usable = counter.frames * frame_bytes
     if usable == 0:
         raise AudioError(path, "contains no audio frames")
-    data = np.frombuffer(result.stdout[:usable], dtype="<f4").reshape(-1, channels)
+    data = np.frombuffer(memoryview(decoded)[:usable], dtype="<f4").reshape(-1, channels)
     return _finite(path, np.ascontiguousarray(data.T, dtype=np.float32)), rate
 
 

@@ -62,9 +62,15 @@ def address(args: argparse.Namespace, service: str) -> str:
 
 
 def channel(addr: str) -> grpc.Channel:
+    """A channel that sends the stack's token (and speaks TLS where configured)."""
+    from services.common.auth import TokenError, stack_channel
+
     mb = int(os.environ.get("STEMLAB_MAX_MESSAGE_MB", "64"))
-    return grpc.insecure_channel(addr, options=[("grpc.max_receive_message_length", mb << 20),
-                                                ("grpc.max_send_message_length", mb << 20)])
+    try:
+        return stack_channel(addr, options=[("grpc.max_receive_message_length", mb << 20),
+                                            ("grpc.max_send_message_length", mb << 20)])
+    except (TokenError, ConfigError) as e:
+        raise CliError(str(e)) from e
 
 
 def stub(args: argparse.Namespace, service: str, stub_class: type) -> Any:

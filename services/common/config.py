@@ -10,6 +10,12 @@ Order of precedence (last wins): the defaults below, the YAML file named by STEM
     STEMLAB_MAX_MESSAGE_MB       gRPC message size limit, both directions
     STEMLAB_GRACE_SECONDS        how long SIGTERM waits for running jobs
     STEMLAB_LOG_LEVEL            DEBUG, INFO, WARNING, ERROR
+    STEMLAB_BIND_HOST            address services listen on (default 127.0.0.1: this machine only)
+    STEMLAB_IMPORT_ROOTS         folders besides the data root that RPCs may read (os.pathsep-separated)
+    STEMLAB_SERVING_ADDRESSES    serving servers evaluation may send audio to (comma-separated;
+                                 the configured serving address is always allowed)
+    STEMLAB_TLS_CERT, STEMLAB_TLS_KEY, STEMLAB_TLS_CA   optional TLS (services/common/auth.py)
+    STEMLAB_TOKEN                the stack's token (default: DATA/secrets/token)
 """
 
 from __future__ import annotations
@@ -51,12 +57,34 @@ class ServiceSettings(BaseModel):
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
     data_root: Path = Path("./data")
-    bind_host: str = "0.0.0.0"
+    # Loopback unless configured: the services trust their token, not their network.
+    bind_host: str = "127.0.0.1"
     client_host: str = "localhost"
     max_message_mb: int = Field(default=64, ge=1, le=2047)
     grace_seconds: float = Field(default=10.0, ge=0, le=600)
     log_level: str = "INFO"
     services: dict[str, ServiceSettings] = Field(default_factory=dict)
+    # Folders outside the data root whose files RPCs may import (resolved, symlinks followed).
+    import_roots: list[Path] = Field(default_factory=list)
+    # Serving addresses (host:port) evaluation may talk to besides the configured one.
+    serving_addresses: list[str] = Field(default_factory=list)
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None
+
+    @field_validator("import_roots", mode="before")
+    @classmethod
+    def _split_paths(cls, value: Any) -> Any:
+        if isinstance(value, str):  # like PATH: folders separated by os.pathsep
+            return [part.strip() for part in value.split(os.pathsep) if part.strip()]
+        return value
+
+    @field_validator("serving_addresses", mode="before")
+    @classmethod
+    def _split_addresses(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     @field_validator("log_level")
     @classmethod
@@ -82,6 +110,14 @@ class Config(BaseModel):
     @property
     def max_message_bytes(self) -> int:
         return self.max_message_mb * 1024 * 1024
+
+    @property
+    def tls_client_ca(self) -> Path | None:
+        """What clients trust when TLS is on: the CA file, else the server certificate itself."""
+        return self.tls_ca_file or self.tls_cert_file
+
+    def allowed_serving_addresses(self) -> set[str]:
+        return {self.address("serving"), *self.serving_addresses}
 
 
 def first_error(error: ValidationError) -> str:
@@ -134,9 +170,17 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
         raw["grace_seconds"] = os.environ["STEMLAB_GRACE_SECONDS"]
     if os.environ.get("STEMLAB_LOG_LEVEL"):
         raw["log_level"] = os.environ["STEMLAB_LOG_LEVEL"]
+    for key, env in (("bind_host", "STEMLAB_BIND_HOST"), ("import_roots", "STEMLAB_IMPORT_ROOTS"),
+                     ("serving_addresses", "STEMLAB_SERVING_ADDRESSES"), ("tls_cert_file", "STEMLAB_TLS_CERT"),
+                     ("tls_key_file", "STEMLAB_TLS_KEY"), ("tls_ca_file", "STEMLAB_TLS_CA")):
+        if os.environ.get(env):
+            raw[key] = os.environ[env]
     try:
         config = Config.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(f"invalid configuration at {first_error(e)}") from e
     config.data_root = config.data_root.expanduser().resolve()
+    config.import_roots = [p.expanduser().resolve() for p in config.import_roots]
+    if bool(config.tls_cert_file) != bool(config.tls_key_file):
+        raise ConfigError("TLS needs both tls_cert_file and tls_key_file (STEMLAB_TLS_CERT, STEMLAB_TLS_KEY)")
     return config

@@ -19,3 +19,8 @@ class InvalidArgumentError(StemlabError, ValueError):
 
 class FailedPreconditionError(StemlabError):
     """The request is fine but the system is not in a state to do it (gRPC FAILED_PRECONDITION)."""
+
+
+class PermissionDeniedError(StemlabError):
+    """The request names something this service may not touch, e.g. a path outside the data root
+    and the configured import roots (gRPC PERMISSION_DENIED)."""

@@ -16,8 +16,11 @@ def grpc_healthy(address: str, service: str = "", timeout: float = 3.0) -> bool:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    try:
-        with grpc.insecure_channel(address) as ch:
+    from services.common.auth import open_channel
+    from services.common.config import load_config
+
+    try:  # health needs no token; TLS where the stack is configured for it
+        with open_channel(address, ca_file=load_config().tls_client_ca) as ch:
             r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service),
                                                      timeout=timeout)
             return r.status == health_pb2.HealthCheckResponse.SERVING

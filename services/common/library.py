@@ -26,8 +26,12 @@ and the web review page read them). Schema (version 1):
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import fcntl
+import os
 import re
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -224,6 +228,28 @@ class Library:
 
     def tracks(self) -> list[Track]:
         return [self.load(i) for i in self.ids()]
+
+    @contextlib.contextmanager
+    def locked(self, track_id: str) -> Iterator[None]:
+        """Hold the track's lock: every load-modify-save of one track takes it, in every thread and
+        process, so two edits at once never lose one another's change. The lock file lives outside
+        the track folder (DATA/.locks/library), which a re-import replaces by a rename."""
+        path = self.data.root / ".locks" / "library" / f"{validate_track_id(track_id)}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # the kernel drops it if the holder dies
+            yield
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def edit(self, track_id: str) -> Iterator[Track]:
+        """The track as it is on disk now, saved when the block ends without an error; under its lock."""
+        with self.locked(track_id):
+            track = self.load(track_id)
+            yield track
+            self.save(track)
 
     def save(self, track: Track) -> Path:
         path = self.track_dir(track.id) / "track.yaml"

@@ -22,19 +22,29 @@ evaluation read them). Schema (version 1):
         seconds: 30.0
         sha256: {instrument: "...", rest: "..."}
     checksum: "..."               # sha256 over everything above, the manifest's identity
+
+Versions are immutable: publication is exclusive (a lock per dataset, and the version folder is
+created with mkdir, which fails if another build took the number), new builds point at
+content-named hard links of the mix files (instrument.<sha256[:16]>.wav) that a re-mix never
+rewrites, and `verify_files` compares the recorded checksums with the files whenever a version
+is read for training or evaluation, refusing a changed file with DatasetChangedError.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import os
 import re
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
 
-from services.common.errors import InvalidArgumentError, NotFoundError
+from services.common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from services.common.paths import DataRoot, PathError, atomic_write_text, safe_join
 
 SCHEMA_VERSION = 1
@@ -48,6 +58,79 @@ class ManifestError(InvalidArgumentError):
 
 class DatasetNotFoundError(NotFoundError):
     """No dataset (or no such version of it)."""
+
+
+class DatasetChangedError(FailedPreconditionError):
+    """A file of a published version no longer has the content the version recorded."""
+
+
+_HASH_CHUNK_BYTES = 4 << 20
+_verified: dict[tuple, str] = {}  # (path, inode, size, mtime_ns) -> sha256, so a process hashes a file once
+_verified_lock = threading.Lock()
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _current_sha256(path: Path) -> str:
+    st = path.stat()
+    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    with _verified_lock:
+        if key in _verified:
+            return _verified[key]
+    digest = sha256_file(path)
+    with _verified_lock:
+        _verified[key] = digest
+    return digest
+
+
+def verify_files(manifest: Manifest, data_root: str | Path, pairs: list[Pair] | None = None) -> None:
+    """Check every file of `pairs` (default: all) against the checksums the version recorded.
+
+    Raises DatasetChangedError naming the first file that changed or vanished: a published
+    version is what its numbers were measured on, and must not drift under them.
+    """
+    for pair in manifest.pairs if pairs is None else pairs:
+        for role in ("instrument", "rest"):
+            expected = pair.sha256.get(role)
+            if not expected:
+                continue
+            rel = getattr(pair, role)
+            path = Manifest.path_of(rel, data_root)
+            try:
+                found = _current_sha256(path)
+            except FileNotFoundError:
+                raise DatasetChangedError(f"dataset {manifest.name} v{manifest.version}: {rel} is gone; "
+                                          "versions are immutable, build the dataset again for a new one") from None
+            if found != expected:
+                raise DatasetChangedError(
+                    f"dataset {manifest.name} v{manifest.version}: {rel} changed since the version was "
+                    f"published (sha256 {found[:12]}…, recorded {expected[:12]}…); versions are immutable: "
+                    "build the dataset again to publish a new version")
+
+
+def freeze_file(path: Path) -> tuple[Path, str]:
+    """A content-named hard link of `path` (`<stem>.<sha256[:16]><suffix>` beside it) and the sha256.
+
+    Writers replace mix files by renaming a new file over the name, so the link keeps the content
+    it was hashed with: a manifest that points at it never sees a re-mix. The link is hashed, not
+    the name, so a rename meanwhile cannot give the link another content than its name says.
+    """
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}{path.suffix}")
+    tmp.unlink(missing_ok=True)
+    os.link(path, tmp)
+    try:
+        digest = sha256_file(tmp)
+        frozen = path.with_name(f"{path.stem}.{digest[:16]}{path.suffix}")
+        os.replace(tmp, frozen)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return frozen, digest
 
 
 def validate_dataset_name(name: str) -> str:
@@ -157,30 +240,47 @@ def find_manifest(data_root: str | Path | DataRoot, name: str, version: int | No
     return dataset_dir(data_root, name) / f"v{v}" / "manifest.yaml"
 
 
+@contextlib.contextmanager
+def _publication_lock(data_root: str | Path | DataRoot, name: str):
+    """One publication of a dataset at a time, across threads and processes."""
+    folder = dataset_dir(data_root, name)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / ".publish.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def publish_manifest(data_root: str | Path | DataRoot, manifest: Manifest) -> tuple[Path, bool]:
     """Write `manifest` as a new version, or return the existing version with the same content.
 
     Returns (path, created). Versions are never overwritten: the same parameters and files give
-    the same checksum and so the same version; anything else makes version N+1.
+    the same checksum and so the same version; anything else makes version N+1. Two builds
+    publishing at once take turns (a lock), and the version folder is made with mkdir, so even a
+    writer that bypasses the lock cannot take a number that exists.
     """
-    manifest.version = 0
-    manifest.created = ""
-    content_sum = manifest.compute_checksum()
-    for v in versions(data_root, manifest.name):
-        path = find_manifest(data_root, manifest.name, v)
-        old = load_manifest(path)
-        old.version, old.created = 0, ""
-        if old.compute_checksum() == content_sum:
-            return path, False
-    existing = versions(data_root, manifest.name)
-    manifest.version = (existing[-1] + 1) if existing else 1
-    from services.common.library import now_iso
+    with _publication_lock(data_root, manifest.name):
+        manifest.version = 0
+        manifest.created = ""
+        content_sum = manifest.compute_checksum()
+        for v in versions(data_root, manifest.name):
+            path = find_manifest(data_root, manifest.name, v)
+            old = load_manifest(path)
+            old.version, old.created = 0, ""
+            if old.compute_checksum() == content_sum:
+                return path, False
+        existing = versions(data_root, manifest.name)
+        manifest.version = (existing[-1] + 1) if existing else 1
+        from services.common.library import now_iso
 
-    manifest.created = now_iso()
-    manifest.checksum = manifest.compute_checksum()
-    path = dataset_dir(data_root, manifest.name) / f"v{manifest.version}" / "manifest.yaml"
-    if path.exists():
-        raise ManifestError(f"{path} exists already; versions are immutable")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, manifest.to_yaml())
-    return path, True
+        manifest.created = now_iso()
+        manifest.checksum = manifest.compute_checksum()
+        path = dataset_dir(data_root, manifest.name) / f"v{manifest.version}" / "manifest.yaml"
+        try:
+            path.parent.mkdir()
+        except FileExistsError:
+            raise ManifestError(f"{path.parent} exists already; versions are immutable") from None
+        atomic_write_text(path, manifest.to_yaml())
+        return path, True

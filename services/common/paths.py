@@ -75,6 +75,32 @@ def safe_join(root: str | os.PathLike, *parts: str | os.PathLike) -> Path:
     return candidate
 
 
+def resolve_allowed(text: str | os.PathLike, root: str | os.PathLike,
+                    allowed: list[str | os.PathLike] = (), what: str = "path") -> Path:
+    """A path a request names: absolute, or relative to `root` (the data root); resolved with its
+    symlinks, it must lie inside `root` or one of the `allowed` folders (the configured import roots).
+
+    Checked before anything else, so a refused path also says nothing about whether it exists.
+    Raises InvalidArgumentError for an empty or malformed path, PermissionDeniedError otherwise.
+    """
+    from services.common.errors import InvalidArgumentError, PermissionDeniedError
+
+    text = os.fspath(text or "")
+    if not text or "\x00" in text:
+        raise InvalidArgumentError(f"a {what} is required" if not text else f"invalid {what} {text!r}")
+    base = Path(root).resolve()
+    path = Path(text).expanduser()
+    if not path.is_absolute() and ".." in path.parts:
+        raise InvalidArgumentError(f"{what} {text!r} may not contain '..': relative paths stay in the data root")
+    path = (path if path.is_absolute() else base / path).resolve()
+    folders = [base, *(Path(r).expanduser().resolve() for r in allowed)]
+    if not any(path == folder or folder in path.parents for folder in folders):
+        raise PermissionDeniedError(
+            f"{what} {text} is outside the folders this service may read: the data root and the import "
+            f"roots ({', '.join(map(str, folders))}); add a folder with STEMLAB_IMPORT_ROOTS")
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` if the block succeeds.

@@ -8,7 +8,8 @@
 
 A Service brings: the validated config, the data root, the job store (DATA/jobs/<name>.sqlite)
 and runner, `stemlab.v1.Jobs` for its jobs, grpc.health.v1 (overall and per service name),
-reflection, message size limits, and a graceful stop: on SIGTERM health turns NOT_SERVING,
+reflection, message size limits, the stack's token on every call but health (services/common/auth.py;
+reflection needs it too: it lists every method, which only the stack's users need), optional TLS, and a graceful stop: on SIGTERM health turns NOT_SERVING,
 new requests are refused, running jobs are asked to stop and get the grace period to
 checkpoint, whatever still runs is marked interrupted, then the process exits 0.
 """
@@ -30,9 +31,15 @@ from google.protobuf import json_format, struct_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common import auth
 from services.common import jobs as jobstore
 from services.common.config import Config, load_config
-from services.common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from services.common.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    PermissionDeniedError,
+)
 from services.common.logs import setup_logging
 from services.common.paths import DataRoot
 from stemlab.v1 import jobs_pb2, jobs_pb2_grpc
@@ -100,6 +107,8 @@ def handle_errors(method: Callable) -> Callable:
             code = grpc.StatusCode.NOT_FOUND
         elif isinstance(e, FailedPreconditionError):
             code = grpc.StatusCode.FAILED_PRECONDITION
+        elif isinstance(e, PermissionDeniedError):
+            code = grpc.StatusCode.PERMISSION_DENIED
         elif isinstance(e, InvalidArgumentError | ValueError | TypeError):
             code = grpc.StatusCode.INVALID_ARGUMENT
         else:
@@ -227,7 +236,9 @@ class Service:
             ("grpc.so_reuseport", 0),
         ]
         # Streams (WatchJob) hold a thread each; leave room for many watchers.
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=options)
+        token = auth.ensure_token(self.data.root)
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=options,
+                                  interceptors=[auth.TokenInterceptor(token)])
         jobs_pb2_grpc.add_JobsServicer_to_server(JobsServicer(self.runner), self.server)
         names = ["stemlab.v1.Jobs"]
         for add_fn, servicer, full_name in self._servicers:
@@ -239,7 +250,8 @@ class Service:
             self.server)
         port = self.settings.port if port is None else port
         try:
-            bound = self.server.add_insecure_port(f"{self.config.bind_host}:{port}")
+            bound = auth.add_port(self.server, f"{self.config.bind_host}:{port}",
+                                  self.config.tls_cert_file, self.config.tls_key_file)
         except RuntimeError:  # newer grpcio raises where older returned 0
             bound = 0
         if bound == 0:

@@ -20,7 +20,7 @@ import numpy as np
 
 from services.common.audio import AudioError, read_audio
 from services.common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
-from services.common.manifest import ManifestError, Pair, find_manifest, load_manifest
+from services.common.manifest import ManifestError, Pair, find_manifest, load_manifest, verify_files
 from services.common.paths import DataRoot, atomic_dir
 from services.evaluation import baselines as bl
 from services.evaluation import metrics, report
@@ -125,6 +125,7 @@ def evaluate_dataset(
     if not pairs:
         raise FailedPreconditionError(
             f"dataset {manifest.name} v{manifest.version} has no tracks in split {settings.split!r}")
+    verify_files(manifest, data.root, pairs)  # scores of a version are on the files it recorded
     report_id = validate_report_id(report_id or new_report_id(f"{manifest.name}"))
     target = data.evaluations / report_id
     if target.exists():

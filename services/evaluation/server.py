@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 
-from services.common.errors import InvalidArgumentError
+from services.common.errors import InvalidArgumentError, PermissionDeniedError
+from services.common.paths import resolve_allowed
 from services.common.server import Service, handle_errors, parse_overrides, run_service, to_struct
 from services.evaluation import jobs, report
 from services.evaluation.evaluate import validate_report_id
@@ -35,8 +36,17 @@ class EvaluationServicer(evaluation_pb2_grpc.EvaluationServiceServicer):
             "workers": int(self.svc.settings.options.get("score_workers", 0)),
             "overrides": parse_overrides(dict(request.overrides)),
         }
+        if request.serving_address and request.serving_address not in self.svc.config.allowed_serving_addresses():
+            # Validation audio goes to that address: only to the servers the operator configured.
+            raise PermissionDeniedError(
+                f"serving address {request.serving_address} is not configured; evaluation talks to "
+                f"{', '.join(sorted(self.svc.config.allowed_serving_addresses()))} "
+                "(add one with STEMLAB_SERVING_ADDRESSES)")
         if which is not None:
             params[which] = getattr(request, which)
+            if which in ("estimates_dir", "saved_model_dir"):  # folders read on this machine
+                params[which] = str(resolve_allowed(params[which], self.svc.data.root,
+                                                    self.svc.config.import_roots, what=which))
         elif request.baselines_only:
             params["baselines_only"] = True
         else:

@@ -10,12 +10,14 @@ With STEMLAB_WEB_START_WORKERS=false it only queues and serves them, separation 
 from __future__ import annotations
 
 import atexit
+import hmac
 import logging
 from typing import Any
 
 from flask import Flask, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from services.common.auth import ensure_token
 from services.common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, StemlabError
 from services.frontend.backends import ServingModels
 from services.frontend.ingestion import ReviewConflict
@@ -51,6 +53,11 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     settings = load_settings(config)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes
+    token = ensure_token(settings.data_root)
+    app.extensions["stemlab_token"] = token
+    # Session cookies (the review login) are signed with a key only the token's holders can derive.
+    app.secret_key = hmac.new(token.encode(), b"stemlab web session key", "sha256").digest()
+    app.config.update(SESSION_COOKIE_HTTPONLY=True, SESSION_COOKIE_SAMESITE="Strict")
     app.json.sort_keys = False
     app.extensions["stemlab_settings"] = settings
     app.extensions["stemlab_models"] = ServingModels(

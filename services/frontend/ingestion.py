@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import grpc
 
+from services.common.auth import stack_channel
 from services.common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, StemlabError
 from services.frontend.backends import BackendUnavailable
 
@@ -52,8 +53,9 @@ def track_dict(track, instrument: str) -> dict:
 
 
 class IngestionClient:
-    def __init__(self, address: str, timeout_seconds: float = 15.0):
+    def __init__(self, address: str, timeout_seconds: float = 15.0, data_root=None):
         self.address = address
+        self.data_root = data_root  # whose token the calls carry (default: the configured data root)
         self.timeout_seconds = timeout_seconds
         self._channel = None
         self._stub = None
@@ -61,7 +63,7 @@ class IngestionClient:
     def _service(self):
         if self._stub is None:
             _, pb2_grpc = _protos()
-            self._channel = grpc.insecure_channel(self.address)
+            self._channel = stack_channel(self.address, data_root=self.data_root)
             self._stub = pb2_grpc.DatasetServiceStub(self._channel)
         return self._stub
 
@@ -78,6 +80,8 @@ class IngestionClient:
                 raise InvalidArgumentError(details) from None
             if code == grpc.StatusCode.FAILED_PRECONDITION:
                 raise ReviewConflict(details) from None
+            if code == grpc.StatusCode.UNAUTHENTICATED:
+                raise BackendUnavailable(f"the ingestion service refused the web's token: {details}") from None
             raise StemlabError(f"the ingestion service failed ({code.name}): {details}") from None
 
     @staticmethod

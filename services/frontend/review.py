@@ -7,8 +7,21 @@ ingestion service over gRPC; the automatic checks' suggestions are shown beside 
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app, jsonify, render_template, request
+import hmac
 
+from flask import (
+    Blueprint,
+    Response,
+    current_app,
+    jsonify,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
+
+from services.common.auth import token_matches
 from services.common.errors import InvalidArgumentError
 from services.common.library import CLASSES
 from services.frontend.backends import BackendUnavailable
@@ -20,10 +33,61 @@ bp = Blueprint("review", __name__)
 REVIEWED_CLASSES = tuple(c for c in CLASSES if c not in ("mix", "excluded"))
 
 
+# Reviewing changes what trains: only the stack's users may, with its token as a bearer header
+# (scripts) or once through the login form, which keeps a signed session cookie (browsers).
+SESSION_KEY = "review_token_digest"
+
+
+def _token() -> str:
+    return current_app.extensions["stemlab_token"]
+
+
+def _digest(token: str) -> str:
+    return hmac.new(token.encode(), b"stemlab review session", "sha256").hexdigest()
+
+
+def authenticated() -> bool:
+    if token_matches(_token(), request.headers.get("Authorization")):
+        return True
+    return hmac.compare_digest(session.get(SESSION_KEY, ""), _digest(_token()))
+
+
+@bp.before_request
+def require_token():
+    if request.endpoint in ("review.login", "review.logout") or authenticated():
+        return None
+    message = ("reviewing needs the stack's token: send 'Authorization: Bearer <token>' "
+               "($STEMLAB_DATA/secrets/token) or log in at /login")
+    if request.path.startswith("/api/"):
+        return jsonify(error=message), 401
+    return render_template("login.html", message=message, next=request.full_path), 401
+
+
+@bp.route("/login", methods=["GET", "POST"])
+def login():
+    target = request.values.get("next") or url_for("review.page")
+    if not target.startswith("/") or target.startswith("//"):
+        target = url_for("review.page")  # never redirect to another site
+    if request.method == "POST":
+        if token_matches(_token(), "Bearer " + request.form.get("token", "")):
+            session.clear()
+            session[SESSION_KEY] = _digest(_token())
+            return redirect(target)
+        return render_template("login.html", message="that is not the stack's token", next=target), 401
+    return render_template("login.html", message="", next=target)
+
+
+@bp.post("/logout")
+def logout():
+    session.clear()
+    return redirect(url_for("pages.home"))
+
+
 def _client() -> IngestionClient:
     client = current_app.extensions.get("stemlab_ingestion")
     if client is None:
-        client = IngestionClient(current_app.extensions["stemlab_settings"].ingestion_address)
+        settings = current_app.extensions["stemlab_settings"]
+        client = IngestionClient(settings.ingestion_address, data_root=settings.data_root)
         current_app.extensions["stemlab_ingestion"] = client
     return client
 

@@ -154,7 +154,7 @@ def separate_song(song: Path, folder: Path, model: str, settings: WebSettings,
     report(0.0, "reading the song")
     check_song(song, settings.max_song_seconds, decode=False)
     try:
-        audio, rate = read_audio(song)
+        audio, rate = read_audio(song, limits=settings.decode_limits)  # counted; <= 48 kHz, <= 2 channels
     except AudioError as error:
         raise SongRefused(f"this file cannot be read as audio ({error.reason})") from None
     seconds = audio.shape[1] / rate

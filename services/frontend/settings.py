@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from services.common.audio import WEB_MAX_CHANNELS, WEB_MAX_RATE_HZ, DecodeLimits
 from services.common.config import ConfigError, first_error, load_config
 
 
@@ -81,6 +82,13 @@ class WebSettings(BaseModel):
     @property
     def results_quota_bytes(self) -> int:
         return int(self.results_quota_mb * 1024 * 1024)
+
+    @property
+    def decode_limits(self) -> DecodeLimits:
+        """How songs are decoded: counted against the length limit, at their own rate up to 48 kHz
+        and at most stereo (converted while decoding), so the stems come out the same way."""
+        return DecodeLimits(max_seconds=self.max_song_seconds, max_rate_hz=WEB_MAX_RATE_HZ,
+                            max_channels=WEB_MAX_CHANNELS, timeout_seconds=self.download_timeout_seconds + 300)
 
     @property
     def download_max_bytes(self) -> int:

@@ -485,17 +485,29 @@ def _import_stems(library: Library, src: TrackSource, by_origin: dict[str, Track
 
     existing = by_origin.get(src.origin)
     if existing is not None:
-        # Fresh from disk: marks set while a long import ran must survive an update.
-        existing = library.load(existing.id)
-        old_dir = library.track_dir(existing.id)
-        if (sorted(st.file for st in existing.stems) == sorted(f"stems/{s.name}" for s in stems)
-                and all(_same_content(s.path, old_dir / "stems" / s.name) for s in stems)):
-            report.unchanged.append(existing.id)
-            return existing.id
-        track_id = existing.id
-    else:
-        track_id = _free_id(library, make_track_id(src.name))
+        # Fresh from disk and under the track's lock until the new folder is in place: marks set
+        # while a long import ran, or while this one is written, must survive an update.
+        with library.locked(existing.id):
+            return _update_track(library, src, stems, good, report, by_origin, link)
+    track_id = _free_id(library, make_track_id(src.name))
+    return _store_track(library, src, stems, good, report, by_origin, link, track_id, None)
 
+
+def _update_track(library, src, stems, good, report, by_origin, link) -> str:
+    """A source imported before: unchanged, or written again keeping its marks (call under the
+    lock); its track id."""
+    existing = library.load(by_origin[src.origin].id)
+    old_dir = library.track_dir(existing.id)
+    if (sorted(st.file for st in existing.stems) == sorted(f"stems/{s.name}" for s in stems)
+            and all(_same_content(s.path, old_dir / "stems" / s.name) for s in stems)):
+        report.unchanged.append(existing.id)
+        return existing.id
+    return _store_track(library, src, stems, good, report, by_origin, link, existing.id, existing)
+
+
+def _store_track(library, src, stems, good, report, by_origin, link, track_id, existing) -> str:
+    """Write the track (new, or replacing `existing` whose marks and confirmed classes it keeps);
+    its track id."""
     infos = [i for _, i in good if i[0] > 0]
     rate, channels, _ = infos[0]
     track = Track(

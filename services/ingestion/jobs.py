@@ -7,7 +7,7 @@ from pathlib import Path
 
 from services.common.errors import InvalidArgumentError
 from services.common.library import Library
-from services.common.paths import DataRoot, PathError, safe_join
+from services.common.paths import DataRoot, PathError, resolve_allowed, safe_join
 from services.ingestion import importers, labels, marks, quality, solo
 from services.ingestion.mapping import Mapping
 
@@ -19,29 +19,13 @@ def _callbacks(ctx):
 
 
 def resolve_local_path(data: DataRoot, text: str, allowed_roots: list[str] | None = None) -> Path:
-    """A path the user pointed at: absolute, or relative to the data root.
-
-    With `allowed_roots` (config: services.ingestion.options.import_roots) it must lie inside
-    one of them, so a shared service cannot be made to read arbitrary folders.
-    """
-    if not text:
-        raise InvalidArgumentError("a path is required")
-    path = Path(text).expanduser()
-    if not path.is_absolute():
-        try:
-            path = safe_join(data.root, text)
-        except PathError as e:
-            raise InvalidArgumentError(str(e)) from e
-    path = path.resolve()
-    if allowed_roots:
-        roots = [Path(r).expanduser().resolve() for r in allowed_roots]
-        if not any(path == r or r in path.parents for r in roots):
-            raise InvalidArgumentError(f"{path} is outside the folders imports may read from: "
-                                       f"{', '.join(map(str, roots))}")
-    return path
+    """A path the user pointed at: absolute, or relative to the data root. It must lie inside the
+    data root or one of `allowed_roots` (the configured import roots), symlinks resolved, so the
+    service cannot be made to read, or say whether there is, anything else on its machine."""
+    return resolve_allowed(text, data.root, allowed_roots or [])
 
 
-def validate_import(params: dict) -> dict:
+def validate_import(params: dict, allow_hosts=(), allow_ports=solo.egress.DEFAULT_PORTS) -> dict:
     """Check an import request before it becomes a job (bad requests fail at once)."""
     fmt = params.get("format", "")
     if fmt not in IMPORT_FORMATS:
@@ -50,7 +34,7 @@ def validate_import(params: dict) -> dict:
         if not params.get("instrument"):
             raise InvalidArgumentError("a solo import needs the instrument (e.g. guitar)")
         if params.get("url"):
-            solo.validate_url(params["url"])
+            solo.validate_url(params["url"], allow_hosts, allow_ports)
         elif not params.get("path"):
             raise InvalidArgumentError("a solo import needs a URL or a path")
     elif not params.get("path"):
@@ -61,7 +45,9 @@ def validate_import(params: dict) -> dict:
 
 
 class IngestionJobs:
-    def __init__(self, data: DataRoot, import_roots: list[str] | None = None):
+    def __init__(self, data: DataRoot, import_roots: list[str] | None = None, allow_hosts=(),
+                 allow_ports=solo.egress.DEFAULT_PORTS):
+        self.allow_hosts, self.allow_ports = list(allow_hosts), tuple(allow_ports)
         self.data = data
         self.import_roots = import_roots
 
@@ -73,7 +59,7 @@ class IngestionJobs:
         return resolve_local_path(self.data, text, self.import_roots)
 
     def run_import(self, ctx, params: dict) -> dict:
-        params = validate_import(dict(params))
+        params = validate_import(dict(params), self.allow_hosts, self.allow_ports)
         progress, should_stop = _callbacks(ctx)
         library = Library(self.data)
         mapping = Mapping.load(self.data)
@@ -85,7 +71,8 @@ class IngestionJobs:
                 library, target, params["instrument"],
                 piece_seconds=float(params.get("piece_seconds") or 180.0),
                 min_piece_seconds=float(params.get("min_piece_seconds") or 30.0),
-                title=params.get("title", ""), progress=progress, should_stop=should_stop)
+                title=params.get("title", ""), progress=progress, should_stop=should_stop,
+                allow_hosts=self.allow_hosts, allow_ports=self.allow_ports)
             return report.to_dict()
         path = self._path(params["path"])
         limit = int(params.get("limit") or 0)

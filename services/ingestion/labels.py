@@ -79,27 +79,28 @@ def set_stem_class(library: Library, track_id: str, stem_file: str, cls: str | N
     """Confirm or change a stem's class (None: back to unmapped). Clears `suggested`."""
     if cls is not None and cls not in CLASSES:
         raise InvalidArgumentError(f"unknown class {cls!r}; classes are {', '.join(CLASSES)}")
-    track = get_track(library, track_id)
-    matches = [s for s in track.stems if s.file == stem_file or s.file == f"stems/{stem_file}"]
-    if not matches:
-        raise NotFoundError(f"track {track_id} has no stem {stem_file!r}; stems are "
-                            f"{', '.join(s.file for s in track.stems)}")
-    matches[0].cls, matches[0].suggested = cls, False
-    library.save(track)
+    get_track(library, track_id)  # NOT_FOUND / INVALID_ARGUMENT before taking the lock
+    with library.edit(track_id) as track:
+        matches = [s for s in track.stems if s.file == stem_file or s.file == f"stems/{stem_file}"]
+        if not matches:
+            raise NotFoundError(f"track {track_id} has no stem {stem_file!r}; stems are "
+                                f"{', '.join(s.file for s in track.stems)}")
+        matches[0].cls, matches[0].suggested = cls, False
     return track
 
 
 def set_mark(library: Library, track_id: str, instrument: str, mark: str, on: bool = True) -> Track:
-    track = get_track(library, track_id)
+    """Set or clear one mark: load, change and save under the track's lock (concurrent marks all land)."""
+    get_track(library, track_id)  # NOT_FOUND / INVALID_ARGUMENT before taking the lock
     try:
-        if on:
-            if not track.has_mark(instrument, mark):
-                track.set_mark(instrument, mark)
-        else:
-            track.clear_mark(instrument, mark)
+        with library.edit(track_id) as track:
+            if on:
+                if not track.has_mark(instrument, mark):
+                    track.set_mark(instrument, mark)
+            else:
+                track.clear_mark(instrument, mark)
     except LibraryError as e:
         raise InvalidArgumentError(str(e)) from e
-    library.save(track)
     return track
 
 
@@ -127,26 +128,33 @@ def apply_mapping(library: Library, mapping: Mapping, include_suggested: bool = 
     for n, tid in enumerate(ids):
         if should_stop is not None and should_stop():
             break
-        track = library.load(tid)
-        dirty = False
-        for s in track.stems:
-            if s.cls is not None and not (include_suggested and s.suggested):
-                continue
-            if track.source == "stems":
-                # raw_instrument keeps the original file name (without suffix) of such stems.
-                name = s.raw_instrument + "." + s.file.rsplit(".", 1)[-1] if s.raw_instrument else s.file
-                match = mapping.suggest_from_filename(name.rsplit("/", 1)[-1])
-                new, suggested = match.cls, match.cls is not None
-            else:
-                match = mapping.classify_instruments(split_instruments(s.raw_instrument))
-                new, suggested = match.cls, False
-            if (new, suggested) != (s.cls, s.suggested):
-                s.cls, s.suggested, dirty = new, suggested, True
-            if new is None:
-                still[s.raw_instrument or s.file] += 1
+        with library.locked(tid):
+            dirty = _map_track(library, library.load(tid), mapping, include_suggested, still)
         if dirty:
-            library.save(track)
             changed.append(tid)
         if progress is not None:
             progress(n + 1, len(ids), f"mapped {tid}")
     return {"tracks_changed": changed, "still_unmapped": dict(sorted(still.items()))}
+
+
+def _map_track(library: Library, track, mapping: Mapping, include_suggested: bool, still: Counter) -> bool:
+    """Map one track's stems (under its lock); saves it and returns True if a class changed."""
+    dirty = False
+    for s in track.stems:
+        if s.cls is not None and not (include_suggested and s.suggested):
+            continue
+        if track.source == "stems":
+            # raw_instrument keeps the original file name (without suffix) of such stems.
+            name = s.raw_instrument + "." + s.file.rsplit(".", 1)[-1] if s.raw_instrument else s.file
+            match = mapping.suggest_from_filename(name.rsplit("/", 1)[-1])
+            new, suggested = match.cls, match.cls is not None
+        else:
+            match = mapping.classify_instruments(split_instruments(s.raw_instrument))
+            new, suggested = match.cls, False
+        if (new, suggested) != (s.cls, s.suggested):
+            s.cls, s.suggested, dirty = new, suggested, True
+        if new is None:
+            still[s.raw_instrument or s.file] += 1
+    if dirty:
+        library.save(track)
+    return dirty

@@ -142,6 +142,7 @@ def import_marks(library: Library, text: str, instrument: str, fmt: str = "yaml"
     tracks = library.tracks()
     index = _index(tracks)
     changed: dict[str, Track] = {}
+    edits: dict[str, list] = {}
     matched: set[str] = set()
     unmatched, ignored = [], set()
     entries = list(_parse(text, fmt, instrument))  # parse everything before changing anything
@@ -152,18 +153,24 @@ def import_marks(library: Library, text: str, instrument: str, fmt: str = "yaml"
             unmatched.append(name)
             continue
         matched.add(track.id)
-        before = {k: dict(v) for k, v in track.marks.items()}
-        for mark, value in marks.items():
-            if mark not in MARKS:
-                ignored.add(mark)
-            elif value and not track.has_mark(inst, mark):
-                track.set_mark(inst, mark)
-            elif not value:
-                track.clear_mark(inst, mark)
-        if track.marks != before:
-            changed[track.id] = track
-    for track in changed.values():
-        library.save(track)
+        ignored.update(mark for mark in marks if mark not in MARKS)
+        edits.setdefault(track.id, []).append((inst, marks))
+    for track_id, changes in edits.items():
+        # Applied to the track as it is now, under its lock: marks set meanwhile are kept.
+        with library.locked(track_id):
+            track = library.load(track_id)
+            before = {k: dict(v) for k, v in track.marks.items()}
+            for inst, marks in changes:
+                for mark, value in marks.items():
+                    if mark not in MARKS:
+                        continue
+                    if value and not track.has_mark(inst, mark):
+                        track.set_mark(inst, mark)
+                    elif not value:
+                        track.clear_mark(inst, mark)
+            if track.marks != before:
+                library.save(track)
+                changed[track.id] = track
     return {"updated": sorted(changed), "unchanged": sorted(matched - set(changed)),
             "unmatched": sorted(set(unmatched)), "ignored": sorted(ignored)}
 

@@ -280,10 +280,9 @@ def check_library(library: Library, track_id: str = "", th: Thresholds = Thresho
             break
         suggestions, errs = check_stored_track(library, library.load(tid), th)
         errors.extend(errs)
-        # Reload: reading the audio takes a while, and marks set meanwhile must not be lost.
-        track = library.load(tid)
-        track.suggestions = [s for s in track.suggestions if s.get("check") not in CHECKS] + suggestions
-        library.save(track)
+        # Reload under the lock: reading the audio takes a while, and marks set meanwhile must not be lost.
+        with library.edit(tid) as track:
+            track.suggestions = [s for s in track.suggestions if s.get("check") not in CHECKS] + suggestions
         for s in suggestions:
             by_check[s["check"]] += 1
         if suggestions:

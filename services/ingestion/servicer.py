@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from services.common.errors import InvalidArgumentError, NotFoundError
 from services.common.library import Library, Track
+from services.common.paths import resolve_allowed
 from services.common.server import Service, handle_errors
 from services.ingestion import labels, listening, marks
 from services.ingestion.jobs import resolve_generate_dir, resolve_local_path, validate_import
 from services.ingestion.mapping import Mapping, update_user_mapping, user_entries
+from services.ingestion.synth.rendering import DEFAULT_SOUNDFONT
 from stemlab.v1 import ingestion_pb2, ingestion_pb2_grpc
 
 
@@ -30,8 +32,10 @@ def track_to_pb(t: Track) -> ingestion_pb2.Track:
 
 
 class DatasetServicer(ingestion_pb2_grpc.DatasetServiceServicer):
-    def __init__(self, svc: Service, import_roots: list[str] | None = None):
+    def __init__(self, svc: Service, import_roots: list[str] | None = None, allow_hosts=(),
+                 allow_ports=(80, 443)):
         self.svc = svc
+        self.allow_hosts, self.allow_ports = list(allow_hosts), tuple(allow_ports)
         self.library = Library(svc.data)
         self.import_roots = import_roots
 
@@ -49,9 +53,11 @@ class DatasetServicer(ingestion_pb2_grpc.DatasetServiceServicer):
                   "piece_seconds": request.piece_seconds, "min_piece_seconds": request.min_piece_seconds,
                   "copy": request.copy, "root_map": list(request.root_map),
                   "search_root": request.search_root, "source": request.source, "title": request.title}
-        validate_import(params)
+        validate_import(params, self.allow_hosts, self.allow_ports)
         if request.root_map:
-            marks.parse_root_map(list(request.root_map))  # refuse a malformed map now, not in the job
+            # refuse a malformed map now, not in the job; its NEW folders are read, so they are checked too
+            for _, new in marks.parse_root_map(list(request.root_map)):
+                resolve_local_path(self.svc.data, str(new), self.import_roots)
         for text in (request.path, request.search_root):
             if text:
                 self._check_local(text)
@@ -66,6 +72,11 @@ class DatasetServicer(ingestion_pb2_grpc.DatasetServiceServicer):
         if not 0.0 <= request.timbre <= 1.0:  # also false for NaN
             raise InvalidArgumentError(f"timbre must be between 0 and 1, got {request.timbre}")
         resolve_generate_dir(self.svc.data, request.out_dir)
+        # Soundfonts are read on this machine: the data root, the import roots or the system's fonts.
+        fonts = [*(self.import_roots or []), str(DEFAULT_SOUNDFONT.parent)]
+        for font in (request.soundfont, *request.overlay_soundfonts):
+            if font:
+                resolve_allowed(font, self.svc.data.root, fonts, what="soundfont")
         params = {"out_dir": request.out_dir, "songs": request.songs, "seconds": request.seconds,
                   "seed": request.seed, "layout": request.layout or "medleydb", "soundfont": request.soundfont,
                   "rate": request.rate or 44100, "import_after": request.import_after,

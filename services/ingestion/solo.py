@@ -11,10 +11,10 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
-import urllib.parse
 from pathlib import Path
 
-from services.common.audio import AudioError, audio_info
+from services.common import egress
+from services.common.audio import FFMPEG_SAFE_INPUT, AudioError, audio_info
 from services.common.errors import InvalidArgumentError, NotFoundError
 from services.common.library import CLASSES, Library, make_track_id
 from services.ingestion.importers import (
@@ -32,6 +32,8 @@ from services.ingestion.importers import (
 _FFMPEG_TIMEOUT_S = 3 * 3600
 # Refuse downloads beyond this (a 10-hour compilation at 320 kbit/s is about 1.5 GB).
 MAX_DOWNLOAD_BYTES = 4 << 30
+MAX_DOWNLOAD_SECONDS_AUDIO = 12 * 3600
+DOWNLOAD_TIMEOUT_S = 2 * 3600  # extraction and download together
 
 
 class SoloImportError(InvalidArgumentError):
@@ -39,51 +41,28 @@ class SoloImportError(InvalidArgumentError):
 
 
 class Stopped(Exception):
-    """Raised inside yt-dlp's progress hook to stop a download that was cancelled."""
+    """The download was cancelled."""
 
 
-def validate_url(url: str) -> str:
-    parsed = urllib.parse.urlparse(url)
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise SoloImportError(f"only http:// and https:// URLs can be downloaded, not {url!r}")
-    return url
-
-
-def download_audio(url: str, out_dir: Path, should_stop: ShouldStop | None = None) -> tuple[Path, str]:
-    """Download the best audio of `url` into `out_dir` with yt-dlp; returns (file, title)."""
-    import yt_dlp  # heavy; only needed here
-
-    validate_url(url)
-
-    def hook(status: dict) -> None:
-        if should_stop is not None and should_stop():
-            raise Stopped("cancelled")
-
-    options = {
-        "format": "bestaudio/best",
-        "outtmpl": str(out_dir / "download.%(ext)s"),
-        "noplaylist": True,
-        "quiet": True,
-        "no_warnings": True,
-        "noprogress": True,
-        "restrictfilenames": True,
-        "max_filesize": MAX_DOWNLOAD_BYTES,
-        "socket_timeout": 30,
-        "progress_hooks": [hook],
-        "cachedir": False,
-    }
+def validate_url(url: str, allow_hosts=(), allow_ports=egress.DEFAULT_PORTS) -> str:
+    """The web's link check: http(s), a public address (unless allowed) on an allowed port."""
     try:
-        with yt_dlp.YoutubeDL(options) as ydl:
-            info = ydl.extract_info(url, download=True)
-    except Stopped:
-        raise
-    except Exception as e:  # yt-dlp raises its own DownloadError/ExtractorError hierarchy
-        raise SoloImportError(f"cannot download {url}: {e}") from e
-    files = [p for p in sorted_dir(out_dir) if p.is_file() and p.name.startswith("download.")]
-    if not files:
-        raise SoloImportError(f"yt-dlp reported success for {url} but wrote no file")
-    title = str((info or {}).get("title") or Path(urllib.parse.urlparse(url).path).stem or "solo")
-    return files[0], title
+        return egress.check_url(url, allow_hosts, allow_ports=allow_ports)
+    except egress.LinkError as e:
+        raise SoloImportError(f"cannot download {url}: {e}") from None
+
+
+def download_audio(url: str, out_dir: Path, should_stop: ShouldStop | None = None,
+                   allow_hosts=(), allow_ports=egress.DEFAULT_PORTS) -> tuple[Path, str]:
+    """Download the best audio of `url` into `out_dir` with yt-dlp, through the same egress guard
+    as the web (every connection checked, one deadline and byte budget); returns (file, title)."""
+    try:
+        return egress.fetch(url, out_dir, MAX_DOWNLOAD_BYTES, MAX_DOWNLOAD_SECONDS_AUDIO, DOWNLOAD_TIMEOUT_S,
+                            allow_hosts, should_stop=should_stop, allow_ports=allow_ports)
+    except egress.LinkError as e:
+        if should_stop is not None and should_stop():
+            raise Stopped("cancelled") from None
+        raise SoloImportError(f"cannot download {url}: {e}") from None
 
 
 def cut_pieces(path: Path, out_dir: Path, piece_seconds: float, min_piece_seconds: float) -> list[Path]:
@@ -100,7 +79,9 @@ def cut_pieces(path: Path, out_dir: Path, piece_seconds: float, min_piece_second
     out_dir.mkdir(parents=True, exist_ok=True)
     # The segment muxer cuts between audio frames; 256-sample frames keep every cut within
     # a few milliseconds of the asked length.
-    command = [ffmpeg, "-nostdin", "-v", "error", "-i", str(path), "-map", "0:a:0", "-vn",
+    # Local files and audio demuxers only: a download or file that is a playlist reads nothing else.
+    command = [ffmpeg, "-nostdin", "-v", "error", *FFMPEG_SAFE_INPUT, "-i", f"file:{path.resolve()}",
+               "-map", "0:a:0", "-vn",
                "-af", "asetnsamples=n=256:p=0", "-c:a", "pcm_s16le", "-f", "segment", "-segment_time", f"{piece_seconds:g}",
                "-reset_timestamps", "1", str(out_dir / "piece%04d.wav")]
     try:
@@ -141,7 +122,8 @@ def _sources(pieces: list[Path], title: str, base_origin: str, instrument: str,
 
 def import_solo(library: Library, target: str, instrument: str, piece_seconds: float = 180.0,
                 min_piece_seconds: float = 30.0, title: str = "",
-                progress: Progress | None = None, should_stop: ShouldStop | None = None) -> ImportReport:
+                progress: Progress | None = None, should_stop: ShouldStop | None = None,
+                allow_hosts=(), allow_ports=egress.DEFAULT_PORTS) -> ImportReport:
     """Import a URL (http/https, via yt-dlp) or a local file/folder of solo `instrument` audio.
 
     Idempotent: a URL whose pieces (for this piece length) are already in the library is not
@@ -155,7 +137,7 @@ def import_solo(library: Library, target: str, instrument: str, piece_seconds: f
     work = Path(tempfile.mkdtemp(prefix=".solo-", dir=work_root))
     try:
         if is_url:
-            validate_url(target)
+            validate_url(target, allow_hosts, allow_ports)
             known = sorted(t.id for t in library.tracks() if t.origin.startswith(f"{target}#")
                            and t.origin.endswith(f"&seconds={piece_seconds:g}"))
             if known:
@@ -163,7 +145,7 @@ def import_solo(library: Library, target: str, instrument: str, piece_seconds: f
             if progress:
                 progress(0, 3, "downloading")
             try:
-                file, found_title = download_audio(target, work, should_stop)
+                file, found_title = download_audio(target, work, should_stop, allow_hosts, allow_ports)
             except Stopped:
                 return ImportReport(stopped=True)
             inputs = [(file, title or found_title, target)]

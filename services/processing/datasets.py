@@ -18,7 +18,7 @@ from pathlib import Path
 from services.common.audio import audio_info
 from services.common.errors import FailedPreconditionError, InvalidArgumentError
 from services.common.library import SOURCES, Library, LibraryError, TrackNotFoundError
-from services.common.manifest import Manifest, Pair, publish_manifest, validate_dataset_name
+from services.common.manifest import Manifest, Pair, freeze_file, publish_manifest, validate_dataset_name
 from services.common.paths import DataRoot
 from services.processing.mixing import MIXING_VERSION, stem_roles, stems_fingerprint
 from services.processing.mixsets import (
@@ -84,15 +84,19 @@ def sha256_of(path: Path) -> str:
 
 
 def pair_files(data_root: str, folder: str, track_id: str) -> dict:
-    """Length and checksums of one pair (runs in a worker)."""
+    """Length and checksums of one pair (runs in a worker). The version points at content-named
+    links of the files (`freeze_file`), so a later re-mix writes new files and never these."""
     data = DataRoot(data_root)
     root = data.join(folder)
-    rate, _, frames = audio_info(root / INSTRUMENT_FILE)
-    rest_rate, _, rest_frames = audio_info(root / REST_FILE)
+    instrument, instrument_sum = freeze_file(root / INSTRUMENT_FILE)
+    rest, rest_sum = freeze_file(root / REST_FILE)
+    rate, _, frames = audio_info(instrument)
+    rest_rate, _, rest_frames = audio_info(rest)
     if (rate, frames) != (rest_rate, rest_frames):
         raise FailedPreconditionError(f"{folder}: instrument and rest differ in rate or length; mix it again")
     return {"track": track_id, "status": "hashed", "seconds": round(frames / rate, 6),
-            "sha256": {"instrument": sha256_of(root / INSTRUMENT_FILE), "rest": sha256_of(root / REST_FILE)}}
+            "files": {"instrument": instrument.name, "rest": rest.name},
+            "sha256": {"instrument": instrument_sum, "rest": rest_sum}}
 
 
 def _parse_ratios(sources: dict[str, float] | None) -> dict[str, float] | None:
@@ -226,7 +230,7 @@ def build_dataset(data_root: str | Path, name: str, instrument: str, rate_hz: in
             continue
         folder = data.relative(mixset.track_dir(data, tid))
         pairs.append(Pair(track=tid, source=source, split=split_of(tid, validation_ratio, val_set),
-                          instrument=f"{folder}/{INSTRUMENT_FILE}", rest=f"{folder}/{REST_FILE}",
+                          instrument=f"{folder}/{row['files']['instrument']}", rest=f"{folder}/{row['files']['rest']}",
                           seconds=row["seconds"], sha256=row["sha256"]))
     if not pairs:
         raise FailedPreconditionError("no pair of the chosen tracks could be read")

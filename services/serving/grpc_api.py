@@ -5,6 +5,8 @@ codes; the messages and service names are the official tensorflow-serving-api on
 """
 
 import logging
+import math
+from pathlib import Path
 
 import grpc
 import tensorflow as tf
@@ -21,7 +23,12 @@ from tensorflow_serving.apis import (
 
 from services.serving.config import ConfigError, specs_from_proto
 from services.serving.errors import InvalidArgument, ServableError
-from services.serving.registry import ModelRegistry, Servable
+from services.serving.registry import ModelRegistry, Servable, numpy_dtype
+
+# The largest input tensor a Predict may describe (elements), checked before anything is allocated.
+DEFAULT_MAX_INPUT_ELEMENTS = 1 << 26  # 64 Mi float32 values = 256 MiB; a 10 s stereo segment is ~1 M
+_VALUE_FIELDS = ("half_val", "float_val", "double_val", "int_val", "string_val", "scomplex_val", "int64_val",
+                 "bool_val", "dcomplex_val", "uint32_val", "uint64_val")
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +45,46 @@ def _resolve(registry: ModelRegistry, model_spec) -> Servable:
     return registry.resolve(model_spec.name, version, label)
 
 
+def check_tensor_proto(alias: str, proto, signature_def, max_elements: int) -> None:
+    """Refuse an input tensor before it is decoded: unknown alias, other dtype, a shape with more than
+    `max_elements` values, or fewer values than its shape (TensorFlow would repeat the last one to fill
+    the shape, so 45 bytes could ask for gigabytes)."""
+    if alias not in signature_def.inputs:
+        return  # the registry names the missing or unknown aliases
+    want = signature_def.inputs[alias].dtype
+    if proto.dtype != want:
+        raise InvalidArgument(f"input '{alias}' is {tf.dtypes.as_dtype(proto.dtype).name if proto.dtype else 'untyped'}, "
+                              f"the signature expects {tf.dtypes.as_dtype(want).name}")
+    if proto.tensor_shape.unknown_rank:
+        raise InvalidArgument(f"input '{alias}' has no shape")
+    dims = [d.size for d in proto.tensor_shape.dim]
+    if any(d < 0 for d in dims):
+        raise InvalidArgument(f"input '{alias}' has a negative dimension {dims}")
+    count = math.prod(dims)
+    if count > max_elements:
+        raise InvalidArgument(f"input '{alias}' has shape {dims}: {count} values, more than the limit of {max_elements}")
+    dtype = numpy_dtype(signature_def.inputs[alias])
+    if proto.tensor_content:
+        given = len(proto.tensor_content) // max(dtype.itemsize, 1)
+    else:
+        given = sum(len(getattr(proto, field)) for field in _VALUE_FIELDS)
+    if given != count:
+        raise InvalidArgument(f"input '{alias}' has shape {dims} ({count} values) but holds {given}")
+
+
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     """Predict and GetModelMetadata; Classify/Regress/MultiInference are not offered (no Examples)."""
 
-    def __init__(self, registry: ModelRegistry):
+    def __init__(self, registry: ModelRegistry, max_input_elements: int = DEFAULT_MAX_INPUT_ELEMENTS):
         self.registry = registry
+        self.max_input_elements = max_input_elements
 
     def Predict(self, request: predict_pb2.PredictRequest, context):
         try:
             servable = _resolve(self.registry, request.model_spec)
-            signature_name, _ = self.registry.signature(servable, request.model_spec.signature_name)
+            signature_name, signature_def = self.registry.signature(servable, request.model_spec.signature_name)
+            for alias, proto in request.inputs.items():
+                check_tensor_proto(alias, proto, signature_def, self.max_input_elements)
             try:
                 inputs = {alias: tf.make_ndarray(proto) for alias, proto in request.inputs.items()}
             except (TypeError, ValueError) as error:
@@ -107,9 +144,12 @@ def _error_code_value(name: str) -> int:
 class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
     """GetModelStatus and HandleReloadConfigRequest."""
 
-    def __init__(self, registry: ModelRegistry, base_path_prefix: str | None = None):
+    def __init__(self, registry: ModelRegistry, base_path_prefix: str | None = None,
+                 allowed_roots: list[Path] | None = None):
         self.registry = registry
         self.base_path_prefix = base_path_prefix
+        # Where a reloaded config may point: the prefix, else the folders of the startup config's models.
+        self.allowed_roots = [Path(r).resolve() for r in (allowed_roots or [])]
 
     def GetModelStatus(self, request: get_model_status_pb2.GetModelStatusRequest, context):
         try:
@@ -128,6 +168,14 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
             response.status.error_code = _error_code_value("INVALID_ARGUMENT")
             response.status.error_message = str(error)
             return response
+        # The paths as asked for (before any prefix re-roots them) and as they will be loaded.
+        asked = [(m.name, Path(m.base_path)) for m in request.config.model_config_list.config]
+        for name, base_path in [*asked, *((spec.name, spec.base_path) for spec in specs)]:
+            where = base_path.resolve()
+            if not any(where == root or root in where.parents for root in self.allowed_roots):
+                context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                              f"model {name!r}: base_path {base_path} is outside the model folders "
+                              f"this server may load ({', '.join(map(str, self.allowed_roots)) or 'none'})")
         self.registry.reload_config(specs)
         response.status.error_code = _error_code_value("OK")
         return response

@@ -311,6 +311,9 @@ class ModelRegistry:
             if array.dtype != want and not (want == np.dtype(object) and array.dtype.kind in "OSU"):
                 raise InvalidArgument(f"Expects arg[{index}] ({alias}) to be {want.name} but {array.dtype.name} is provided")
             _check_shape(alias, array.shape, signature_def.inputs[alias].tensor_shape)
+            # A NaN or infinity spreads through every mask it touches: refuse it, as a person can act on that.
+            if array.dtype.kind in "fc" and not np.isfinite(array).all():
+                raise InvalidArgument(f"input '{alias}' holds NaN or infinite values; send finite samples")
             tensors[alias] = tf.convert_to_tensor(array)
         try:
             outputs = servable.signatures[signature_name](**tensors)

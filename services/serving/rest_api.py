@@ -125,15 +125,15 @@ def create_rest_app(registry: ModelRegistry, max_request_bytes: int | None = Non
     app.config["MAX_CONTENT_LENGTH"] = max_request_bytes
 
     @app.errorhandler(404)
-    def not_found(_error):
+    def not_found(_exception):
         return _error(f"Malformed request: {request.method} {request.path}", 404)
 
     @app.errorhandler(405)
-    def wrong_method(_error):
+    def wrong_method(_exception):
         return _error(f"Malformed request: {request.method} {request.path}", 405)
 
     @app.errorhandler(413)
-    def too_large(_error):
+    def too_large(_exception):
         return _error(f"Request body is larger than the limit of {max_request_bytes} bytes", 413)
 
     @app.route("/v1/models/<path:model_path>", methods=["GET", "POST"])

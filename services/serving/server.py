@@ -12,10 +12,12 @@ single model without a config file, as in TF Serving.
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -23,22 +25,30 @@ from grpc_reflection.v1alpha import reflection
 from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 from werkzeug.serving import make_server
 
+from services.common import auth
+from services.common.config import ConfigError as CommonConfigError
+from services.common.config import load_config
 from services.serving.config import ConfigError, ModelSpec, load_model_config, rebase
-from services.serving.grpc_api import ModelServicer, PredictionServicer
+from services.serving.grpc_api import DEFAULT_MAX_INPUT_ELEMENTS, ModelServicer, PredictionServicer
 from services.serving.registry import ModelRegistry
 from services.serving.rest_api import create_rest_app
 
 log = logging.getLogger("services.serving")
 
-# TF Serving accepts messages up to INT32_MAX bytes; keep that as the default.
-DEFAULT_MAX_MESSAGE_MB = 2047
+# TF Serving accepts messages up to INT32_MAX bytes; ours stops at 256 MiB (64 Mi float32 values).
+DEFAULT_MAX_MESSAGE_MB = 256
+# Open to every client, as in tensorflow_model_server (which has no authentication): predictions,
+# metadata, status and health. HandleReloadConfigRequest (and reflection) need the stack's token.
+OPEN_METHODS = ("/grpc.health.v1.Health/", "/tensorflow.serving.PredictionService/",
+                "/tensorflow.serving.ModelService/GetModelStatus")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m services.serving.server", description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=8500, help="gRPC port (0: do not serve gRPC)")
     parser.add_argument("--rest_api_port", type=int, default=8501, help="REST port (0: do not serve REST)")
-    parser.add_argument("--host", default="0.0.0.0", help="address to bind both ports to")
+    parser.add_argument("--host", default=os.environ.get("STEMLAB_BIND_HOST") or "127.0.0.1",
+                        help="address to bind both ports to (default $STEMLAB_BIND_HOST, else 127.0.0.1)")
     parser.add_argument("--model_config_file", help="ModelServerConfig text proto (model_config_list)")
     parser.add_argument("--model_base_path_prefix", help="re-root every base_path to PREFIX/<last component>")
     parser.add_argument("--model_name", default="default", help="single model name (without a config file)")
@@ -48,7 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--grpc_max_message_mb", type=int, default=DEFAULT_MAX_MESSAGE_MB,
                         help="largest gRPC request/response in MiB")
     parser.add_argument("--grpc_max_threads", type=int, default=16, help="concurrent gRPC requests")
-    parser.add_argument("--rest_api_max_request_mb", type=int, default=1024, help="largest REST body in MiB")
+    parser.add_argument("--rest_api_max_request_mb", type=int, default=64,
+                        help="largest REST body in MiB (larger: 413)")
+    parser.add_argument("--max_input_elements", type=int, default=DEFAULT_MAX_INPUT_ELEMENTS,
+                        help="most values one input tensor may hold (checked before decoding)")
     parser.add_argument("--log_level", default="INFO")
     args = parser.parse_args(argv)
     if not args.model_config_file and not args.model_base_path:
@@ -69,6 +82,10 @@ class ModelServer:
 
     def __init__(self, args: argparse.Namespace, specs: list[ModelSpec]):
         self.args = args
+        self.config = load_config()
+        # A reloaded config may only point under the prefix, else beside the startup config's models.
+        prefix = args.model_base_path_prefix
+        self.allowed_roots = [Path(prefix)] if prefix else sorted({spec.base_path.resolve().parent for spec in specs})
         self.registry = ModelRegistry(specs)
         self.stopping = threading.Event()
         self.grpc_server = None
@@ -83,11 +100,13 @@ class ModelServer:
             max_bytes = args.grpc_max_message_mb * 1024 * 1024
             options = [("grpc.max_receive_message_length", max_bytes), ("grpc.max_send_message_length", max_bytes),
                        ("grpc.so_reuseport", 0)]  # one server per port: a second copy fails to bind
-            self.grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=args.grpc_max_threads), options=options)
+            interceptor = auth.TokenInterceptor(auth.ensure_token(self.config.data_root), OPEN_METHODS)
+            self.grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=args.grpc_max_threads),
+                                           options=options, interceptors=[interceptor])
             prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-                PredictionServicer(self.registry), self.grpc_server)
+                PredictionServicer(self.registry, args.max_input_elements), self.grpc_server)
             model_service_pb2_grpc.add_ModelServiceServicer_to_server(
-                ModelServicer(self.registry, args.model_base_path_prefix), self.grpc_server)
+                ModelServicer(self.registry, args.model_base_path_prefix, self.allowed_roots), self.grpc_server)
             health_servicer = health.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self.grpc_server)
             reflection.enable_server_reflection([
@@ -95,7 +114,8 @@ class ModelServer:
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME,
             ], self.grpc_server)
             try:
-                bound = self.grpc_server.add_insecure_port(f"{args.host}:{args.port}")
+                bound = auth.add_port(self.grpc_server, f"{args.host}:{args.port}",
+                                      self.config.tls_cert_file, self.config.tls_key_file)
             except RuntimeError as error:  # newer grpcio raises instead of returning 0
                 raise OSError(f"cannot bind gRPC port {args.port}: {error}") from error
             if bound == 0:
@@ -106,7 +126,9 @@ class ModelServer:
             log.info("gRPC serving on %s:%d", args.host, args.port)
         if args.rest_api_port:
             app = create_rest_app(self.registry, args.rest_api_max_request_mb * 1024 * 1024)
-            self.rest_server = make_server(args.host, args.rest_api_port, app, threaded=True)
+            tls = self.config.tls_cert_file
+            ssl_context = (str(tls), str(self.config.tls_key_file)) if tls else None
+            self.rest_server = make_server(args.host, args.rest_api_port, app, threaded=True, ssl_context=ssl_context)
             self._spawn(self.rest_server.serve_forever, "rest")
             log.info("REST serving on %s:%d", args.host, args.rest_api_port)
         if args.file_system_poll_wait_seconds > 0:
@@ -134,13 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         specs = model_specs(args)
-    except ConfigError as error:
+        server = ModelServer(args, specs)
+    except (ConfigError, CommonConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    server = ModelServer(args, specs)
     try:
         server.start()
-    except OSError as error:
+    except (OSError, auth.TokenError) as error:
         print(f"error: {error}", file=sys.stderr)
         server.stop(0)
         return 1

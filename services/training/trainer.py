@@ -61,7 +61,7 @@ from model.loss import masked_l1_per_chunk
 from model.network import build_network
 from services.common.config import first_error
 from services.common.errors import FailedPreconditionError, InvalidArgumentError
-from services.common.manifest import Manifest, load_manifest
+from services.common.manifest import Manifest, load_manifest, verify_files
 from services.common.paths import ExclusiveLock, LockHeldError, atomic_write_text
 from services.training import data, sampling
 from services.training.export import model_members
@@ -361,6 +361,7 @@ def open_run(run_dir: Path, manifest_path: Path, data_root: Path, preset: str, o
              chief: bool) -> Run:
     """The run in `run_dir`: resumed from its run.yaml (same dataset, `changes` applied) or new."""
     manifest = load_manifest(manifest_path)
+    verify_files(manifest, data_root)  # a published version's files are what it recorded, or no run
     checksum = manifest.checksum or _file_sha256(manifest_path)
     if (run_dir / RUN_FILE).is_file():
         record = read_run(run_dir)
