@@ -110,6 +110,12 @@ def test_every_stem_gets_an_equaliser_and_strength_scales_the_same_draws():
             if key in a:
                 assert b[key] == pytest.approx(a[key] / 2, abs=0.002)
     assert not draw_stem_chain(stem_rng(7, 3, 2), 0.0, 27, False, RATE, 100.0, -20.0).board
+    tone = _tone(196.0, 0.5)
+    for s in (1e-6, 0.01):  # the faintest production still gives finite audio, close to the input
+        for index in range(20):
+            chain = draw_stem_chain(stem_rng(7, index, 0), s, 29, False, RATE, 100.0, -20.0)
+            out = process_stem(tone, chain, RATE)
+            assert np.all(np.isfinite(out)) and rms_db(out - tone) < rms_db(tone) - 10
     with pytest.raises(ValueError):
         draw_stem_chain(stem_rng(7, 3, 2), 1.5, 27, False, RATE, 100.0, -20.0)
 

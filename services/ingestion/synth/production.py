@@ -106,7 +106,8 @@ def draw_stem_chain(
         add(pb.Distortion(drive_db=s * d["drive_db"]), effect="distortion", drive_db=s * d["drive_db"])
         # a guitar cabinet: no deep lows, no highs above a few kHz, a presence peak
         cutoff = nyquist * 0.95 + s * (min(d["cab_lp"], nyquist * 0.95) - nyquist * 0.95)
-        add(pb.HighpassFilter(s * d["cab_hp"]), effect="highpass", hz=s * d["cab_hp"])
+        low_cut = 20.0 + s * (d["cab_hp"] - 20.0)  # from 20 Hz: a cutoff near 0 Hz is not a stable filter
+        add(pb.HighpassFilter(low_cut), effect="highpass", hz=low_cut)
         add(pb.LowpassFilter(cutoff), effect="lowpass", hz=cutoff)
         add(pb.PeakFilter(d["cab_peak_hz"], s * d["cab_peak_db"], 1.0), effect="peak", hz=d["cab_peak_hz"],
             gain_db=s * d["cab_peak_db"])
