@@ -306,7 +306,8 @@ def cmd_synth(args) -> int:
                                                  seed=args.seed, layout=args.layout, soundfont=args.soundfont or "",
                                                  rate=args.rate, import_after=args.import_after,
                                                  start_index=args.start_index,
-                                                 overlay_soundfonts=args.overlay_soundfont, timbre=args.timbre)
+                                                 overlay_soundfonts=args.overlay_soundfont, timbre=args.timbre,
+                                                 produce=args.produce)
     return start_and_follow(args, SERVICE, _stub(args).GenerateSynthetic(req, timeout=30))
 
 
@@ -432,6 +433,10 @@ def register(subparsers, groups: dict | None = None) -> None:
     p.add_argument("--timbre", type=float, default=0.0, metavar="STRENGTH",
                    help="0 to 1: random filter, envelope, vibrato and tuning offsets per part, so each "
                         "preset sounds a little different in every song (default 0: the font as it is)")
+    p.add_argument("--produce", type=float, default=0.0, metavar="STRENGTH",
+                   help="0 to 1: random production per stem (amp and cabinet for electric guitars, EQ, "
+                        "compression, chorus, delay, reverb) and bus compression and limiting shared by "
+                        "every stem; the processed stems are the references (default 0: as rendered)")
     p.add_argument("--rate", type=int, default=44100)
     p.add_argument("--start-index", type=int, default=0,
                    help="0-based number of the first song, to add songs to a set (default 0)")

@@ -103,6 +103,7 @@ class IngestionJobs:
                                  soundfont=params.get("soundfont") or None,
                                  overlays=params.get("overlay_soundfonts") or (),
                                  timbre=float(params.get("timbre") or 0.0),
+                                 produce=float(params.get("produce") or 0.0),
                                  rate=int(params.get("rate") or 44100), start_index=int(params.get("start_index") or 0),
                                  progress=progress,
                                  should_stop=should_stop)

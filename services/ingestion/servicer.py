@@ -71,6 +71,8 @@ class DatasetServicer(ingestion_pb2_grpc.DatasetServiceServicer):
             raise InvalidArgumentError(f"start_index must not be negative, got {request.start_index}")
         if not 0.0 <= request.timbre <= 1.0:  # also false for NaN
             raise InvalidArgumentError(f"timbre must be between 0 and 1, got {request.timbre}")
+        if not 0.0 <= request.produce <= 1.0:
+            raise InvalidArgumentError(f"production strength must be between 0 and 1, got {request.produce}")
         resolve_generate_dir(self.svc.data, request.out_dir)
         # Soundfonts are read on this machine: the data root, the import roots or the system's fonts.
         fonts = [*(self.import_roots or []), str(DEFAULT_SOUNDFONT.parent)]
@@ -81,7 +83,7 @@ class DatasetServicer(ingestion_pb2_grpc.DatasetServiceServicer):
                   "seed": request.seed, "layout": request.layout or "medleydb", "soundfont": request.soundfont,
                   "rate": request.rate or 44100, "import_after": request.import_after,
                   "start_index": request.start_index, "overlay_soundfonts": list(request.overlay_soundfonts),
-                  "timbre": request.timbre}
+                  "timbre": request.timbre, "produce": request.produce}
         return self.svc.submit("ingestion.generate", params)
 
     @handle_errors

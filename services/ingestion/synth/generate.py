@@ -35,6 +35,15 @@ from services.ingestion.synth.layouts import (
     write_song,
 )
 from services.ingestion.synth.loudness import integrated_loudness_lufs
+from services.ingestion.synth.production import (
+    bus_rng,
+    check_strength,
+    draw_bus,
+    draw_stem_chain,
+    produce_song,
+    rms_db,
+    stem_rng,
+)
 from services.ingestion.synth.rendering import (
     add_reverb,
     check_soundfont,
@@ -76,15 +85,20 @@ def generate_songs(
     start_index: int = 0,
     overlays: Sequence[str | os.PathLike] = (),
     timbre: float = 0.0,
+    produce: float = 0.0,
 ) -> dict:
     """Generate `songs` songs of `seconds` each under `out_dir` in the given dataset layout.
 
-    Song k (counting from `start_index`) depends only on (seed, k, seconds, rate, soundfonts, timbre), so
+    Song k (counting from `start_index`) depends only on (seed, k, seconds, rate, soundfonts, timbre,
+    produce), so
     two runs give byte-identical files and a set can be extended later with `start_index`.
     `overlays` are soundfonts loaded on top of `soundfont`: the presets they hold replace the base
     font's (rendering.Soundfonts); the arrangements stay those of (seed, k).
     `timbre` (0 to 1) gives each part random SoundFont generator offsets of that strength
     (synth.timbre: filter, envelope, vibrato, tuning); the notes stay those of (seed, k).
+    `produce` (0 to 1) runs each stem through random effects of that strength and the mix through a
+    bus compressor and limiter whose gain every stem shares (synth.production); the processed stems
+    are the references and still sum to the mix.
     Each song folder appears complete or not at all. Existing song folders are never replaced.
     Returns a summary: {"layout", "rate", "seconds", "seed", "out_dir", "stopped", "songs": [...],
     "totals": {...}}; when `should_stop` returns True the songs finished so far are kept and
@@ -103,6 +117,10 @@ def generate_songs(
     timbre = float(timbre)
     if not (math.isfinite(timbre) and 0.0 <= timbre <= 1.0):
         raise InvalidArgumentError(f"timbre must be between 0 and 1, got {timbre}")
+    try:
+        produce = check_strength(produce)
+    except ValueError as error:
+        raise InvalidArgumentError(str(error)) from error
     soundfonts = check_soundfont(soundfont, overlays)
     out_dir = Path(out_dir)
     names = [song_name(layout, start_index + i) for i in range(songs)]
@@ -121,7 +139,7 @@ def generate_songs(
             summaries.append(
                 _generate_one(
                     out_dir, name, start_index + i, seed, seconds, samples, layout, soundfonts, rate, timbre,
-                    lambda fraction, message, i=i: progress and progress(i + fraction, songs, message),
+                    produce, lambda fraction, message, i=i: progress and progress(i + fraction, songs, message),
                     should_stop,
                 )
             )  # fmt: skip
@@ -140,6 +158,7 @@ def generate_songs(
         "soundfont": str(soundfonts.paths[0]),
         "overlay_soundfonts": [str(path) for path in soundfonts.paths[1:]],
         "timbre": timbre,
+        "produce": produce,
         "stopped": stopped,
         "songs": summaries,
         "totals": {
@@ -153,7 +172,8 @@ def generate_songs(
     }
 
 
-def _generate_one(out_dir, name, index, seed, seconds, samples, layout, soundfonts, rate, timbre, report, should_stop):
+def _generate_one(out_dir, name, index, seed, seconds, samples, layout, soundfonts, rate, timbre, produce,
+                  report, should_stop):
     arrangement = compose_song(seed, index, seconds)
     parts = arrangement.parts
     room = song_room(arrangement, rate)
@@ -166,6 +186,15 @@ def _generate_one(out_dir, name, index, seed, seconds, samples, layout, soundfon
         lambda k, message: report(k / (len(parts) + 1), f"{name}: {message}"), should_stop,
         room=room, sends=[part.reverb_send for part in parts],
     )  # fmt: skip
+    effects, bus = [[] for _ in parts], None
+    if produce:
+        chains = [
+            draw_stem_chain(stem_rng(seed, index, k), produce, part.program, part.is_drum, rate,
+                            arrangement.tempo_bpm, rms_db(stem))
+            for k, (part, stem) in enumerate(zip(parts, audio, strict=True))
+        ]
+        audio, bus = produce_song(audio, chains, draw_bus(bus_rng(seed, index), produce), rate)
+        effects = [chain.effects for chain in chains]
     pcm_bits = SLAKH_PCM_BITS if layout == "slakh" else None
     stems, mix, gain = mix_stems(audio, pcm_bits=pcm_bits)
 
@@ -181,8 +210,10 @@ def _generate_one(out_dir, name, index, seed, seconds, samples, layout, soundfon
         )
         for k, (part, stem) in enumerate(zip(parts, stems, strict=True))
     ]
-    identity = ("stemlab-synth", int(seed), index, seconds, rate, soundfonts.name) + ((timbre,) if timbre else ())
-    how = f"FluidSynth with {soundfonts.name}" + (f", timbre {timbre:g}" if timbre else "")
+    identity = ("stemlab-synth", int(seed), index, seconds, rate, soundfonts.name) + ((timbre,) if timbre else ()) \
+        + ((("produce", produce),) if produce else ())
+    how = f"FluidSynth with {soundfonts.name}" + (f", timbre {timbre:g}" if timbre else "") \
+        + (f", production {produce:g}" if produce else "")
     if layout == "medleydb":
         metadata = medleydb_metadata(
             name, title=name.replace("_", " "), stems=infos, genre=arrangement.genre, artist="stemlab synth",
@@ -198,10 +229,12 @@ def _generate_one(out_dir, name, index, seed, seconds, samples, layout, soundfon
         write_song(layout, out_dir / name, name, rate, stems, mix, metadata,
                    stem_midis=midis, full_midi=full_midi)  # fmt: skip
     summary = _song_summary(layout, out_dir / name, name, infos, stems, rate)
-    for row, part in zip(summary["stems"], parts, strict=True):
+    for row, part, chain in zip(summary["stems"], parts, effects, strict=True):
         row["style"] = part.style
         row["active_sections"] = list(part.active)
-    return summary | {
+        if produce:
+            row["production"] = chain
+    return summary | ({"production": {"strength": produce, "bus": bus}} if produce else {}) | {
         "genre": arrangement.genre,
         "tempo_bpm": arrangement.tempo_bpm,
         "key": arrangement.key_name,
