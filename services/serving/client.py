@@ -16,11 +16,14 @@ and the web page start in a fraction of a second and stay small.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import threading
+import time
 import urllib.error
 import urllib.request
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -301,6 +304,44 @@ def _segments(blocks: Iterator[np.ndarray], channels: int, length: int, hop: int
     yield start, np.pad(tail, ((0, 0), (0, length - tail.shape[1]))), True
 
 
+class StageTimes:
+    """Seconds spent in each part of a separation, summed over its calls (the benchmark's breakdown).
+
+    The parts overlap in time: requests run in worker threads while the main thread decodes,
+    resamples, sums and writes, so the parts add up to more than the wall time. ``wait`` is the
+    main thread idle, waiting for an answer.
+    """
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - started
+            with self._lock:
+                self.seconds[name] += elapsed
+
+    def timed(self, name: str, function: Callable) -> Callable:
+        def run(*args, **kwargs):
+            with self.stage(name):
+                return function(*args, **kwargs)
+        return run
+
+    def iterate(self, name: str, iterable: Iterable) -> Iterator:
+        iterator = iter(iterable)
+        while True:
+            with self.stage(name):
+                item = next(iterator, None)
+            if item is None:
+                return
+            yield item
+
+
 class _MixQueue:
     """The song-rate mix between reading and writing: blocks go in as they are read and come out,
     as many samples as the instrument has, when the instrument for them is back from the model."""
@@ -368,6 +409,7 @@ def separate_stream(
     total_seconds: float | None = None,
     progress: Progress | None = None,
     should_stop: Callable[[], bool] | None = None,
+    times: StageTimes | None = None,
 ) -> int:
     """Separate a song arriving as (channels, k) float32 blocks at ``rate``; returns its length in samples.
 
@@ -376,9 +418,11 @@ def separate_stream(
     model's rate and back through streaming resamplers and is cut into overlapping segments;
     ``requests_in_flight`` requests are sent before the first answer is awaited, so the server
     always has the next one while the client sums, resamples and writes the last. Memory holds
-    those requests and a segment or two of the song, whatever its length.
+    those requests and a segment or two of the song, whatever its length. ``times`` collects the
+    seconds of each part (decode, resample, request, wait, overlap_add, write).
     """
     rate = int(rate)
+    times = times or StageTimes()
     length, hop, segments_per_request = _request_plan(served, channels, segment_seconds, overlap, batch_segments)
     model_rate = served.sample_rate_hz
     forward = StreamResampler(rate, model_rate, channels)
@@ -389,34 +433,41 @@ def separate_stream(
 
     def model_rate_blocks() -> Iterator[np.ndarray]:
         nonlocal song_samples, model_samples
-        iterator = iter(blocks)
+        iterator = times.iterate("decode", blocks)
         block = next(iterator, None)
         while block is not None:
             upcoming = next(iterator, None)  # one block ahead: the resampler must know the last
             block = np.asarray(block, dtype=np.float32)
             mix.put(block)
             song_samples += block.shape[1]
-            out = forward.push(block, last=upcoming is None)
+            with times.stage("resample"):
+                out = forward.push(block, last=upcoming is None)
             model_samples += out.shape[1]
             yield out
             block = upcoming
 
     def emit(model_block: np.ndarray, last: bool = False) -> None:
-        instrument = back.push(model_block, last)
+        with times.stage("resample"):
+            instrument = back.push(model_block, last)
         mixed = mix.take(instrument.shape[1])
         if mixed.shape[1]:
-            sink(np.ascontiguousarray(instrument[:, :mixed.shape[1]]), mixed)
+            with times.stage("write"):
+                sink(np.ascontiguousarray(instrument[:, :mixed.shape[1]]), mixed)
 
     def receive(pending: deque) -> None:
         starts, answer = pending.popleft()
-        separated = answer.result().reshape(len(starts), channels, length)
+        with times.stage("wait"):
+            separated = answer.result().reshape(len(starts), channels, length)
         for start, result in zip(starts, separated, strict=True):
-            emit(overlap_add.add(start, result))
+            with times.stage("overlap_add"):
+                final = overlap_add.add(start, result)
+            emit(final)
         if progress is not None:
             total = total_seconds if total_seconds is not None else song_samples / rate
             done = min(total, (starts[-1] + length) / model_rate)
             progress(done, total, f"separated {done:.1f} of {total:.1f} s")
 
+    request = times.timed("request", served.separate)
     pending: deque = deque()
     executor = ThreadPoolExecutor(max_workers=max(1, requests_in_flight), thread_name_prefix="separate")
     try:
@@ -428,13 +479,15 @@ def separate_stream(
             if should_stop is not None and should_stop():
                 raise SeparationCancelled("separation cancelled")
             rows = np.concatenate([segment for _, segment in batch], axis=0)  # segment-major rows
-            pending.append(([start for start, _ in batch], executor.submit(served.separate, rows)))
+            pending.append(([start for start, _ in batch], executor.submit(request, rows)))
             batch = []
             while len(pending) >= max(1, requests_in_flight):
                 receive(pending)
         while pending:
             receive(pending)
-        emit(overlap_add.finish(model_samples), last=True)
+        with times.stage("overlap_add"):
+            final = overlap_add.finish(model_samples)
+        emit(final, last=True)
         if mix.held:  # the resampler may come back a sample short: silence for the rest
             leftover = mix.take(mix.held)
             sink(np.zeros_like(leftover), leftover)
@@ -526,6 +579,7 @@ def separate_file(
     should_stop: Callable[[], bool] | None = None,
     requests_in_flight: int = DEFAULT_REQUESTS_IN_FLIGHT,
     max_seconds: float | None = None,
+    times: StageTimes | None = None,
 ) -> dict:
     """Separate an audio file into ``out_dir``/instrument.<format> and rest.<format>.
 
@@ -543,8 +597,10 @@ def separate_file(
     unknown = [fmt for fmt in formats if fmt not in OUTPUT_FORMATS]
     if not formats or unknown:
         raise ValueError(f"output formats must be among {', '.join(OUTPUT_FORMATS)}; got {', '.join(unknown) or 'none'}")
-    with AudioReader(in_path) as reader, \
-            ServedModel(model, address, protocol, version, max_message_bytes, timeout_seconds) as served:
+    times = times or StageTimes()
+    with times.stage("open"):
+        reader = AudioReader(in_path)
+    with reader, ServedModel(model, address, protocol, version, max_message_bytes, timeout_seconds) as served:
         limit = None if max_seconds is None else int(max_seconds * reader.rate)
 
         def song_blocks() -> Iterator[np.ndarray]:
@@ -555,12 +611,14 @@ def separate_file(
                     raise AudioError(reader.path, f"the song is longer than {max_seconds:g} s")
                 yield block
 
-        served.sample_rate_hz  # noqa: B018  (an unknown model or no server fails before any file is made)
+        with times.stage("open"):
+            served.sample_rate_hz  # noqa: B018  (an unknown model or no server fails before any file is made)
         with StemWriter(out_dir, formats, reader.rate, reader.channels) as writer:
             samples = separate_stream(
                 song_blocks(), reader.rate, reader.channels, served, writer.write, segment_seconds, overlap,
-                batch_segments, requests_in_flight, reader.seconds, progress, should_stop)
-            paths = writer.commit()
+                batch_segments, requests_in_flight, reader.seconds, progress, should_stop, times)
+            with times.stage("write"):
+                paths = writer.commit()
     return {
         "paths": paths,
         "rate": reader.rate,
