@@ -260,21 +260,26 @@ class OverlapAdd:
         self.start = 0  # song position of self.sum[:, 0]
         self.sum = np.zeros((channels, length), np.float64)
         self.weight = np.zeros(length, np.float64)
+        self._product = np.empty((channels, length), np.float32)
 
     def add(self, start: int, segment: np.ndarray) -> np.ndarray:
         """segment (channels, length) starting at ``start`` -> final samples (channels, start - previous start)."""
         shift = start - self.start
         if not 0 <= shift <= self.sum.shape[1]:
             raise ValueError(f"segments must arrive in order and overlap: start {start} after {self.start}")
-        final = self.sum[:, :shift] / self.weight[:shift]
-        self.sum = np.roll(self.sum, -shift, axis=1)
-        self.sum[:, self.sum.shape[1] - shift:] = 0.0
-        self.weight = np.roll(self.weight, -shift)
-        self.weight[self.weight.shape[0] - shift:] = 0.0
+        final = (self.sum[:, :shift] / self.weight[:shift]).astype(np.float32)
+        # Shift the sums left in place (numpy copies overlapping slices safely): no new arrays per
+        # segment, so a long song does not churn the allocator.
+        keep = self.sum.shape[1] - shift
+        self.sum[:, :keep] = self.sum[:, shift:]
+        self.sum[:, keep:] = 0.0
+        self.weight[:keep] = self.weight[shift:]
+        self.weight[keep:] = 0.0
         self.start = start
-        self.sum += segment * self.window
+        np.multiply(segment, self.window, out=self._product)
+        self.sum += self._product
         self.weight += self.window
-        return final.astype(np.float32)
+        return final
 
     def finish(self, total: int) -> np.ndarray:
         """The remaining samples up to song position ``total``: (channels, total - start)."""

@@ -49,6 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="largest gRPC request/response in MiB")
     parser.add_argument("--grpc_max_threads", type=int, default=16, help="concurrent gRPC requests")
     parser.add_argument("--rest_api_max_request_mb", type=int, default=1024, help="largest REST body in MiB")
+    parser.add_argument("--tensorflow_intra_op_parallelism", type=int, default=0,
+                        help="threads one TensorFlow op may use (0: TensorFlow's choice, the cores)")
+    parser.add_argument("--tensorflow_inter_op_parallelism", type=int, default=0,
+                        help="TensorFlow ops run at once (0: TensorFlow's choice, the cores)")
     parser.add_argument("--log_level", default="INFO")
     args = parser.parse_args(argv)
     if not args.model_config_file and not args.model_base_path:
@@ -129,6 +133,17 @@ class ModelServer:
             self.grpc_server.stop(grace_seconds).wait()
 
 
+def set_threading(intra_op: int, inter_op: int) -> None:
+    """TensorFlow's thread pools, as tensorflow_model_server's flags of the same names set them;
+    only possible before the first model is loaded. The pools are shared by concurrent requests."""
+    import tensorflow as tf
+
+    if intra_op:
+        tf.config.threading.set_intra_op_parallelism_threads(intra_op)
+    if inter_op:
+        tf.config.threading.set_inter_op_parallelism_threads(inter_op)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -137,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    set_threading(args.tensorflow_intra_op_parallelism, args.tensorflow_inter_op_parallelism)
     server = ModelServer(args, specs)
     try:
         server.start()
