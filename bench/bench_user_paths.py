@@ -84,16 +84,17 @@ def peak_mb(pid: int) -> float:
     raise RuntimeError("no VmHWM")
 
 
-def cli_env() -> dict:
-    return dict(os.environ, PYTHONPATH=str(REPO))
+def cli_env(tree: Path = REPO) -> dict:
+    return dict(os.environ, PYTHONPATH=str(tree))
 
 
-def run_cli(song: Path, model: str, address: str, out: Path) -> tuple[float, float]:
-    """(wall seconds from process start to exit with the files written, peak RSS MiB) of `stemlab separate`."""
+def run_cli(song: Path, model: str, address: str, out: Path, tree: Path = REPO) -> tuple[float, float]:
+    """(wall seconds from process start to exit with the files written, peak RSS MiB) of `stemlab separate`
+    as the code in ``tree`` runs it."""
     command = [sys.executable, "-m", "stemlab.cli", "separate", str(song), "--model", model,
                "--address", address, "--out", str(out), "--json"]
     started = time.perf_counter()
-    process = subprocess.Popen(command, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen(command, env=cli_env(tree), cwd=tree, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     stdout = process.stdout.read()
     stderr = process.stderr.read()
     _, status, usage = os.wait4(process.pid, 0)
@@ -207,6 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--web-seconds", type=float, default=300, help="song length for the web upload (0: skip)")
     parser.add_argument("--web-runs", type=int, default=3)
     parser.add_argument("--serving-args", default="", help="extra flags for the serving process")
+    parser.add_argument("--baseline-tree", default=None,
+                        help="another checkout (e.g. the code before a change, protos generated) whose CLI is "
+                             "timed beside this one on the same songs and server")
+    parser.add_argument("--baseline-seconds", default="60,300", help="song lengths for the baseline")
+    parser.add_argument("--baseline-runs", type=int, default=2)
     parser.add_argument("--work", default=None, help="folder for the data root (default: a temporary one)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "user_paths.json"))
     args = parser.parse_args(argv)
@@ -237,9 +243,9 @@ def main(argv: list[str] | None = None) -> int:
         startup = startup_seconds(5)
         results["startup_seconds"] = round(startup, 3)
 
-        def one_cli(song: Path, model: str) -> dict:
+        def one_cli(song: Path, model: str, tree: Path = REPO) -> dict:
             reset_peak(pid)
-            wall, cli_peak = run_cli(song, model, address, root / "out" / model / song.stem)
+            wall, cli_peak = run_cli(song, model, address, root / "out" / model / song.stem, tree)
             return {"wall_seconds": round(wall, 3), "cli_peak_mb": round(cli_peak, 1),
                     "serving_peak_mb": round(peak_mb(pid), 1)}
 
@@ -264,9 +270,27 @@ def main(argv: list[str] | None = None) -> int:
                 record["model"] = model
                 record["parts"] = parts(song, model, address, root / "parts", startup)
                 results["cli"].append(record)
+                save(results, args.out)
                 print(json.dumps({k: record[k] for k in ("model", "song_seconds", "median_wall_seconds",
                                                          "real_time_factor", "median_cli_peak_mb",
                                                          "median_serving_peak_mb", "load_before")}), flush=True)
+        if args.baseline_tree:
+            tree = Path(args.baseline_tree).resolve()
+            results["baseline"] = {"tree": str(tree), "cli": []}
+            for seconds in [float(s) for s in args.baseline_seconds.split(",") if s]:
+                song = make_song(root / f"song-{seconds:g}s.wav", seconds)
+                model = model_names[0]
+                one_cli(song, model, tree)  # warm-up
+                record = summary(median_runs(lambda s=song, m=model: one_cli(s, m, tree), args.baseline_runs), seconds)
+                record["model"] = model
+                results["baseline"]["cli"].append(record)
+                save(results, args.out)
+                print(json.dumps({"baseline": {k: record[k] for k in ("model", "song_seconds", "median_wall_seconds",
+                                                                      "real_time_factor", "median_cli_peak_mb")}}),
+                      flush=True)
+            record = summary(median_runs(lambda: one_cli(clip, model_names[0], tree), args.baseline_runs), 1.0)
+            results["baseline"]["clip"] = record
+            save(results, args.out)
         if args.web_seconds:
             song = make_song(root / f"web-{args.web_seconds:g}s.wav", args.web_seconds, seed=1)
             web, url = start_web(root, address, server.rest_address)
@@ -285,11 +309,16 @@ def main(argv: list[str] | None = None) -> int:
                 web.terminate()
                 web.wait(timeout=30)
     results["machine"]["load_at_end"] = load()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {save(results, args.out)}")
     return 0
+
+
+def save(results: dict, out: str) -> Path:
+    """Written after every measurement, so an interrupted run keeps what it measured."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    return path
 
 
 if __name__ == "__main__":
