@@ -91,18 +91,18 @@ def cli_env(tree: Path = REPO) -> dict:
 def run_cli(song: Path, model: str, address: str, out: Path, tree: Path = REPO) -> tuple[float, float]:
     """(wall seconds from process start to exit with the files written, peak RSS MiB) of `stemlab separate`
     as the code in ``tree`` runs it."""
-    command = [sys.executable, "-m", "stemlab.cli", "separate", str(song), "--model", model,
-               "--address", address, "--out", str(out), "--json"]
-    started = time.perf_counter()
-    process = subprocess.Popen(command, env=cli_env(tree), cwd=tree, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    stdout = process.stdout.read()
-    stderr = process.stderr.read()
-    _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - started
-    if status != 0:
-        raise RuntimeError(f"stemlab separate failed: {stderr.decode()[-2000:]}")
-    json.loads(stdout)
-    return wall, usage.ru_maxrss / 1024
+    # GNU time reports the CLI's peak RSS. The rusage of a child of this process would not do: Linux
+    # carries the RSS the child had as a fork of this (large) process into its maximum.
+    with tempfile.NamedTemporaryFile("r", suffix=".rss") as peak:
+        command = ["/usr/bin/time", "-f", "%M", "-o", peak.name, sys.executable, "-m", "stemlab.cli", "separate",
+                   str(song), "--model", model, "--address", address, "--out", str(out), "--json"]
+        started = time.perf_counter()
+        result = subprocess.run(command, env=cli_env(tree), cwd=tree, capture_output=True)
+        wall = time.perf_counter() - started
+        if result.returncode != 0:
+            raise RuntimeError(f"stemlab separate failed: {result.stderr.decode()[-2000:]}")
+        json.loads(result.stdout)
+        return wall, int(peak.read().split()[-1]) / 1024
 
 
 def startup_seconds(runs: int) -> float:
@@ -263,9 +263,10 @@ def main(argv: list[str] | None = None) -> int:
         results["clip"] = {model: summary(median_runs(lambda m=model: one_cli(clip, m), args.clip_runs), 1.0)
                            for model in model_names[:1]}
         print(json.dumps({"clip": results["clip"]}), flush=True)
-        for seconds, song in songs.items():
+        for index, (seconds, song) in enumerate(songs.items()):
             for model in model_names:
-                one_cli(song, model)  # warm-up (file cache, the server's shapes)
+                if index == 0:
+                    one_cli(song, model)  # warm-up: every song sends requests of the same shapes
                 record = summary(median_runs(lambda s=song, m=model: one_cli(s, m), args.runs), seconds)
                 record["model"] = model
                 record["parts"] = parts(song, model, address, root / "parts", startup)
