@@ -18,7 +18,7 @@ import soundfile as sf
 from services.common.audio import AudioError, read_audio, write_audio
 from services.serving import protocol
 from services.serving.audio_stream import AudioReader, StemWriter
-from services.serving.client import SeparationCancelled, separate_array, separate_file
+from services.serving.client import SeparationCancelled, SongTooLong, separate_array, separate_file
 from services.serving.local import running_server, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,7 +163,7 @@ def test_a_cancelled_file_separation_leaves_no_files(shipped, tmp_path):
 def test_a_song_longer_than_allowed_is_refused_as_it_is_read(shipped, tmp_path):
     audio, rate = reference_clip()
     write_audio(tmp_path / "clip.wav", audio, rate)
-    with pytest.raises(AudioError, match="longer than 10 s"):
+    with pytest.raises(SongTooLong, match="longer than 10 s"):
         separate_file(tmp_path / "clip.wav", tmp_path / "out", "guitar", address=shipped.grpc_address,
                       max_seconds=10)
     assert list((tmp_path / "out").iterdir()) == []

@@ -117,7 +117,7 @@ def separate_song(song: Path, folder: Path, model: str, settings: WebSettings,
     job result {model, version, rate, channels, seconds}. Raises SongRefused, or the serving
     client's ServingError / SeparationCancelled.
     """
-    from services.serving.client import separate_file
+    from services.serving.client import SongTooLong, separate_file
 
     def report(fraction: float, message: str) -> None:
         if progress is not None:
@@ -135,11 +135,11 @@ def separate_song(song: Path, folder: Path, model: str, settings: WebSettings,
             timeout_seconds=settings.serving_timeout_seconds, formats=EAGER_FORMATS,
             max_seconds=settings.max_song_seconds, should_stop=should_stop,
             progress=lambda done, total, message: report(0.05 + 0.85 * done / max(total, 1e-9), message))
+    except SongTooLong:
+        raise SongRefused(f"the song is longer than {settings.max_song_seconds:.0f} s, the most accepted") from None
     except AudioError as error:
-        if Path(error.path) != song:
+        if Path(error.path) != song:  # a stem could not be written: not the song's fault
             raise
-        if "longer than" in error.reason:
-            raise SongRefused(f"the song is longer than {settings.max_song_seconds:.0f} s, the most accepted") from None
         raise SongRefused(f"this file cannot be read as audio ({error.reason})") from None
     report(0.96, "drawing the waveforms")
     instrument, rate = read_audio(folder / "instrument.wav")

@@ -58,6 +58,10 @@ class SeparationCancelled(Exception):
     """``should_stop`` asked the separation to stop."""
 
 
+class SongTooLong(AudioError):
+    """The song, as it was read, ran past ``max_seconds``."""
+
+
 def default_address(protocol: str = "grpc") -> str:
     """Serving address from $STEMLAB_SERVING_ADDRESS / $STEMLAB_SERVING_REST_ADDRESS, else the configured
     ports ($STEMLAB_SERVING_PORT / $STEMLAB_SERVING_REST_PORT, STEMLAB_CONFIG's file; defaults 8500 / 8501).
@@ -591,7 +595,7 @@ def separate_file(
     Any format read_audio decodes is accepted; the stems keep the song's rate and channel count.
     The song is decoded, separated and written as a stream (a few segments in memory whatever
     its length); the files appear, all at once, only when the separation succeeded. A song
-    longer than ``max_seconds`` (when given) is refused with an AudioError as it is read.
+    longer than ``max_seconds`` (when given) is refused with SongTooLong as it is read.
     Returns {"paths": {"instrument": {format: path}, "rest": {...}}, "rate": Hz, "channels": n,
     "seconds": song length, "model": name, "version": served version}. Raises AudioError for
     an unreadable song, ServingError for serving trouble, SeparationCancelled when stopped.
@@ -613,7 +617,7 @@ def separate_file(
             for block in reader.blocks():
                 read += block.shape[1]
                 if limit is not None and read > limit:
-                    raise AudioError(reader.path, f"the song is longer than {max_seconds:g} s")
+                    raise SongTooLong(reader.path, f"the song is longer than {max_seconds:g} s")
                 yield block
 
         with times.stage("open"):
