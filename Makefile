@@ -10,6 +10,10 @@ STAMPS := .stamps
 # the job store tests of replicas (postgresql: the tests start a throwaway server of their own).
 APT_PACKAGES := ffmpeg libsndfile1 fluidsynth fluid-soundfont-gm chromium docker-compose postgresql
 PROTOS := $(sort $(wildcard protos/stemlab/v1/*.proto))
+# TF Serving's prediction protocol for the separation client, taken from the installed
+# tensorflow-serving-api so the client can speak it without importing TensorFlow
+# (services/serving/protocol.py).
+SERVING_PROTOCOL := services/serving/tf_serving_protocol.binpb
 GENERATED := $(patsubst protos/%.proto,%_pb2.py,$(PROTOS)) $(patsubst protos/%.proto,%_pb2_grpc.py,$(PROTOS))
 PYTEST_ARGS ?=
 # Test workers (pytest-xdist): one per core; each test file runs whole on one worker, so a file's
@@ -47,12 +51,15 @@ $(STAMPS)/python: pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e '.[dev]'
 	@mkdir -p $(STAMPS) && touch $@
 
-protos: $(GENERATED)
+protos: $(GENERATED) $(SERVING_PROTOCOL)
 
 # Generated code lands in stemlab/v1/ (imported as stemlab.v1.*_pb2) and is never committed.
 $(GENERATED) &: $(PROTOS) $(STAMPS)/python
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. $(PROTOS)
 	@touch $(GENERATED)
+
+$(SERVING_PROTOCOL): services/serving/protocol.py $(STAMPS)/python
+	TF_CPP_MIN_LOG_LEVEL=3 $(PY) -m services.serving.protocol $@
 
 test: install
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
@@ -73,4 +80,4 @@ logs:
 	@$(PY) deploy/local/stack.py logs
 
 clean:
-	rm -rf $(STAMPS) stemlab/v1/*_pb2*.py stemlab/v1/*_pb2*.pyi
+	rm -rf $(STAMPS) stemlab/v1/*_pb2*.py stemlab/v1/*_pb2*.pyi $(SERVING_PROTOCOL)

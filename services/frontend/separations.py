@@ -21,10 +21,8 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-
-import numpy as np
 
 from services.common import jobs as jobstore
 from services.common.audio import MP3_RATES_HZ, AudioError, audio_info, read_audio, resample, write_audio
@@ -96,22 +94,6 @@ def check_song(path: Path, max_seconds: float, decode: bool = True) -> SongInfo:
     return SongInfo(rate=int(rate), channels=int(channels), seconds=float(seconds))
 
 
-def write_stems(folder: Path, instrument: np.ndarray, rest: np.ndarray, rate: int) -> dict[str, dict[str, str]]:
-    """Write instrument and rest (channels, samples) at `rate` as WAV and FLAC into `folder`.
-
-    Both keep the song's rate and channels. MP3 is made on first request (`ensure_mp3`): its
-    encoder is the slowest step by far (~10 s for a 3-minute stereo stem here), and most people
-    never ask for it. Returns {stem: {format: file name}}.
-    """
-    names: dict[str, dict[str, str]] = {}
-    for stem, audio in (("instrument", instrument), ("rest", rest)):
-        names[stem] = {}
-        for fmt in EAGER_FORMATS:
-            write_audio(folder / f"{stem}.{fmt}", audio, rate, SUBTYPES[fmt])
-            names[stem][fmt] = f"{stem}.{fmt}"
-    return names
-
-
 _mp3_locks: dict[Path, threading.Lock] = {}
 _mp3_locks_guard = threading.Lock()
 
@@ -145,7 +127,7 @@ def separate_song(song: Path, folder: Path, model: str, settings: WebSettings,
     job result {model, version, rate, channels, seconds}. Raises SongRefused, or the serving
     client's ServingError / SeparationCancelled.
     """
-    from services.serving.client import ServedModel, separate_array  # imports tensorflow protos
+    from services.serving.client import SongTooLong, separate_file
 
     def report(fraction: float, message: str) -> None:
         if progress is not None:
@@ -153,28 +135,31 @@ def separate_song(song: Path, folder: Path, model: str, settings: WebSettings,
 
     report(0.0, "reading the song")
     check_song(song, settings.max_song_seconds, decode=False)
+    # The client decodes, separates and writes WAV and FLAC as one stream (the same path as
+    # `stemlab separate`); MP3 is made on first request (ensure_mp3).
     try:
-        audio, rate = read_audio(song, limits=settings.decode_limits)  # counted; <= 48 kHz, <= 2 channels
+        result = separate_file(
+            song, folder, model,
+            address=settings.serving_address if settings.serving_protocol == "grpc" else settings.serving_rest_address,
+            protocol=settings.serving_protocol, segment_seconds=settings.segment_seconds,
+            timeout_seconds=settings.serving_timeout_seconds, formats=EAGER_FORMATS,
+            max_seconds=settings.max_song_seconds, should_stop=should_stop,
+            # counted while decoding, at most 48 kHz and stereo; the length is the client's check
+            limits=replace(settings.decode_limits, max_seconds=None),
+            progress=lambda done, total, message: report(0.05 + 0.85 * done / max(total, 1e-9), message))
+    except SongTooLong:
+        raise SongRefused(f"the song is longer than {settings.max_song_seconds:.0f} s, the most accepted") from None
     except AudioError as error:
+        if Path(error.path) != song:  # a stem could not be written: not the song's fault
+            raise
         raise SongRefused(f"this file cannot be read as audio ({error.reason})") from None
-    seconds = audio.shape[1] / rate
-    if seconds > settings.max_song_seconds:
-        raise SongRefused(f"the song is {seconds:.0f} s long; at most {settings.max_song_seconds:.0f} s are accepted")
-    with ServedModel(model, settings.serving_address if settings.serving_protocol == "grpc"
-                     else settings.serving_rest_address, settings.serving_protocol,
-                     timeout_seconds=settings.serving_timeout_seconds) as served:
-        instrument, rest = separate_array(
-            audio, rate, model, segment_seconds=settings.segment_seconds, served_model=served,
-            progress=lambda done, total, message: report(0.05 + 0.8 * done / max(total, 1e-9), message),
-            should_stop=should_stop)
-        version = served.served_version
-    report(0.86, "writing WAV and FLAC")
-    write_stems(folder, instrument, rest, rate)
     report(0.96, "drawing the waveforms")
-    draw_waveforms(folder / PICTURE, [("mix", audio), ("instrument", instrument), ("rest", rest)], rate)
+    instrument, rate = read_audio(folder / "instrument.wav")
+    rest, _ = read_audio(folder / "rest.wav")
+    draw_waveforms(folder / PICTURE, [("mix", instrument + rest), ("instrument", instrument), ("rest", rest)], rate)
     report(1.0, "done")
-    return {"model": model, "version": version, "rate": int(rate), "channels": int(audio.shape[0]),
-            "seconds": round(float(seconds), 3)}
+    return {"model": model, "version": result["version"], "rate": int(result["rate"]),
+            "channels": int(result["channels"]), "seconds": round(float(result["seconds"]), 3)}
 
 
 def user_message(error: str) -> str:

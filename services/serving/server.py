@@ -62,6 +62,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="largest REST body in MiB (larger: 413)")
     parser.add_argument("--max_input_elements", type=int, default=DEFAULT_MAX_INPUT_ELEMENTS,
                         help="most values one input tensor may hold (checked before decoding)")
+    parser.add_argument("--tensorflow_intra_op_parallelism", type=int, default=0,
+                        help="threads one TensorFlow op may use (0: TensorFlow's choice, the cores)")
+    parser.add_argument("--tensorflow_inter_op_parallelism", type=int, default=0,
+                        help="TensorFlow ops run at once (0: TensorFlow's choice, the cores)")
     parser.add_argument("--log_level", default="INFO")
     args = parser.parse_args(argv)
     if not args.model_config_file and not args.model_base_path:
@@ -151,11 +155,23 @@ class ModelServer:
             self.grpc_server.stop(grace_seconds).wait()
 
 
+def set_threading(intra_op: int, inter_op: int) -> None:
+    """TensorFlow's thread pools, as tensorflow_model_server's flags of the same names set them;
+    only possible before the first model is loaded. The pools are shared by concurrent requests."""
+    import tensorflow as tf
+
+    if intra_op:
+        tf.config.threading.set_intra_op_parallelism_threads(intra_op)
+    if inter_op:
+        tf.config.threading.set_inter_op_parallelism_threads(inter_op)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         specs = model_specs(args)
+        set_threading(args.tensorflow_intra_op_parallelism, args.tensorflow_inter_op_parallelism)
         server = ModelServer(args, specs)
     except (ConfigError, CommonConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
