@@ -495,6 +495,34 @@ def test_playlists_never_read_local_files(tmp_path, name, text):
         read_audio(playlist)
     with pytest.raises(AudioError):
         audio_info(playlist)
+    tried(f"a playlist upload {name} streamed as the web and the CLI separate it")
+    with pytest.raises(AudioError):
+        _stream_all(playlist)
+
+
+def _stream_all(path, limits=None):
+    """Every block of `path` as the separation client reads a song (services/serving/audio_stream.py)."""
+    import numpy as np
+
+    from services.serving.audio_stream import AudioReader
+
+    with AudioReader(path, limits=limits) as reader:
+        return np.concatenate(list(reader.blocks()), axis=1), reader.rate
+
+
+def test_a_decoding_bomb_streamed_for_the_web_is_converted_and_counted(flac_bomb, tmp_path):
+    from dataclasses import replace
+
+    from services.common.audio import AudioError
+    from services.frontend.settings import load_settings
+
+    limits = load_settings({"data_root": str(tmp_path)}).decode_limits
+    tried("FLAC bomb streamed through the web's limits")
+    audio, rate = _stream_all(flac_bomb, replace(limits, max_seconds=None))
+    assert (rate, audio.shape) == (48_000, (2, 30 * 48_000))  # stems at <= 48 kHz, <= 2 channels
+    tried("FLAC bomb streamed past a byte cap")
+    with pytest.raises(AudioError, match="decodes to more than 4 MiB"):
+        _stream_all(flac_bomb, replace(limits, max_seconds=None, max_bytes=4 << 20))
 
 
 def test_solo_cutting_refuses_playlists(tmp_path):
