@@ -12,6 +12,7 @@ connection, claim clause and migrations (see sqlite.py and postgres.py).
 
 from __future__ import annotations
 
+import abc
 import json
 import threading
 import time
@@ -77,7 +78,7 @@ class Item:
     kwargs: dict
 
 
-class SqlJobStore:
+class SqlJobStore(abc.ABC):
     """Jobs of one service. Thread-safe; every write commits at once.
 
     `shared` is true where several processes (replicas) run the same store's jobs at once; a
@@ -93,20 +94,22 @@ class SqlJobStore:
         self._lock = threading.RLock()
 
     # -- backend hooks ----------------------------------------------------------------------
+    @abc.abstractmethod
     def _execute(self, sql: str, args: tuple = ()) -> list[dict]:
         """Run one statement in its own transaction; returns the rows (dicts), [] for none."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _rowcount(self, sql: str, args: tuple = ()) -> int:
-        raise NotImplementedError
+        """Run one statement in its own transaction; returns how many rows it changed."""
 
+    @abc.abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        """Close the connection(s)."""
 
-    def claim(self) -> None:
+    def claim(self) -> None:  # noqa: B027 - a hook whose default (shared stores) is to do nothing
         """Become the one process that runs this store's jobs (SQLite); nothing where shared."""
 
-    def release_claim(self) -> None:
+    def release_claim(self) -> None:  # noqa: B027 - likewise
         """Let another process run this store's jobs (after this one stopped running them)."""
 
     # -- records --------------------------------------------------------------------------
