@@ -18,6 +18,8 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
+from services.common.jobs import run_item  # one bad track is one failed row, never an exception
+
 log = logging.getLogger(__name__)
 
 Progress = Callable[[float, float, str], None]
@@ -48,15 +50,6 @@ def _discard_pool(workers: int, pool: ProcessPoolExecutor) -> None:
 
 def default_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-
-
-def _call(fn: Callable[..., dict], key: str, kwargs: dict) -> dict:
-    """Runs in a worker: never lets an exception escape, so one bad track is one failed row."""
-    try:
-        return fn(**kwargs)
-    except Exception as e:  # noqa: BLE001 - the error is the result
-        log.warning("track %s failed: %s", key, e)
-        return {"track": key, "status": "failed", "error": f"{type(e).__name__}: {e}" if str(e) else type(e).__name__}
 
 
 def run_tracks(fn: Callable[..., dict], tasks: Sequence[tuple[str, dict]], workers: int | None = None,
@@ -92,7 +85,7 @@ def run_tracks(fn: Callable[..., dict], tasks: Sequence[tuple[str, dict]], worke
         for i, (key, kwargs) in enumerate(tasks):
             if stop():
                 return ordered(), True
-            finished(i, _call(fn, key, kwargs))
+            finished(i, run_item(fn, key, kwargs))
         return ordered(), False
 
     pool = shared_pool(workers)
@@ -104,7 +97,7 @@ def run_tracks(fn: Callable[..., dict], tasks: Sequence[tuple[str, dict]], worke
         while not stopped and next_task < total and len(pending) < 2 * workers:
             key, kwargs = tasks[next_task]
             try:
-                pending[pool.submit(_call, fn, key, kwargs)] = next_task
+                pending[pool.submit(run_item, fn, key, kwargs)] = next_task
             except BrokenProcessPool as e:
                 broken = True
                 finished(next_task, {"track": key, "status": "failed", "error": f"worker process died: {e}"})
@@ -156,9 +149,9 @@ def _run_shared(fn: Callable[..., dict], tasks: Sequence[tuple[str, dict]], shar
             if item is None:
                 break
             if pool is None:
-                share.finish(item, _call(fn, item.key, item.kwargs))
+                share.finish(item, run_item(fn, item.key, item.kwargs))
                 break  # one at a time in this process: look at stop and progress in between
-            pending[pool.submit(_call, fn, item.key, item.kwargs)] = item
+            pending[pool.submit(run_item, fn, item.key, item.kwargs)] = item
         if pending:
             finished, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
             for fut in finished:
