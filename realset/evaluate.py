@@ -48,8 +48,9 @@ def free_port() -> int:
 class Stack:
     """The three services as processes on free ports, with one private data root."""
 
-    def __init__(self, data: Path):
+    def __init__(self, data: Path, read_roots: tuple[Path, ...] = ()):
         self.data = data
+        self.read_roots = read_roots  # what the services must read besides the data root
         self.ports = {name: free_port() for name in SERVICES}
         self.procs: list[subprocess.Popen] = []
 
@@ -59,6 +60,9 @@ class Stack:
         for name, port in self.ports.items():
             env[f"STEMLAB_{name.upper()}_PORT"] = str(port)
             env[f"STEMLAB_{name.upper()}_ADDRESS"] = f"127.0.0.1:{port}"
+        # the services refuse paths outside the data root and the import roots: the set and the models
+        roots = [os.environ.get("STEMLAB_IMPORT_ROOTS", ""), *(str(r.resolve()) for r in self.read_roots)]
+        env["STEMLAB_IMPORT_ROOTS"] = os.pathsep.join(r for r in roots if r)
         return env
 
     def __enter__(self) -> Stack:
@@ -260,7 +264,7 @@ def main() -> None:
     if not set(halves) <= {"val", "test"} or not halves or not models:
         raise SystemExit("--halves takes val and/or test; --instruments guitar and/or piano")
     args.out.mkdir(parents=True, exist_ok=True)
-    with Stack(args.data) as stack:
+    with Stack(args.data, (REALSET / "stems", *models.values())) as stack:
         reports = build_and_evaluate(stack, models, halves, args.out, tuple(args.overrides))
     text = render(reports)
     (args.out / "table.md").write_text(text)
