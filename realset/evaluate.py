@@ -14,7 +14,8 @@ The services stop when it ends. Choose on the validation half (`--halves val`); 
 for the final table.
 
     nice -n 10 .venv/bin/python realset/evaluate.py --data /tmp/realset-data --out /tmp/real-reports \
-        [--guitar-model model/pretrained/guitar/11] [--piano-model model/pretrained/piano/8] [--halves val,test]
+        [--guitar-model model/pretrained/guitar/11] [--piano-model model/pretrained/piano/8] [--halves val,test] \
+        [--set mask_exponent=0.7]   # repeatable: forwarded to every `stemlab evaluate` of the run
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ def free_port() -> int:
 class Stack:
     """The three services as processes on free ports, with one private data root."""
 
-    def __init__(self, data: Path):
+    def __init__(self, data: Path, read_roots: tuple[Path, ...] = ()):
         self.data = data
+        self.read_roots = read_roots  # what the services must read besides the data root
         self.ports = {name: free_port() for name in SERVICES}
         self.procs: list[subprocess.Popen] = []
 
@@ -58,6 +60,9 @@ class Stack:
         for name, port in self.ports.items():
             env[f"STEMLAB_{name.upper()}_PORT"] = str(port)
             env[f"STEMLAB_{name.upper()}_ADDRESS"] = f"127.0.0.1:{port}"
+        # the services refuse paths outside the data root and the import roots: the set and the models
+        roots = [os.environ.get("STEMLAB_IMPORT_ROOTS", ""), *(str(r.resolve()) for r in self.read_roots)]
+        env["STEMLAB_IMPORT_ROOTS"] = os.pathsep.join(r for r in roots if r)
         return env
 
     def __enter__(self) -> Stack:
@@ -128,7 +133,8 @@ def report_id(result: dict) -> str:
     raise SystemExit(f"no report id in the evaluation's output: {json.dumps(result)[:500]}")
 
 
-def build_and_evaluate(stack: Stack, models: dict[str, Path], halves: list[str], out: Path) -> list[Path]:
+def build_and_evaluate(stack: Stack, models: dict[str, Path], halves: list[str], out: Path,
+                       overrides: tuple[str, ...] = ()) -> list[Path]:
     stack.stemlab("dataset", "import", "stems", str(REALSET / "stems"))
     reports = []
     for instrument, model in models.items():
@@ -139,7 +145,8 @@ def build_and_evaluate(stack: Stack, models: dict[str, Path], halves: list[str],
             stack.stemlab("dataset", "build", name, "--instrument", instrument, "--rate", str(RATE),
                           "--tracks", str(tracks), "--validation-list", str(tracks), "--include-unchecked")
             result = stack.stemlab("evaluate", "--saved-model", str(model.resolve()), "--dataset", name,
-                                   "--split", "validation", "--baselines", BASELINES)
+                                   "--split", "validation", "--baselines", BASELINES,
+                                   *(arg for kv in overrides for arg in ("--set", kv)))
             source = stack.data / "evaluations" / report_id(result)
             target = out / f"{instrument}-{half}"
             if target.exists():
@@ -234,6 +241,8 @@ def main() -> None:
     parser.add_argument("--piano-model", type=Path, default=REPO / "model/pretrained/piano/8")
     parser.add_argument("--instruments", default="guitar,piano", help="comma-separated (default both)")
     parser.add_argument("--halves", default="val", help="val, test or val,test (default val: choose on val)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="forwarded to `stemlab evaluate --set` (e.g. mask_exponent=0.7; repeatable)")
     parser.add_argument("--from-reports", action="store_true",
                         help="no stack: write the table from the reports already in --out/*/report.json")
     args = parser.parse_args()
@@ -255,8 +264,8 @@ def main() -> None:
     if not set(halves) <= {"val", "test"} or not halves or not models:
         raise SystemExit("--halves takes val and/or test; --instruments guitar and/or piano")
     args.out.mkdir(parents=True, exist_ok=True)
-    with Stack(args.data) as stack:
-        reports = build_and_evaluate(stack, models, halves, args.out)
+    with Stack(args.data, (REALSET / "stems", *models.values())) as stack:
+        reports = build_and_evaluate(stack, models, halves, args.out, tuple(args.overrides))
     text = render(reports)
     (args.out / "table.md").write_text(text)
     print(text)

@@ -91,3 +91,28 @@ def test_the_set_is_small_and_every_guitar_model_check_has_solo_piano_and_speech
         assert any("noguitar-solopiano" in n for n in names) and any("noguitar-speech" in n for n in names)
         names = lists()[("piano", half)]
         assert any("nopiano-sologuitar" in n for n in names) and any("nopiano-speech" in n for n in names)
+
+
+def test_the_evaluation_stack_lets_its_services_read_the_set_and_the_models(tmp_path, monkeypatch):
+    """realset/evaluate.py's services refuse paths outside their data root unless they are import roots."""
+    import importlib.util
+
+    from services.common.config import load_config
+    from services.common.paths import resolve_allowed
+
+    spec = importlib.util.spec_from_file_location("realset_evaluate", REALSET / "evaluate.py")
+    evaluate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate)
+    model = tmp_path / "models" / "guitar" / "11"
+    model.mkdir(parents=True)
+    monkeypatch.setenv("STEMLAB_IMPORT_ROOTS", str(tmp_path / "mine"))  # a root the user had kept
+    env = evaluate.Stack(tmp_path / "data", (REALSET / "stems", model)).env()
+    for key, value in env.items():
+        if key.startswith("STEMLAB_"):
+            monkeypatch.setenv(key, value)
+    config = load_config()
+    assert config.data_root == (tmp_path / "data").resolve()
+    for path in (REALSET / "stems", model, tmp_path / "mine" / "x"):
+        resolve_allowed(str(path), config.data_root, config.import_roots)
+    with pytest.raises(Exception, match="outside the folders"):
+        resolve_allowed(str(tmp_path / "elsewhere"), config.data_root, config.import_roots)
