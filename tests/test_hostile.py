@@ -504,7 +504,7 @@ def _stream_all(path, limits=None):
     """Every block of `path` as the separation client reads a song (services/serving/audio_stream.py)."""
     import numpy as np
 
-    from services.serving.audio_stream import AudioReader
+    from services.common.audio import AudioReader
 
     with AudioReader(path, limits=limits) as reader:
         return np.concatenate(list(reader.blocks()), axis=1), reader.rate
@@ -707,3 +707,15 @@ def test_reload_under_a_prefix_refuses_paths_the_prefix_would_re_root(tmp_path):
         with pytest.raises(grpc.RpcError) as error:
             servicer.HandleReloadConfigRequest(request, Context())
         assert error.value.args[0] == grpc.StatusCode.PERMISSION_DENIED and "outside the model folders" in error.value.args[1]
+
+
+def test_a_decode_past_its_time_limit_is_stopped(tmp_path):
+    import numpy as np
+
+    from services.common.audio import AudioError, DecodeLimits, read_audio, write_audio
+
+    song = write_audio(tmp_path / "song.mp3", np.zeros((2, 44100 * 20), np.float32), 44100)  # ffmpeg decodes it
+    tried("a decode that outlasts its time limit")
+    with pytest.raises(AudioError, match="took longer than"):
+        read_audio(song, limits=DecodeLimits(timeout_seconds=0.001))
+    assert read_audio(song)[0].shape == (2, 44100 * 20)  # the same file within the default limit

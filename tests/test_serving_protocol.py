@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from services.common.audio import AudioError, read_audio, write_audio
+from services.common.audio import AudioError, AudioReader, read_audio, write_audio
 from services.serving import protocol
-from services.serving.audio_stream import AudioReader, StemWriter
+from services.serving.audio_stream import StemWriter
 from services.serving.client import SeparationCancelled, SongTooLong, separate_array, separate_file
 from services.serving.local import running_server, write_config
 

@@ -239,21 +239,151 @@ def read_audio(
     while decoding, so the returned rate may be lower than the file's.
     Raises AudioError naming the file for anything missing, empty, undecodable, absurd or too large.
     """
-    path = _existing_file(path)
     limits = limits or DecodeLimits()
     if rate is not None and not 0 < int(rate) <= MAX_RATE_HZ:
-        raise AudioError(path, f"requested rate {rate} Hz is outside 1..{MAX_RATE_HZ}")
-    audio = file_rate = None
-    if path.suffix.lower() in SOUNDFILE_READ_SUFFIXES:
-        audio, file_rate = _read_soundfile(path, limits)
-    if audio is None:
-        audio, file_rate = _read_ffmpeg(path, limits)
+        raise AudioError(Path(path), f"requested rate {rate} Hz is outside 1..{MAX_RATE_HZ}")
+    with AudioReader(path, block_frames=_BLOCK_FRAMES, limits=limits) as reader:
+        blocks = list(reader.blocks())
+        file_rate = reader.rate
+    audio = blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=1)
+    audio = np.ascontiguousarray(audio, dtype=np.float32)
     if mono:
         audio = to_mono(audio)
     if rate is not None and int(rate) != file_rate:
         audio = resample(audio, file_rate, int(rate))
         file_rate = int(rate)
     return audio, file_rate
+
+
+class AudioReader:
+    """An audio file opened for reading in blocks: ``rate``, ``channels``, ``frames`` (an estimate
+    for formats ffmpeg decodes), and ``blocks()``, float32 (channels, k) arrays in order.
+
+    The one decoder: read_audio collects its blocks, the separation client streams them.
+    libsndfile reads what it can; anything else (or a file whose rate or channels the limits
+    lower) is decoded by ffmpeg on a pipe.
+    """
+
+    def __init__(self, path: str | os.PathLike, block_frames: int = 65536,
+                 limits: DecodeLimits | None = None):
+        self.path = _existing_file(path)
+        self.block_frames = int(block_frames)
+        # The same bounds as read_audio's (docs/security.md): rate and channels lowered while
+        # decoding, output counted against the byte and length caps, a wall-clock limit. None:
+        # only the format checks (a local user's own file, streamed in bounded memory anyway).
+        self.limits = limits
+        self._soundfile: sf.SoundFile | None = None
+        self._process: subprocess.Popen | None = None
+        if self.path.suffix.lower() in SOUNDFILE_READ_SUFFIXES:
+            try:
+                self._soundfile = sf.SoundFile(str(self.path))
+            except (sf.LibsndfileError, RuntimeError):
+                self._soundfile = None  # not what its name says: ffmpeg gets a try
+            except OSError as error:
+                raise AudioError(self.path, f"cannot open: {error.strerror or error}") from error
+        if self._soundfile is not None:
+            handle = self._soundfile
+            self.rate, self.channels, self.frames = _checked_format(
+                self.path, handle.samplerate, handle.channels, handle.frames)
+            if limits is not None and limits.converts(self.rate, self.channels):
+                handle.close()  # ffmpeg lowers the rate or channels while it decodes
+                self._soundfile = None
+        if self._soundfile is None:
+            file_rate, file_channels, file_frames = _ffprobe(self.path)
+            _checked_format(self.path, file_rate, file_channels, 1)  # the length is counted while decoding
+            self.rate, self.channels = limits.output_format(file_rate, file_channels) if limits else (file_rate, file_channels)
+            self.frames = int(file_frames * self.rate / file_rate)
+
+    @property
+    def seconds(self) -> float:
+        return self.frames / self.rate
+
+    def blocks(self) -> Iterator[np.ndarray]:
+        """The song's samples, (channels, k) float32 blocks; AudioError for undecodable or non-finite audio."""
+        source = self._soundfile_blocks() if self._soundfile is not None else self._ffmpeg_blocks()
+        counter = _Counter(self.path, self.limits, self.rate, self.channels) if self.limits else None
+        delivered = 0
+        for block in source:
+            if not np.isfinite(block).all():
+                raise AudioError(self.path, "decoded samples contain NaN or infinity")
+            if counter is not None:
+                counter.add(block.shape[1])
+            delivered += block.shape[1]
+            yield block
+        if delivered == 0:
+            raise AudioError(self.path, "contains no audio frames")
+
+    def _soundfile_blocks(self) -> Iterator[np.ndarray]:
+        handle = self._soundfile
+        while True:
+            try:
+                frames = handle.read(self.block_frames, dtype="float32", always_2d=True)
+            except (sf.LibsndfileError, RuntimeError) as error:
+                raise AudioError(self.path, f"cannot decode it ({error})") from error
+            if frames.shape[0] == 0:
+                return
+            yield frames.T
+
+    def _ffmpeg_blocks(self) -> Iterator[np.ndarray]:
+        # Raw float32 at the rate and channel count chosen above, as services.common.audio decodes:
+        # local files of the allowed audio demuxers only (no playlists, concat or network).
+        length = ([] if self.limits is None or self.limits.max_seconds is None
+                  else ["-t", f"{self.limits.max_seconds + 1:.3f}"])
+        command = [
+            _tool("ffmpeg", self.path), "-nostdin", "-v", "error", *FFMPEG_SAFE_INPUT,
+            "-i", _ffmpeg_input(self.path), "-map", "0:a:0", "-vn", "-ac", str(self.channels),
+            "-ar", str(self.rate), *length, "-f", "f32le", "-acodec", "pcm_f32le", "pipe:1",
+        ]  # fmt: skip
+        # stderr goes to a file, not a pipe nobody reads while stdout is drained. A timer bounds the
+        # whole decode (for a stream: including the time the reader spends between blocks).
+        timed_out = threading.Event()
+        with tempfile.TemporaryFile() as errors:
+            self._process = process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors,
+                                                       stdin=subprocess.DEVNULL)
+
+            def stop() -> None:
+                timed_out.set()
+                process.kill()
+
+            timer = threading.Timer(self.limits.timeout_seconds, stop) if self.limits else None
+            if timer is not None:
+                timer.start()
+            try:
+                frame_bytes = 4 * self.channels
+                wanted = self.block_frames * frame_bytes
+                leftover = b""
+                while True:
+                    data = leftover + process.stdout.read(wanted)
+                    usable = len(data) // frame_bytes * frame_bytes
+                    if usable == 0:
+                        break
+                    leftover = data[usable:]
+                    yield np.frombuffer(data[:usable], dtype="<f4").reshape(-1, self.channels).T
+                code = process.wait()
+            finally:
+                if timer is not None:
+                    timer.cancel()
+            if timed_out.is_set():
+                raise AudioError(self.path, f"ffmpeg decoding took longer than {self.limits.timeout_seconds:g} s")
+            if code != 0:
+                errors.seek(0)
+                raise AudioError(self.path, f"ffmpeg could not decode it ({_last_line(errors.read(1 << 16), self.path)})")
+
+    def close(self) -> None:
+        if self._soundfile is not None:
+            self._soundfile.close()
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+        if self._process is not None and self._process.stdout is not None:
+            self._process.stdout.close()
+
+    def __enter__(self) -> AudioReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 
 def _existing_file(path: str | os.PathLike) -> Path:
@@ -279,33 +409,6 @@ def _checked_format(path: Path, rate: int, channels: int, frames: int) -> tuple[
     if frames <= 0:
         raise AudioError(path, "contains no audio frames")
     return rate, channels, frames
-
-
-def _read_soundfile(path: Path, limits: DecodeLimits) -> tuple[np.ndarray | None, int | None]:
-    """Returns (None, None) when libsndfile cannot parse the file, or when the limits ask for a
-    conversion while decoding, so ffmpeg does it. Reads block by block, counting what comes out."""
-    try:
-        with sf.SoundFile(str(path)) as handle:
-            rate, channels = handle.samplerate, handle.channels
-            _checked_format(path, rate, channels, handle.frames)
-            if limits.converts(rate, channels):
-                return None, None
-            counter = _Counter(path, limits, rate, channels)
-            blocks = []
-            while True:
-                block = handle.read(_BLOCK_FRAMES, dtype="float32", always_2d=True)
-                if block.shape[0] == 0:
-                    break
-                counter.add(block.shape[0])
-                blocks.append(block)
-    except (sf.LibsndfileError, RuntimeError):
-        return None, None
-    except OSError as error:
-        raise AudioError(path, f"cannot open: {error.strerror or error}") from error
-    if not blocks:
-        raise AudioError(path, "contains no audio frames")
-    data = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
-    return _finite(path, np.ascontiguousarray(data.T)), rate
 
 
 class _Counter:
@@ -368,63 +471,6 @@ def _ffprobe(path: Path) -> tuple[int, int, int]:
     except (TypeError, ValueError) as error:
         raise AudioError(path, "unreadable stream parameters") from error
     return rate, channels, int(round(duration * rate))
-
-
-def _read_ffmpeg(path: Path, limits: DecodeLimits) -> tuple[np.ndarray, int]:
-    file_rate, file_channels, _ = _ffprobe(path)
-    _checked_format(path, file_rate, file_channels, 1)  # the duration estimate is checked after decoding
-    # Decode to raw float32 on a pipe at the stream's own rate and channel count, or lower ones the
-    # limits ask for (ffmpeg converts while decoding); resampling to a requested rate is done by
-    # soxr afterwards like for every other format. ffmpeg stops itself a little after the length
-    # cap, and we count and stop reading at the byte cap.
-    rate, channels = limits.output_format(file_rate, file_channels)
-    length = ["-t", f"{limits.max_seconds + 1:.3f}"] if limits.max_seconds is not None else []
-    command = [
-        _tool("ffmpeg", path), "-nostdin", "-v", "error", *FFMPEG_SAFE_INPUT,
-        "-i", _ffmpeg_input(path), "-map", "0:a:0",
-        "-vn", "-ac", str(channels), "-ar", str(rate), *length, "-f", "f32le", "-acodec", "pcm_f32le", "pipe:1",
-    ]  # fmt: skip
-    counter = _Counter(path, limits, rate, channels)
-    frame_bytes = 4 * channels
-    decoded = bytearray()
-    timed_out = threading.Event()
-    with tempfile.TemporaryFile() as errors:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, stdin=subprocess.DEVNULL)
-
-        def stop() -> None:
-            timed_out.set()
-            process.kill()
-
-        timer = threading.Timer(limits.timeout_seconds, stop)
-        timer.start()
-        try:
-            while chunk := process.stdout.read(1 << 20):
-                decoded += chunk
-                counter.add(len(decoded) // frame_bytes - counter.frames)
-            returncode = process.wait()
-        finally:  # also when the counter refuses: stop ffmpeg at once
-            timer.cancel()
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-            process.stdout.close()
-        errors.seek(0)
-        stderr = errors.read(1 << 16)
-    if timed_out.is_set():
-        raise AudioError(path, f"ffmpeg decoding took longer than {limits.timeout_seconds:g} s")
-    if returncode != 0:
-        raise AudioError(path, f"ffmpeg could not decode it ({_last_line(stderr, path)})")
-    usable = counter.frames * frame_bytes
-    if usable == 0:
-        raise AudioError(path, "contains no audio frames")
-    data = np.frombuffer(memoryview(decoded)[:usable], dtype="<f4").reshape(-1, channels)
-    return _finite(path, np.ascontiguousarray(data.T, dtype=np.float32)), rate
-
-
-def _finite(path: Path, audio: np.ndarray) -> np.ndarray:
-    if not np.isfinite(audio).all():
-        raise AudioError(path, "decoded samples contain NaN or infinity")
-    return audio
 
 
 def _last_line(stderr: bytes, path: Path) -> str:

@@ -1,9 +1,9 @@
-"""Songs read and stems written block by block, so a separation holds a few segments, not the song.
+"""Stems written block by block, so a separation holds a few segments, not the song (the song
+is read in blocks by services.common.audio.AudioReader).
 
-The same formats and checks as services.common.audio (whose helpers this uses): libsndfile reads
-WAV/FLAC/OGG/AIFF..., everything else is decoded by an ffmpeg process on a pipe; stems are written
-under temporary names in the target folder and renamed into place only when all of them are done,
-so a reader never sees a half-written file and a failed separation leaves none behind.
+Stems are written under temporary names in the target folder and renamed into place only when
+all of them are done, so a reader never sees a half-written file and a failed separation leaves
+none behind.
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ import contextlib
 import os
 import subprocess
 import tempfile
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,118 +20,6 @@ import soundfile as sf
 
 from services.common import audio as audio_io
 from services.common.audio import AudioError
-
-
-class AudioReader:
-    """An audio file opened for reading in blocks: ``rate``, ``channels``, ``frames`` (an estimate
-    for formats ffmpeg decodes), and ``blocks()``, float32 (channels, k) arrays in order."""
-
-    def __init__(self, path: str | os.PathLike, block_frames: int = 65536,
-                 limits: audio_io.DecodeLimits | None = None):
-        self.path = audio_io._existing_file(path)
-        self.block_frames = int(block_frames)
-        # The same bounds as read_audio's (docs/security.md): rate and channels lowered while
-        # decoding, output counted against the byte and length caps, a wall-clock limit. None:
-        # only the format checks (a local user's own file, streamed in bounded memory anyway).
-        self.limits = limits
-        self._soundfile: sf.SoundFile | None = None
-        self._process: subprocess.Popen | None = None
-        if self.path.suffix.lower() in audio_io.SOUNDFILE_READ_SUFFIXES:
-            try:
-                self._soundfile = sf.SoundFile(str(self.path))
-            except (sf.LibsndfileError, RuntimeError):
-                self._soundfile = None  # not what its name says: ffmpeg gets a try
-            except OSError as error:
-                raise AudioError(self.path, f"cannot open: {error.strerror or error}") from error
-        if self._soundfile is not None:
-            handle = self._soundfile
-            self.rate, self.channels, self.frames = audio_io._checked_format(
-                self.path, handle.samplerate, handle.channels, handle.frames)
-            if limits is not None and limits.converts(self.rate, self.channels):
-                handle.close()  # ffmpeg lowers the rate or channels while it decodes
-                self._soundfile = None
-        if self._soundfile is None:
-            file_rate, file_channels, file_frames = audio_io._ffprobe(self.path)
-            audio_io._checked_format(self.path, file_rate, file_channels, 1)  # the length is counted while decoding
-            self.rate, self.channels = limits.output_format(file_rate, file_channels) if limits else (file_rate, file_channels)
-            self.frames = int(file_frames * self.rate / file_rate)
-
-    @property
-    def seconds(self) -> float:
-        return self.frames / self.rate
-
-    def blocks(self) -> Iterator[np.ndarray]:
-        """The song's samples, (channels, k) float32 blocks; AudioError for undecodable or non-finite audio."""
-        source = self._soundfile_blocks() if self._soundfile is not None else self._ffmpeg_blocks()
-        counter = audio_io._Counter(self.path, self.limits, self.rate, self.channels) if self.limits else None
-        deadline = time.monotonic() + self.limits.timeout_seconds if self.limits else None
-        delivered = 0
-        for block in source:
-            if not np.isfinite(block).all():
-                raise AudioError(self.path, "decoded samples contain NaN or infinity")
-            if counter is not None:
-                counter.add(block.shape[1])
-            if deadline is not None and time.monotonic() > deadline:
-                raise AudioError(self.path, f"decoding took longer than {self.limits.timeout_seconds:g} s")
-            delivered += block.shape[1]
-            yield block
-        if delivered == 0:
-            raise AudioError(self.path, "contains no audio frames")
-
-    def _soundfile_blocks(self) -> Iterator[np.ndarray]:
-        handle = self._soundfile
-        while True:
-            try:
-                frames = handle.read(self.block_frames, dtype="float32", always_2d=True)
-            except (sf.LibsndfileError, RuntimeError) as error:
-                raise AudioError(self.path, f"cannot decode it ({error})") from error
-            if frames.shape[0] == 0:
-                return
-            yield frames.T
-
-    def _ffmpeg_blocks(self) -> Iterator[np.ndarray]:
-        # Raw float32 at the rate and channel count chosen above, as services.common.audio decodes:
-        # local files of the allowed audio demuxers only (no playlists, concat or network).
-        length = ([] if self.limits is None or self.limits.max_seconds is None
-                  else ["-t", f"{self.limits.max_seconds + 1:.3f}"])
-        command = [
-            audio_io._tool("ffmpeg", self.path), "-nostdin", "-v", "error", *audio_io.FFMPEG_SAFE_INPUT,
-            "-i", audio_io._ffmpeg_input(self.path), "-map", "0:a:0", "-vn", "-ac", str(self.channels),
-            "-ar", str(self.rate), *length, "-f", "f32le", "-acodec", "pcm_f32le", "pipe:1",
-        ]  # fmt: skip
-        # stderr goes to a file, not a pipe nobody reads while stdout is drained.
-        with tempfile.TemporaryFile() as errors:
-            self._process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors,
-                                             stdin=subprocess.DEVNULL)
-            frame_bytes = 4 * self.channels
-            wanted = self.block_frames * frame_bytes
-            leftover = b""
-            while True:
-                data = leftover + self._process.stdout.read(wanted)
-                usable = len(data) // frame_bytes * frame_bytes
-                if usable == 0:
-                    break
-                leftover = data[usable:]
-                yield np.frombuffer(data[:usable], dtype="<f4").reshape(-1, self.channels).T
-            code = self._process.wait()
-            if code != 0:
-                errors.seek(0)
-                raise AudioError(self.path, f"ffmpeg could not decode it ({audio_io._last_line(errors.read(), self.path)})")
-
-    def close(self) -> None:
-        if self._soundfile is not None:
-            self._soundfile.close()
-        if self._process is not None and self._process.poll() is None:
-            self._process.kill()
-            self._process.wait()
-        if self._process is not None and self._process.stdout is not None:
-            self._process.stdout.close()
-
-    def __enter__(self) -> AudioReader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 class _Mp3Encoder:

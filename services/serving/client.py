@@ -594,7 +594,8 @@ def separate_file(
     "seconds": song length, "model": name, "version": served version}. Raises AudioError for
     an unreadable song, ServingError for serving trouble, SeparationCancelled when stopped.
     """
-    from services.serving.audio_stream import AudioReader, StemWriter
+    from services.common.audio import AudioReader
+    from services.serving.audio_stream import StemWriter
 
     formats = [str(fmt).lower().lstrip(".") for fmt in formats]
     unknown = [fmt for fmt in formats if fmt not in OUTPUT_FORMATS]
