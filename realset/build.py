@@ -52,6 +52,8 @@ class Recording:
     file: str  # stem file name in a track folder: its words map to the class
     half: str  # "val" or "test"
     loop: bool = False  # a loop: repeated seamlessly to the piece length
+    max_pieces: int = 0  # at most this many pieces of a long recording (0: all), so the set stays small
+    rate: int = 0  # the true sample rate where the file's header is wrong (0: the header's)
 
     @property
     def mirror(self) -> str:
@@ -67,10 +69,24 @@ SYNC = ("meinardmueller/synctoolbox", "583b47de2b8e152b3240731c5ff9886b98c8f053"
 PIANOTR = ("bytedance/piano_transcription", "1ade7dcd4348add669a67c6e6282456c8c6633bd")
 BPITCH = ("spotify/basic-pitch", "fa5997af0a8210982619003269994a1be25eddf3")
 VOCADITO = "CC BY 4.0 (vocadito; basic-pitch is Apache-2.0)"
+# Added in the set's second version (appended to their lists, so every track of the first version is
+# built byte for byte as before).
+GSDEMO = ("AutomateGuitarTranscription/Demo-Page", "61a32481b424719a0e748ef00172c5284c29c8ac")
+GUITARSET = ("CC BY 4.0 (GuitarSet, Xi et al., ISMIR 2018; the files are GuitarSet's microphone takes, "
+             "unmodified; the repository states no licence of its own)")
+AUDIOMENT = ("iver56/audiomentations", "73b94488279feda6542a2813c70ed0d00b49ee4f")
+GOLDBERG = ("chmaha/sample-right", "ad87d651f008eb390c5597df702529bea6488156")
+WTC = ("DashieDev/DoggyTalentsNext", "ba3e7df769f4cbd1d5b6b54cff6c63f0042dccdd")
 
 
-def rec(key, source, path, licence, what, file, half, loop=False) -> Recording:
-    return Recording(key, source[0], source[1], path, licence, what, file, half, loop)
+def guitarset(key, take, half) -> Recording:
+    """One GuitarSet microphone take (a player's solo or comping performance, acoustic guitar)."""
+    return rec(key, GSDEMO, f"transcription_samples/GuitarSet/{take}_mic/{take}_mic.wav", GUITARSET,
+               f"acoustic guitar, GuitarSet take {take}", "acoustic-guitar.flac", half, max_pieces=1)
+
+
+def rec(key, source, path, licence, what, file, half, loop=False, max_pieces=0, rate=0) -> Recording:
+    return Recording(key, source[0], source[1], path, licence, what, file, half, loop, max_pieces, rate)
 
 
 GUITARS = [
@@ -88,6 +104,17 @@ GUITARS = [
         "guitar.flac", "test"),
     rec("harmonics", SONIC, "etc/samples/guit_harmonics.flac", CC0, "guitar harmonics (freesound 141524, BStateham)",
         "guitar.flac", "test"),
+    # Version 2: GuitarSet players 03 and 04 in validation, player 05 in test.
+    guitarset("gs03jazz2c", "03_Jazz2-110-Bb_comp", "val"),
+    guitarset("gs03ss1c", "03_SS1-68-E_comp", "val"),
+    guitarset("gs03ss2s", "03_SS2-107-Ab_solo", "val"),
+    guitarset("gs04bn2c", "04_BN2-166-Ab_comp", "val"),
+    rec("augguitar", AUDIOMENT, "demo/acoustic_guitar_0.wav", "MIT (the repository's LICENSE; no separate licence "
+        "for the audio)", "acoustic guitar excerpt (a 16 kHz recording)", "acoustic-guitar.flac", "val"),
+    guitarset("gs05jazz3c", "05_Jazz3-137-Eb_comp", "test"),
+    guitarset("gs05jazz3s", "05_Jazz3-137-Eb_solo", "test"),
+    guitarset("gs05rock1c", "05_Rock1-130-A_comp", "test"),
+    guitarset("gs05rock1s", "05_Rock1-130-A_solo", "test"),
 ]
 PIANOS = [
     rec("chopin", SYNC, "data_music/Chopin_Op010-03-Measures1-8_Varsi.wav", MIT,
@@ -97,6 +124,14 @@ PIANOS = [
         "piano.flac", "val"),
     rec("beethoven", LIBTSM, "data/BeethovenPiano.wav", MIT, "Beethoven, a piano recording", "piano.flac", "test"),
     rec("bach", PIANOTR, "resources/cut_bach.mp3", APACHE, "Bach, a piano recording", "piano.flac", "test"),
+    # Version 2: two of Kimiko Ishizaka's recordings, a different piece in each half.
+    rec("goldberg", GOLDBERG, "goldberg-test.wav", "CC0 1.0 (The Open Goldberg Variations, Kimiko Ishizaka; the "
+        "repository's README; its GPL-3.0 covers its code)", "Bach, Goldberg Variations excerpt (Ishizaka); the "
+        "file's header says 48 kHz, the audio is 44.1 kHz (README)", "piano.flac", "val", rate=44100),
+    rec("fugue849", WTC, "src/main/resources/assets/doggytalents/sounds/music/"
+        "kimiko_ishizaka_fugue_no_4_in_c_sharp_minor_bwv_849.ogg", "CC0 1.0 (The Open Well-Tempered Clavier, Kimiko "
+        "Ishizaka; src/main/java/doggytalents/DoggySounds.java; the repository's LGPL-3.0 covers its code)",
+        "Bach, Fugue in C-sharp minor BWV 849 (Ishizaka), its first 30 s", "piano.flac", "test", max_pieces=3),
 ]
 # Accompaniment, by half. Drums are loops or rhythm recordings; the second part is a voice or an
 # instrument that is neither guitar nor piano.
@@ -142,16 +177,20 @@ def read_recording(mirrors: Path, r: Recording) -> np.ndarray:
     blob = subprocess.run(["git", "-C", str(mirrors / r.mirror / "repo"), "show", f"{r.commit}:{r.path}"],
                           capture_output=True, check=True).stdout
     audio, rate = sf.read(io.BytesIO(blob), always_2d=True, dtype="float64")
+    rate = r.rate or rate
     mono = audio.mean(axis=1)
     return resample(mono[None, :], rate, RATE)[0].astype(np.float64)
 
 
-def pieces(audio: np.ndarray) -> list[np.ndarray]:
-    """Consecutive PIECE_SECONDS pieces of a long recording, or the first MAX_SECONDS of a short one."""
+def pieces(audio: np.ndarray, max_pieces: int = 0) -> list[np.ndarray]:
+    """Consecutive PIECE_SECONDS pieces of a long recording (the first `max_pieces` if set), or the
+    first MAX_SECONDS of a short one."""
     piece = int(PIECE_SECONDS * RATE)
     count = len(audio) // piece
     if count < 2:
         return [audio[: int(MAX_SECONDS * RATE)]]
+    if max_pieces:
+        count = min(count, max_pieces)
     return [audio[i * piece:(i + 1) * piece] for i in range(count)]
 
 
@@ -226,7 +265,7 @@ def make_tracks(mirrors: Path) -> list[Track]:
             parts = [r for r in PARTS if r.half == half]
             combo = 0
             for r in (r for r in recordings if r.half == half):
-                for n, piece in enumerate(pieces(audio[r.key]), 1):
+                for n, piece in enumerate(pieces(audio[r.key], r.max_pieces), 1):
                     for db in LEVELS_DB:
                         # Accompaniment rotates over the half's drums and parts, so each piece
                         # meets several combinations and each level several accompaniments.
@@ -250,7 +289,8 @@ def make_tracks(mirrors: Path) -> list[Track]:
             tracks.append(absent(f"{half}-noguitar-band-{d.key}-{p.key}", half, "guitar",
                                  [(d, audio[d.key]), (p, audio[p.key])]))
         # No piano: real solo guitar, speech, a band without piano.
-        for r in guitars[:2]:
+        # (version 2 adds the half's first GuitarSet take: comping on an acoustic guitar.)
+        for r in guitars[:2] + [g for g in guitars if g.repo == GSDEMO[0]][:1]:
             tracks.append(absent(f"{half}-nopiano-sologuitar-{r.key}", half, "piano",
                                  [(r, pieces(audio[r.key])[0])]))
         tracks.append(absent(f"{half}-nopiano-speech-{speech.key}", half, "piano", [(speech, audio[speech.key])]))
@@ -297,7 +337,7 @@ def provenance(tracks: list[Track], gains: dict[str, dict[str, float]]) -> str:
         "## How the tracks are mixed",
         "",
         f"- Instrument tracks: each recording is cut into {PIECE_SECONDS:g}-s pieces (recordings of 20 s or",
-        f"  more) or its first {MAX_SECONDS:g} s. Each piece is mixed at instrument-to-rest levels of",
+        f"  more; the GuitarSet takes give their first, the fugue its first three) or its first {MAX_SECONDS:g} s. Each piece is mixed at instrument-to-rest levels of",
         f"  {', '.join(f'{d:+d}' for d in LEVELS_DB)} dB (RMS over the piece) with a drum/percussion",
         "  recording and a voice or instrument recording of the same half, both at equal RMS; the",
         "  accompaniment rotates over the half's recordings. A shorter accompaniment is repeated (loops",
