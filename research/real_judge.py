@@ -68,7 +68,7 @@ def judge(shipped: dict, candidate: dict, looks: int = 1, tracks: set[str] | Non
         "leakage_median": leak_c, "shipped_leakage_median": leak_s,
         "passes": bool(lo > 0 and blo > 0 and leak_ok),
         "why": [w for w, bad in (("95 % interval reaches 0", lo <= 0),
-                                 ("Bonferroni interval reaches 0", blo <= 0),
+                                 ("Bonferroni interval reaches 0", looks > 1 and blo <= 0),
                                  (f"leakage more than {LEAKAGE_SLACK_DB} dB worse", not leak_ok)) if bad],
     }
 
@@ -97,7 +97,8 @@ def main(argv=None) -> int:
         f"leakage {r['leakage_median']:.2f} dB (shipped {r['shipped_leakage_median']:.2f})")
     print(f"{r['mixtures']} mixtures: model {r['model_median']:.2f} dB (shipped {r['shipped_median']:.2f}); "
           f"per mixture {r['difference_median']:+.2f} [95 % {lo:+.2f}, {hi:+.2f}] "
-          f"[{100 - 5 / r['looks']:g} % {blo:+.2f}, {bhi:+.2f}], better on {r['better_on']}; {leak}; "
+          + (f"[{100 - 5 / r['looks']:g} % {blo:+.2f}, {bhi:+.2f}] " if r["looks"] > 1 else "")
+          + f"better on {r['better_on']}; {leak}; "
           + ("PASSES" if r["passes"] else "fails: " + "; ".join(r["why"])))
     return 0
 
