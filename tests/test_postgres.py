@@ -73,9 +73,17 @@ def test_concurrent_claims_take_every_job_exactly_once(database_url):
         store.create(f"demo-{i}", "k", {"i": i})
     replicas = [PostgresJobStore(database_url, "demo") for _ in range(2)]
 
+    # Every claimer takes its first job, then waits for the others before draining the queue: so
+    # they really run side by side even on a loaded machine, where one thread could otherwise
+    # empty the queue before the next is scheduled.
+    all_started = threading.Barrier(6, timeout=60)
+
     def claim_all(worker: str) -> list[str]:
         replica = replicas[int(worker[1]) % 2]
         taken = []
+        if (job := replica.claim_next(worker, 30)) is not None:
+            taken.append(job.id)
+        all_started.wait()
         while (job := replica.claim_next(worker, 30)) is not None:
             taken.append(job.id)
         return taken
@@ -84,7 +92,7 @@ def test_concurrent_claims_take_every_job_exactly_once(database_url):
         taken = list(pool.map(claim_all, [f"w{i}" for i in range(6)]))
     every = [job_id for ids in taken for job_id in ids]
     assert len(every) == 120 and set(every) == {f"demo-{i}" for i in range(120)}
-    assert sum(1 for ids in taken if ids) >= 2  # the claimers really ran side by side
+    assert all(taken)  # each of the six claimers got jobs, none twice
 
 
 def test_a_lost_lease_requeues_the_job_then_fails_it_after_max_attempts(database_url):
