@@ -29,6 +29,24 @@ def health_status(address: str, service: str = "", timeout: float = 2.0):
             health_pb2.HealthCheckRequest(service=service), timeout=timeout).status
 
 
+def kill_process(proc: subprocess.Popen | None) -> None:
+    """SIGKILL a test's child process if it still runs, and reap it."""
+    if proc and proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+
+
+def stop_process(proc: subprocess.Popen | None, timeout: float = 30.0) -> int | None:
+    """SIGTERM (graceful shutdown), then SIGKILL after `timeout`; returns the exit code."""
+    if proc and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            kill_process(proc)
+    return proc.returncode if proc else None
+
+
 class ServiceProcess:
     """`python -m services.<name>.server` (or another module) as a subprocess on a free port."""
 
@@ -94,22 +112,14 @@ class ServiceProcess:
         return open_channel(self.address, token=read_token(self.data_root))
 
     def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
+        kill_process(self.proc)
 
     def terminate(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
 
     def stop(self, timeout: float = 30.0) -> int | None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        return self.proc.returncode if self.proc else None
+        return stop_process(self.proc, timeout)
 
     def __enter__(self) -> ServiceProcess:
         return self.start()

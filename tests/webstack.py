@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import numpy as np
 import requests
 import soundfile as sf
 
-from tests.servicetools import REPO, free_port
+from tests.servicetools import REPO, free_port, kill_process, stop_process
 
 
 def stack_env(data_root: Path, serving, database_url: str = "", **extra: str) -> dict[str, str]:
@@ -53,17 +52,10 @@ class _Process:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
+        kill_process(self.proc)
 
     def stop(self, timeout: float = 30.0) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stop_process(self.proc, timeout)
 
     def __enter__(self):
         return self.start()
