@@ -6,9 +6,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMPS := .stamps
 # System packages the services use: decoding (ffmpeg, libsndfile), synthesis (fluidsynth and the
-# General MIDI soundfont), the browser test (chromium), compose file validation (docker-compose),
-# the job store tests of replicas (postgresql: the tests start a throwaway server of their own).
-APT_PACKAGES := ffmpeg libsndfile1 fluidsynth fluid-soundfont-gm chromium docker-compose postgresql
+# General MIDI soundfont; the Csound bank is a training font and TimGM6mb the held-out test set's,
+# docs/models.md), the browser test (chromium), compose file validation (docker-compose), the job
+# store tests of replicas (postgresql: the tests start a throwaway server of their own).
+APT_PACKAGES := ffmpeg libsndfile1 fluidsynth fluid-soundfont-gm csound-soundfont timgm6mb-soundfont chromium \
+	docker-compose postgresql
 PROTOS := $(sort $(wildcard protos/stemlab/v1/*.proto))
 # TF Serving's prediction protocol for the separation client, taken from the installed
 # tensorflow-serving-api so the client can speak it without importing TensorFlow

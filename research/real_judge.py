@@ -13,13 +13,19 @@ same half (both `report.json` of `stemlab evaluate`, as `realset/evaluate.py` wr
 `--tracks FILE` restricts both reports to the tracks named in FILE (one per line), e.g. the half's
 list as it stood when the rule was registered (`git show COMMIT:realset/lists/guitar-val.txt`).
 
-    .venv/bin/python -m research.real_judge SHIPPED.json CANDIDATE.json [--looks 2] [--tracks FILE] [--json]
+`--by-recording` resamples recordings rather than mixtures (a cluster bootstrap: a drawn recording
+brings all its pieces and levels along), since the mixtures of one recording are not independent;
+its intervals are wider and honest about how few recordings a half holds. The rules registered in
+entries 23-28 resample mixtures; a rule must say which it uses.
+
+    .venv/bin/python -m research.real_judge SHIPPED.json CANDIDATE.json [--looks 2] [--tracks FILE] [--by-recording] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +48,25 @@ def scores(report: dict, tracks: set[str] | None = None) -> tuple[dict[str, floa
     return sdr, leak
 
 
-def judge(shipped: dict, candidate: dict, looks: int = 1, tracks: set[str] | None = None) -> dict:
+def recording_of(track: str) -> str:
+    """`val-guitar-em91-0db` -> `em9`: the recording a realset track was cut from (its piece's
+    number, one digit, dropped; realset/build.py names tracks half-instrument-KEYPIECE-level)."""
+    piece = track.split("-")[2] if track.count("-") >= 3 else track
+    return re.sub(r"\d$", "", piece)
+
+
+def resample_medians(d: np.ndarray, groups: list[str] | None) -> np.ndarray:
+    """Medians of RESAMPLES bootstrap resamples of `d`: of its entries, or of whole groups of them."""
+    rng = np.random.default_rng(0)
+    if groups is None:
+        return np.median(d[rng.integers(0, len(d), (RESAMPLES, len(d)))], axis=1)
+    members = [np.flatnonzero(np.array(groups) == g) for g in sorted(set(groups))]
+    picks = rng.integers(0, len(members), (RESAMPLES, len(members)))
+    return np.array([np.median(d[np.concatenate([members[i] for i in row])]) for row in picks])
+
+
+def judge(shipped: dict, candidate: dict, looks: int = 1, tracks: set[str] | None = None,
+          by_recording: bool = False) -> dict:
     ship_sdr, ship_leak = scores(shipped, tracks)
     cand_sdr, cand_leak = scores(candidate, tracks)
     if sorted(ship_sdr) != sorted(cand_sdr) or sorted(ship_leak) != sorted(cand_leak):
@@ -51,7 +75,7 @@ def judge(shipped: dict, candidate: dict, looks: int = 1, tracks: set[str] | Non
         raise ValueError("no present tracks to judge")
     names = sorted(ship_sdr)
     d = np.array([cand_sdr[t] - ship_sdr[t] for t in names])
-    boot = np.median(d[np.random.default_rng(0).integers(0, len(d), (RESAMPLES, len(d)))], axis=1)
+    boot = resample_medians(d, [recording_of(t) for t in names] if by_recording else None)
     lo, hi = np.percentile(boot, [2.5, 97.5])
     alpha = 0.05 / looks
     blo, bhi = np.percentile(boot, [100 * alpha / 2, 100 * (1 - alpha / 2)])
@@ -60,6 +84,7 @@ def judge(shipped: dict, candidate: dict, looks: int = 1, tracks: set[str] | Non
     leak_ok = leak_c is None or leak_c <= leak_s + LEAKAGE_SLACK_DB
     return {
         "mixtures": len(d), "absent": len(cand_leak),
+        "resampled": "recordings" if by_recording else "mixtures",
         "model_median": float(np.median([cand_sdr[t] for t in names])),
         "shipped_median": float(np.median([ship_sdr[t] for t in names])),
         "difference_median": float(np.median(d)), "interval_95": [float(lo), float(hi)],
@@ -79,13 +104,15 @@ def main(argv=None) -> int:
     ap.add_argument("candidate", type=Path)
     ap.add_argument("--looks", type=int, default=1, help="candidates judged on the same half (Bonferroni)")
     ap.add_argument("--tracks", type=Path, default=None, help="judge only the tracks listed in this file")
+    ap.add_argument("--by-recording", action="store_true", help="resample recordings, not mixtures")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     tracks = None
     if args.tracks is not None:
         tracks = {line.strip() for line in args.tracks.read_text().splitlines() if line.strip()}
     try:
-        r = judge(json.loads(args.shipped.read_text()), json.loads(args.candidate.read_text()), args.looks, tracks)
+        r = judge(json.loads(args.shipped.read_text()), json.loads(args.candidate.read_text()), args.looks, tracks,
+                  args.by_recording)
     except (ValueError, KeyError) as e:
         raise SystemExit(f"real_judge: {e}") from e
     if args.json:

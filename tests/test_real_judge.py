@@ -47,3 +47,18 @@ def test_the_rule_can_be_held_to_the_tracks_registered_and_refuses_different_tra
     assert real_judge.main([str(ship_path), str(cand_path), "--tracks", str(listed), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["mixtures"] == 15 and out["passes"]
+
+
+def test_resampling_by_recording_keeps_a_recordings_mixtures_together():
+    assert real_judge.recording_of("val-guitar-em91-minus6db") == "em9"
+    assert real_judge.recording_of("test-piano-fugue8493-plus6db") == "fugue849"
+    # two recordings of three levels each: one gains 3 dB everywhere, the other loses 0.1 dB. By
+    # mixture, half the mixtures gain; by recording a resample can hold only the losing recording.
+    names = [f"val-guitar-{key}1-{level}" for key in ("aaa", "bbb") for level in ("minus6db", "0db", "plus6db")]
+    shipped = report({n: 0.0 for n in names}, {})
+    cand = report({n: (3.0 if "aaa" in n else -0.1) for n in names}, {})
+    by_mixture = real_judge.judge(shipped, cand)
+    by_recording = real_judge.judge(shipped, cand, by_recording=True)
+    assert by_recording["resampled"] == "recordings" and by_mixture["resampled"] == "mixtures"
+    assert by_recording["interval_95"] == [-0.1, 3.0]  # all-losing and all-gaining resamples both occur
+    assert by_recording["interval_95"][0] <= by_mixture["interval_95"][0]
