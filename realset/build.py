@@ -198,13 +198,18 @@ def fit(audio: np.ndarray, length: int, loop: bool) -> np.ndarray:
     """`audio` repeated (short fades at the joins unless it is a loop) or cut to `length` samples."""
     if len(audio) >= length:
         return audio[:length].copy()
-    unit = audio.copy()
-    if not loop:
-        fade = min(int(FADE_SECONDS * RATE), len(unit) // 2)
-        ramp = np.linspace(0.0, 1.0, fade)
-        unit[:fade] *= ramp
-        unit[len(unit) - fade:] *= ramp[::-1]
+    unit = audio if loop else faded(audio)
     return np.tile(unit, length // len(unit) + 1)[:length]
+
+
+def faded(audio: np.ndarray) -> np.ndarray:
+    """A copy with FADE_SECONDS fades in and out, so repeats of a non-loop recording do not click."""
+    unit = audio.copy()
+    fade = min(int(FADE_SECONDS * RATE), len(unit) // 2)
+    ramp = np.linspace(0.0, 1.0, fade)
+    unit[:fade] *= ramp
+    unit[len(unit) - fade:] *= ramp[::-1]
+    return unit
 
 
 def rms(x: np.ndarray) -> float:

@@ -12,7 +12,7 @@ what was added under `real_rest`. Running it again on a song that has additions 
 The pool holds only recordings that are in neither half of `realset/` (checked against
 `realset.build.ALL`: no repository path in both) and none of those reserved for the independent
 check; licences as in realset/PROVENANCE.md. Percussion loops repeat seamlessly; other recordings
-shorter than the song are placed one after another with random gaps and 10 ms fades.
+shorter than the song are placed one after another with random gaps and the set's 10 ms fades.
 
     .venv/bin/python -m research.real_rest SONGS_FOLDER [--mirrors /work/.mirror] [--seed 0]
     # then: stemlab dataset import medleydb SONGS_FOLDER
@@ -40,12 +40,12 @@ from realset.build import (
     SMST,
     SONIC,
     Recording,
+    faded,
     read_recording,
     rec,
     rms,
 )
 
-FADE = int(0.01 * RATE)
 SHARES = (0.2, 0.5, 0.3)  # songs given 0, 1 and 2 real recordings
 LEVEL_DB = (-12.0, 0.0)  # a real stem's RMS against the song's mix before it, uniform in this range
 GAP_SECONDS = (0.0, 2.0)  # silence between repeats of a short non-loop recording
@@ -104,11 +104,7 @@ def place(audio: np.ndarray, length: int, loop: bool, rng: np.random.Generator) 
     if loop:
         start = int(rng.integers(0, len(audio)))
         return np.roll(np.tile(audio, length // len(audio) + 2), -start)[:length]
-    unit = audio.copy()
-    fade = min(FADE, len(unit) // 2)
-    ramp = np.linspace(0.0, 1.0, fade)
-    unit[:fade] *= ramp
-    unit[len(unit) - fade:] *= ramp[::-1]
+    unit = faded(audio)
     out = np.zeros(length)
     at = int(rng.uniform(*GAP_SECONDS) * RATE)
     while at < length:
