@@ -6,7 +6,7 @@ strings. This tool takes a folder of generated songs in the MedleyDB layout, bef
 imported, and gives a share of them one or two real recordings from a training pool as new stems:
 a random stretch of the recording, at a random level against the song's mix. The stem file, its
 METADATA.yaml entry (a MedleyDB instrument name, so the importer gives it its class) and the MIX
-file are written together, each to a temporary name renamed into place; the song's METADATA lists
+file are written together, each atomically (services.common.audio.write_audio, paths.atomic_write_text); the song's METADATA lists
 what was added under `real_rest`. Running it again on a song that has additions leaves it alone.
 
 The pool holds only recordings that are in neither half of `realset/` (checked against
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +44,8 @@ from realset.build import (
     rec,
     rms,
 )
+from services.common.audio import write_audio
+from services.common.paths import atomic_write_text
 
 SHARES = (0.2, 0.5, 0.3)  # songs given 0, 1 and 2 real recordings
 LEVEL_DB = (-12.0, 0.0)  # a real stem's RMS against the song's mix before it, uniform in this range
@@ -114,12 +115,6 @@ def place(audio: np.ndarray, length: int, loop: bool, rng: np.random.Generator) 
     return out
 
 
-def write_atomically(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def add_to_song(song: Path, picks: list[int], levels: list[float], rng: np.random.Generator,
                 audio_of) -> list[dict]:
     """Add POOL[picks[i]] at levels[i] dB to one song; returns what was added (empty if it had additions)."""
@@ -141,14 +136,14 @@ def add_to_song(song: Path, picks: list[int], levels: list[float], rng: np.rando
         stereo = np.repeat(part[:, None], mix.shape[1], axis=1)
         key = f"S{90 + n:02d}"
         name = f"{song.name}_STEM_{90 + n:02d}.wav"
-        write_atomically(stems_dir / name, lambda p, a=stereo: sf.write(p, a, RATE, subtype="FLOAT", format="WAV"))
+        write_audio(stems_dir / name, stereo.T, RATE, subtype="FLOAT")
         mix = mix + stereo
         meta["stems"][key] = {"component": "", "filename": name, "instrument": instrument, "raw": {}}
         added.append({"stem": key, "recording": r.key, "repository": r.repo, "path": r.path,
                       "commit": r.commit, "licence": r.licence, "level_db": round(level, 2)})
-    write_atomically(mix_path, lambda p: sf.write(p, mix, RATE, subtype="FLOAT", format="WAV"))
+    write_audio(mix_path, mix.T, RATE, subtype="FLOAT")
     meta["real_rest"] = added
-    write_atomically(meta_path, lambda p: p.write_text(yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)))
+    atomic_write_text(meta_path, yaml.safe_dump(meta, sort_keys=False, allow_unicode=True))
     return added
 
 
@@ -162,6 +157,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mirrors", type=Path, default=Path("/work/.mirror"))
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    if not args.songs.is_dir():
+        raise SystemExit(f"real_rest: {args.songs} is not a folder of generated songs")
     check_pool()
     cache: dict[str, np.ndarray] = {}
 
@@ -171,7 +168,8 @@ def main(argv=None) -> int:
         return cache[r.key]
 
     counts = {}
-    for song in songs_in(args.songs):
+    songs = songs_in(args.songs)
+    for song in songs:
         # One stream per song (its name), so adding songs to the folder does not change earlier draws.
         rng = np.random.default_rng([args.seed, int.from_bytes(song.name.encode()[-8:], "big")])
         k = int(rng.choice(len(SHARES), p=SHARES))
@@ -179,7 +177,7 @@ def main(argv=None) -> int:
         levels = [float(rng.uniform(*LEVEL_DB)) for _ in picks]
         for a in add_to_song(song, picks, levels, rng, audio_of):
             counts[a["recording"]] = counts.get(a["recording"], 0) + 1
-    print(json.dumps({"songs": len(songs_in(args.songs)), "added": counts}, sort_keys=True))
+    print(json.dumps({"songs": len(songs), "added": counts}, sort_keys=True))
     return 0
 
 
