@@ -77,6 +77,22 @@ GUITARSET = ("CC BY 4.0 (GuitarSet, Xi et al., ISMIR 2018; the files are GuitarS
 AUDIOMENT = ("iver56/audiomentations", "73b94488279feda6542a2813c70ed0d00b49ee4f")
 GOLDBERG = ("chmaha/sample-right", "ad87d651f008eb390c5597df702529bea6488156")
 WTC = ("DashieDev/DoggyTalentsNext", "ba3e7df769f4cbd1d5b6b54cff6c63f0042dccdd")
+# Added in the third version (appended likewise).
+OBLIVION = ("Vale717171/archive-of-oblivion", "1d2afafb82aab5972b99b7a6117fe93bd674fc87")  # older commits: renders
+VOICEOVER = ("ChrisJan00/voiceover", "75867205c051bb507abec781e793ed7911f4f282")
+MUSICMIND = ("GitZilla8462/music-mind-academy-git", "8b66efad2372c8e8b1853ffe31106e963fe291bb")
+TONEJS = ("Tonejs/audio", "efd8296360f9526e379bfbe5c1698ff54d6a1d34")
+AUDIOFLUX = ("libAudioFlux/audioFlux", "0c3f55b409b07381bfe770711e3642e19f333bee")
+ISHIZAKA_OWTC = ("CC0 1.0 (The Open Well-Tempered Clavier, Kimiko Ishizaka; assets/audio/ATTRIBUTION.md, with the "
+                 "Wikimedia Commons page of each file; the repository has no licence of its own)")
+BERKLEE = ("CC BY 3.0 (OLPC Berklee Sound Library; berklee/README.md; the repository's loop/ folder, "
+           "CC BY-NC-SA, is not used)")
+
+
+def owtc(key, path, piece) -> Recording:
+    """One of Ishizaka's Well-Tempered Clavier recordings (the album of fugue849: test half only)."""
+    return rec(key, OBLIVION, f"assets/audio/{path}", ISHIZAKA_OWTC, f"Bach, {piece} (Ishizaka), its first 10 s",
+               "piano.flac", "test", max_pieces=1)
 
 
 def guitarset(key, take, half) -> Recording:
@@ -115,6 +131,14 @@ GUITARS = [
     guitarset("gs05jazz3s", "05_Jazz3-137-Eb_solo", "test"),
     guitarset("gs05rock1c", "05_Rock1-130-A_comp", "test"),
     guitarset("gs05rock1s", "05_Rock1-130-A_solo", "test"),
+    # Version 3.
+    rec("afchord", AUDIOFLUX, "python/audioflux/utils/sample_data/guitar_chord2.wav", "MIT (the repository's "
+        "LICENSE.md; no separate licence for the audio, nor who played it)", "guitar chord sequence (a 32 kHz "
+        "recording; the kind of guitar is not stated)", "guitar.flac", "val", max_pieces=1),
+    rec("berklee5", TONEJS, "berklee/guitar_riff_cutup5.mp3", BERKLEE, "guitar riff, cut up (the kind of guitar "
+        "is not stated)", "guitar.flac", "test", max_pieces=1),
+    rec("berklee4", TONEJS, "berklee/guitar_riff_cutup4.mp3", BERKLEE, "another guitar riff, cut up (the same "
+        "library)", "guitar.flac", "test"),
 ]
 PIANOS = [
     rec("chopin", SYNC, "data_music/Chopin_Op010-03-Measures1-8_Varsi.wav", MIT,
@@ -132,6 +156,21 @@ PIANOS = [
         "kimiko_ishizaka_fugue_no_4_in_c_sharp_minor_bwv_849.ogg", "CC0 1.0 (The Open Well-Tempered Clavier, Kimiko "
         "Ishizaka; src/main/java/doggytalents/DoggySounds.java; the repository's LGPL-3.0 covers its code)",
         "Bach, Fugue in C-sharp minor BWV 849 (Ishizaka), its first 30 s", "piano.flac", "test", max_pieces=3),
+    # Version 3: a third pianist in validation and more of Ishizaka's two albums, each album in one
+    # half (the Goldberg Variations in validation, the Well-Tempered Clavier in test).
+    rec("moonlight", MUSICMIND, "frontend/public/audio/classical/beethoven-moonlight-sonata-adagio.mp3",
+        "public domain (Musopen; frontend/public/audio/classical/ATTRIBUTION.md, which credits Paul Pitman; the "
+        "repository has no licence of its own)", "Beethoven, Moonlight Sonata, I. Adagio sostenuto, an excerpt "
+        "(Paul Pitman)", "piano.flac", "val"),
+    rec("aria", OBLIVION, "assets/audio/bach_aria_goldberg.ogg", "CC0 1.0 (The Open Goldberg Variations, Kimiko "
+        "Ishizaka; assets/audio/ATTRIBUTION.md, with the Wikimedia Commons page; the repository has no licence of "
+        "its own)", "Bach, Goldberg Variations, Aria da capo (Ishizaka), its first 10 s", "piano.flac", "val",
+        max_pieces=1),
+    rec("ogvgame", VOICEOVER, "qml/voiceover/goldberg.ogg", "CC0 1.0 (The Open Goldberg Variations, Kimiko "
+        "Ishizaka; the game's credits in qml/voiceover/*.qml; the repository has no licence of its own)",
+        "Bach, a Goldberg Variations excerpt (Ishizaka), its first 10 s", "piano.flac", "val", max_pieces=1),
+    owtc("prelude846", "bach_bwv846_soglia.ogg", "Prelude in C major BWV 846"),
+    owtc("prelude855", "lab_bain_marie_variation.ogg", "Prelude in E minor BWV 855"),
 ]
 # Accompaniment, by half. Drums are loops or rhythm recordings; the second part is a voice or an
 # instrument that is neither guitar nor piano.
