@@ -274,6 +274,7 @@ def test_a_kind_in_its_own_lane_does_not_wait_behind_long_jobs(tmp_path):
     runner.start()
     try:
         running, waiting = runner.submit("demo.long"), runner.submit("demo.long")
+        wait_until(lambda: runner.get(running.id).state == RUNNING, timeout=10, interval=0.02)
         quick = runner.submit("demo.quick")
         wait_until(lambda: runner.get(quick.id).state == SUCCEEDED, timeout=10, interval=0.02)
         assert runner.get(quick.id).state == SUCCEEDED and runner.get(quick.id).result == {"done": True}

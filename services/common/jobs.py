@@ -388,7 +388,10 @@ class JobRunner:
         except Exception as e:  # a job's failure is recorded, never raised into the service
             log.exception("job %s failed", job.id)
             final = {"state": FAILED, "error": f"{type(e).__name__}: {e}" if str(e) else type(e).__name__}
-        live = self._live.get(job.id)
+        with self._changed:
+            # Readers see the store from here on: get() reads the live record and then the store, so
+            # a live record left until after the store says "ended" would show the job running again.
+            live = self._live.pop(job.id, None)
         progress = live.progress if live else job.progress
         if final["state"] == SUCCEEDED:
             progress = replace(progress, fraction=1.0, eta_seconds=0.0)
