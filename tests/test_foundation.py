@@ -263,6 +263,31 @@ def test_clients_default_to_the_configured_ports(monkeypatch):
     assert r.returncode == 2 and "invalid configuration" in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
 
+def test_once_the_store_records_a_jobs_end_the_runner_never_shows_it_running(tmp_path):
+    """get() reads the live record, then the store: a live record outliving the store's "ended"
+    showed a finished job running again to GetJob/ListJobs for a moment."""
+    from services.common.jobs import SUCCEEDED, JobRunner, JobStore
+
+    runner = JobRunner(JobStore(tmp_path / "jobs.sqlite"), "demo", workers=1)
+    runner.register("demo.quick", lambda ctx, params: {"done": True})
+    seen_after_end = []
+    finish = runner.store.finish
+
+    def finish_then_read(job_id, worker, **fields):
+        ended = finish(job_id, worker, **fields)
+        seen_after_end.append(runner.get(job_id).state)  # what a reader sees right after the write
+        return ended
+
+    runner.store.finish = finish_then_read
+    runner.start()
+    try:
+        job = runner.submit("demo.quick")
+        wait_until(lambda: runner.get(job.id).state == SUCCEEDED, timeout=10, interval=0.02)
+        assert seen_after_end == [SUCCEEDED]
+    finally:
+        runner.shutdown(5)
+
+
 def test_a_kind_in_its_own_lane_does_not_wait_behind_long_jobs(tmp_path):
     """An export takes seconds; with one worker busy for hours on a training run it must still run."""
     from services.common.jobs import QUEUED, RUNNING, SUCCEEDED, JobRunner, JobStore
