@@ -1,0 +1,191 @@
+"""Real recorded performances as the instrument of generated songs (issue 36, experiment 34).
+
+Every guitar the networks have heard in training is a General MIDI font or single recorded notes
+played by MIDI; the real takes the project holds are all in `realset/`'s halves. This tool takes a
+folder of generated songs in the MedleyDB layout, before they are imported, and replaces the
+instrument's parts of each song that has one with a real solo take: the song's stems of that class
+are dropped, one take (a random stretch of it, repeated with gaps if it is shorter than the song)
+becomes the song's only stem of the class, at the level of the parts it replaces (their RMS, moved
+by a random ±3 dB). The MIX file is the old mix less the dropped stems plus the take, so the song
+still sums to its stems. Stem files, METADATA.yaml (the take under `real_instrument`) and MIX are
+each written atomically; the dropped stems' files are removed after METADATA no longer names them.
+A song already given a take is left alone.
+
+The takes are files in a folder with a `takes.tsv` beside them (columns file, repo, commit, path,
+licence, what; a header row). A take is refused if it is a recording of the real-recordings set,
+a performance of a composition one of the set's GuitarSet takes or the take an independent check
+reserves plays (GuitarSet's six players play the same 30 compositions on one guitar), or that take.
+
+With `--absent` instead of a takes folder, every song's parts of the instrument are replaced by
+silence (a song without them is given a silent stem): songs where the instrument is absent and the
+right output is silence, the case the real set's absent tracks measure (leakage).
+
+    .venv/bin/python -m research.real_instrument SONGS_FOLDER TAKES_FOLDER --instrument guitar [--seed 0]
+    .venv/bin/python -m research.real_instrument SONGS_FOLDER --absent --instrument guitar
+    # then: stemlab dataset import medleydb SONGS_FOLDER
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import yaml
+
+from realset.build import ALL, RATE, rms
+from research.real_rest import place, songs_in
+from services.common.audio import resample, write_audio
+from services.common.paths import atomic_write_text
+from services.ingestion.mapping import Mapping
+
+LEVEL_SPREAD_DB = 3.0  # the take's RMS against the parts it replaces, uniform in ±this
+RESERVED = ("00_BN1-129-Eb",)  # GuitarSet take reserved for an independent check (issue 36)
+# The MedleyDB instrument name the take's stem is given, per class (its class through the mapping).
+STEM_INSTRUMENT = {"guitar": "acoustic guitar", "piano": "piano"}
+
+
+@dataclass(frozen=True)
+class Take:
+    file: Path
+    repo: str
+    commit: str
+    path: str
+    licence: str
+    what: str
+
+
+def composition(name: str) -> str | None:
+    """`00_Jazz2-110-Bb_comp_mic.wav` -> `Jazz2-110-Bb`: a GuitarSet take's composition, else None."""
+    m = re.match(r"^\d\d_([A-Za-z]+\d-\d+-[A-G][#b]?)(_|$)", Path(name).name)
+    return m.group(1) if m else None
+
+
+def refused(take: Take) -> str | None:
+    """Why a take may not be used for training, or None."""
+    if any(r.repo == take.repo and r.path == take.path for r in ALL):
+        return "a recording of the real-recordings set"
+    if any(res in take.path or res in take.file.name for res in RESERVED):
+        return "reserved for an independent check"
+    held = ({composition(r.path) for r in ALL} | {composition(res) for res in RESERVED}) - {None}
+    c = composition(take.file.name)
+    if c is not None and c in held:
+        return f"composition {c} is played in the real-recordings set"
+    return None
+
+
+def read_takes(folder: Path) -> tuple[list[Take], dict[str, str]]:
+    """The usable takes listed in folder/takes.tsv, and the refused ones with why."""
+    rows = list(csv.DictReader((folder / "takes.tsv").open(encoding="utf-8"), delimiter="\t"))
+    usable, skipped = [], {}
+    for row in rows:
+        take = Take(folder / row["file"], row["repo"], row["commit"], row["path"], row["licence"], row["what"])
+        why = refused(take)
+        if why:
+            skipped[row["file"]] = why
+        elif take.file.is_file():
+            usable.append(take)
+        else:
+            skipped[row["file"]] = "file missing"
+    return usable, skipped
+
+
+def read_take(take: Take) -> np.ndarray:
+    audio, rate = sf.read(take.file, always_2d=True, dtype="float64")
+    return resample(audio.mean(axis=1)[None, :], rate, RATE)[0].astype(np.float64)
+
+
+def replace_in_song(song: Path, instrument: str, take: Take | None, audio: np.ndarray | None, level_db: float,
+                    rng: np.random.Generator, mapping: Mapping) -> dict | None:
+    """Give one song `take` (or silence, if None) in place of its stems of class `instrument`; None if it
+    was given one before, or has no such stems and a take is given."""
+    meta_path = song / f"{song.name}_METADATA.yaml"
+    meta = yaml.safe_load(meta_path.read_text())
+    if meta.get("real_instrument") is not None:
+        return None
+    drop = [k for k, s in meta["stems"].items() if mapping.lookup(s["instrument"]) == instrument]
+    if not drop and take is not None:
+        return None
+    mix_path = song / meta["mix_filename"]
+    mix, rate = sf.read(mix_path, always_2d=True, dtype="float64")
+    if rate != RATE:
+        raise ValueError(f"{song.name}: {rate} Hz; takes are read at {RATE} Hz (synth --rate {RATE})")
+    stems_dir = song / meta["stem_dir"]
+    old = np.zeros_like(mix)
+    for k in drop:
+        old += sf.read(stems_dir / meta["stems"][k]["filename"], always_2d=True, dtype="float64")[0]
+    part = np.zeros(len(mix))
+    if take is not None:
+        part = place(audio, len(mix), False, rng)
+        part *= 10 ** (level_db / 20) * rms(old.mean(axis=1)) / max(rms(part), 1e-9)
+    stereo = np.repeat(part[:, None], mix.shape[1], axis=1)
+    key = "S80"
+    name = f"{song.name}_STEM_80.wav"
+    write_audio(stems_dir / name, stereo.T, RATE, subtype="FLOAT")
+    write_audio(mix_path, (mix - old + stereo).T, RATE, subtype="FLOAT")
+    dropped = {k: meta["stems"].pop(k)["filename"] for k in drop}
+    meta["stems"][key] = {"component": "", "filename": name, "instrument": STEM_INSTRUMENT[instrument], "raw": {}}
+    added = {"stem": key, "absent": True, "replaced": sorted(dropped)}
+    if take is not None:
+        added = {"stem": key, "take": take.file.name, "repository": take.repo, "path": take.path,
+                 "commit": take.commit, "licence": take.licence, "level_db": round(level_db, 2),
+                 "replaced": sorted(dropped)}
+    meta["real_instrument"] = added
+    atomic_write_text(meta_path, yaml.safe_dump(meta, sort_keys=False, allow_unicode=True))
+    for f in dropped.values():
+        (stems_dir / f).unlink(missing_ok=True)
+    return added
+
+
+def make_absent(folder: Path, instrument: str) -> int:
+    """Every song of the folder without the instrument: its parts replaced by a silent stem."""
+    mapping = Mapping.defaults()
+    songs = songs_in(folder)
+    given = sum(replace_in_song(song, instrument, None, None, 0.0, np.random.default_rng(0), mapping) is not None
+                for song in songs)
+    print(json.dumps({"songs": len(songs), "absent": given}, sort_keys=True))
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("songs", type=Path, help="a folder of generated songs (MedleyDB layout)")
+    ap.add_argument("takes", type=Path, nargs="?", help="a folder of takes with takes.tsv")
+    ap.add_argument("--absent", action="store_true", help="silence instead of takes")
+    ap.add_argument("--instrument", choices=sorted(STEM_INSTRUMENT), default="guitar")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if not args.songs.is_dir():
+        raise SystemExit(f"real_instrument: {args.songs} is not a folder of generated songs")
+    if args.absent:
+        return make_absent(args.songs, args.instrument)
+    if args.takes is None or not (args.takes / "takes.tsv").is_file():
+        raise SystemExit("real_instrument: give a folder with takes.tsv, or --absent")
+    takes, skipped = read_takes(args.takes)
+    if not takes:
+        raise SystemExit(f"real_instrument: no usable take in {args.takes}: {skipped}")
+    mapping = Mapping.defaults()
+    cache: dict[Path, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    songs = songs_in(args.songs)
+    for song in songs:
+        # One stream per song (its name), so adding songs to the folder does not change earlier draws.
+        rng = np.random.default_rng([args.seed, int.from_bytes(song.name.encode()[-8:], "big")])
+        take = takes[int(rng.integers(len(takes)))]
+        if take.file not in cache:
+            cache[take.file] = read_take(take)
+        level = float(rng.uniform(-LEVEL_SPREAD_DB, LEVEL_SPREAD_DB))
+        if replace_in_song(song, args.instrument, take, cache[take.file], level, rng, mapping):
+            counts[take.file.name] = counts.get(take.file.name, 0) + 1
+    print(json.dumps({"songs": len(songs), "given": sum(counts.values()), "takes": counts,
+                      "refused": skipped}, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

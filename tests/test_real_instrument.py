@@ -1,0 +1,101 @@
+"""research/real_instrument.py: a real take as the instrument of a generated song."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile as sf
+import yaml
+
+from realset.build import rms
+from research import real_instrument
+from services.ingestion.importers import read_medleydb
+from services.ingestion.mapping import Mapping
+from tests.test_real_rest import make_song
+
+HEADER = "file\trepo\tcommit\tpath\tlicence\twhat\n"
+
+
+def make_takes(folder, names, seconds=1.0, rate=44100):
+    """Takes as the helper folder holds them: tones at another rate, listed in takes.tsv."""
+    folder.mkdir()
+    rows = [HEADER]
+    for i, name in enumerate(names):
+        t = np.arange(int(seconds * rate)) / rate
+        sf.write(folder / name, 0.05 * np.sin(2 * np.pi * (220 + 50 * i) * t), rate)
+        rows.append(f"{name}\tsome/repo\tabc123\taudio/{name}\tCC BY 4.0\ta take\n")
+    (folder / "takes.tsv").write_text("".join(rows))
+    return folder
+
+
+def test_the_take_replaces_the_guitar_at_its_level_and_the_song_still_sums(tmp_path):
+    songs = tmp_path / "songs"
+    song = make_song(songs, seconds=2.0)
+    old_guitar = sf.read(song / "Synth_Song0001_STEMS" / "Synth_Song0001_STEM_01.wav")[0]
+    takes = make_takes(tmp_path / "takes", ["01_Funk1-97-C_comp_mic.wav"])
+
+    assert real_instrument.main([str(songs), str(takes), "--instrument", "guitar", "--seed", "4"]) == 0
+
+    meta = yaml.safe_load((song / "Synth_Song0001_METADATA.yaml").read_text())
+    given = meta["real_instrument"]
+    assert given["take"] == "01_Funk1-97-C_comp_mic.wav" and given["replaced"] == ["S01"]
+    assert sorted(meta["stems"]) == ["S02", "S80"]
+    assert not (song / "Synth_Song0001_STEMS" / "Synth_Song0001_STEM_01.wav").exists()
+    stems = {k: sf.read(song / meta["stem_dir"] / s["filename"])[0] for k, s in meta["stems"].items()}
+    mix = sf.read(song / meta["mix_filename"])[0]
+    np.testing.assert_allclose(mix, sum(stems.values()), atol=1e-6)
+    level = 20 * np.log10(rms(stems["S80"].mean(axis=1)) / rms(old_guitar.mean(axis=1)))
+    assert level == pytest.approx(given["level_db"], abs=0.01) and abs(level) <= 3.0
+
+    track = next(t for t in read_medleydb(songs, Mapping.load()) if not isinstance(t, dict))
+    assert sorted(s.cls for s in track.stems if s.cls != "mix") == ["drums", "guitar"]
+
+    before = (song / "Synth_Song0001_MIX.wav").read_bytes()
+    real_instrument.main([str(songs), str(takes), "--instrument", "guitar"])
+    assert (song / "Synth_Song0001_MIX.wav").read_bytes() == before  # a song given a take is left alone
+
+
+def test_takes_of_the_real_set_its_compositions_or_the_reserved_take_are_refused(tmp_path):
+    names = ["02_Jazz2-110-Bb_solo_mic.wav",  # a composition a validation take of the set plays
+             "01_BN1-129-Eb_comp_mic.wav",  # the reserved take's composition
+             "00_BN1-129-Eb_solo_mic.wav",  # the reserved take
+             "02_Funk2-119-G_solo_mic.wav"]
+    usable, refused = real_instrument.read_takes(make_takes(tmp_path / "takes", names))
+    assert [t.file.name for t in usable] == ["02_Funk2-119-G_solo_mic.wav"]
+    assert refused["02_Jazz2-110-Bb_solo_mic.wav"] == "composition Jazz2-110-Bb is played in the real-recordings set"
+    assert "reserved" in refused["00_BN1-129-Eb_solo_mic.wav"]
+    assert set(refused) == set(names[:3])
+
+
+def test_a_song_without_the_instrument_is_left_alone(tmp_path):
+    songs = tmp_path / "songs"
+    song = make_song(songs)
+    before = (song / "Synth_Song0001_MIX.wav").read_bytes()
+    takes = make_takes(tmp_path / "takes", ["01_Funk1-97-C_comp_mic.wav"])
+    assert real_instrument.main([str(songs), str(takes), "--instrument", "piano"]) == 0
+    assert (song / "Synth_Song0001_MIX.wav").read_bytes() == before
+    assert "real_instrument" not in yaml.safe_load((song / "Synth_Song0001_METADATA.yaml").read_text())
+
+
+def test_absent_songs_have_a_silent_instrument_and_the_rest_unchanged(tmp_path):
+    songs = tmp_path / "songs"
+    song = make_song(songs)
+    drums = sf.read(song / "Synth_Song0001_STEMS" / "Synth_Song0001_STEM_02.wav")[0]
+    assert real_instrument.main([str(songs), "--absent", "--instrument", "guitar"]) == 0
+
+    meta = yaml.safe_load((song / "Synth_Song0001_METADATA.yaml").read_text())
+    assert meta["real_instrument"] == {"stem": "S80", "absent": True, "replaced": ["S01"]}
+    silent = sf.read(song / meta["stem_dir"] / meta["stems"]["S80"]["filename"])[0]
+    assert not silent.any()
+    np.testing.assert_allclose(sf.read(song / meta["mix_filename"])[0], drums, atol=1e-6)  # the mix is the rest
+    track = next(t for t in read_medleydb(songs, Mapping.load()) if not isinstance(t, dict))
+    assert sorted(s.cls for s in track.stems if s.cls != "mix") == ["drums", "guitar"]
+
+
+def test_a_song_without_the_instrument_becomes_absent_too(tmp_path):
+    songs = tmp_path / "songs"
+    song = make_song(songs)
+    real_instrument.main([str(songs), "--absent", "--instrument", "piano"])
+    meta = yaml.safe_load((song / "Synth_Song0001_METADATA.yaml").read_text())
+    assert meta["real_instrument"]["replaced"] == [] and meta["stems"]["S80"]["instrument"] == "piano"
+    assert sorted(meta["stems"]) == ["S01", "S02", "S80"]
