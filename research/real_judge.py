@@ -49,10 +49,15 @@ def scores(report: dict, tracks: set[str] | None = None) -> tuple[dict[str, floa
 
 
 def recording_of(track: str) -> str:
-    """`val-guitar-em91-0db` -> `em9`: the recording a realset track was cut from (its piece's
-    number, one digit, dropped; realset/build.py names tracks half-instrument-KEYPIECE-level)."""
+    """`val-guitar-em91-0db` -> `em9`: the recording a realset track was cut from. realset/build.py
+    names tracks half-instrument-KEYPIECE-level, and keys may end in digits (em9, fugue849), so the
+    longest of the set's keys followed by a piece number wins; a key the set does not know loses one
+    digit, its piece number."""
+    from realset.build import ALL
+
     piece = track.split("-")[2] if track.count("-") >= 3 else track
-    return re.sub(r"\d$", "", piece)
+    known = [r.key for r in ALL if piece.startswith(r.key) and piece[len(r.key):].isdigit()]
+    return max(known, key=len) if known else re.sub(r"\d$", "", piece)
 
 
 def resample_medians(d: np.ndarray, groups: list[str] | None) -> np.ndarray:

@@ -52,6 +52,8 @@ def test_the_rule_can_be_held_to_the_tracks_registered_and_refuses_different_tra
 def test_resampling_by_recording_keeps_a_recordings_mixtures_together():
     assert real_judge.recording_of("val-guitar-em91-minus6db") == "em9"
     assert real_judge.recording_of("test-piano-fugue8493-plus6db") == "fugue849"
+    assert real_judge.recording_of("val-piano-chopin12-0db") == "chopin"  # a tenth piece and more
+    assert real_judge.recording_of("test-guitar-berklee41-0db") == "berklee4"
     # two recordings of three levels each: one gains 3 dB everywhere, the other loses 0.1 dB. By
     # mixture, half the mixtures gain; by recording a resample can hold only the losing recording.
     names = [f"val-guitar-{key}1-{level}" for key in ("aaa", "bbb") for level in ("minus6db", "0db", "plus6db")]
