@@ -9,7 +9,10 @@ Starts a private stack (ingestion, processing and evaluation services on free po
         --validation-list (the same file) --include-unchecked
     stemlab evaluate --saved-model MODEL --dataset real-<instrument>-<half> --baselines mixture,oracle,hpss
 
-copies each report to --out/<instrument>-<half>/ and writes --out/table.md (the README table).
+copies each report to --out/<instrument>-<half>/ with `tracks.json` beside it (a SHA-256 of each
+track's stem files, so `research/real_judge.py` can refuse to compare reports of different audio),
+and writes --out/table.md (the README table). The set may not change while it is scored: the
+hashes are taken before the import and again at the end, and a difference stops the run.
 The services stop when it ends. Choose on the validation half (`--halves val`); the test half is
 for the final table.
 
@@ -21,6 +24,7 @@ for the final table.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -133,8 +137,25 @@ def report_id(result: dict) -> str:
     raise SystemExit(f"no report id in the evaluation's output: {json.dumps(result)[:500]}")
 
 
+def half_tracks(instrument: str, half: str) -> list[str]:
+    lines = (REALSET / "lists" / f"{instrument}-{half}.txt").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip()]
+
+
+def fingerprints(tracks: list[str], stems: Path = REALSET / "stems") -> dict[str, str]:
+    """Each track's SHA-256 over its stem files' names and bytes: what the track's audio is."""
+    out = {}
+    for track in tracks:
+        h = hashlib.sha256()
+        for f in sorted((stems / track).iterdir()):
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+        out[track] = h.hexdigest()
+    return out
+
+
 def build_and_evaluate(stack: Stack, models: dict[str, Path], halves: list[str], out: Path,
                        overrides: tuple[str, ...] = ()) -> list[Path]:
+    before = {(i, h): fingerprints(half_tracks(i, h)) for i in models for h in halves}
     stack.stemlab("dataset", "import", "stems", str(REALSET / "stems"))
     reports = []
     for instrument, model in models.items():
@@ -152,7 +173,14 @@ def build_and_evaluate(stack: Stack, models: dict[str, Path], halves: list[str],
             if target.exists():
                 shutil.rmtree(target)
             shutil.copytree(source, target)
+            (target / "tracks.json").write_text(json.dumps({"tracks": before[instrument, half]}, indent=1,
+                                                           sort_keys=True) + "\n")
             reports.append(target / "report.json")
+    changed = sorted(t for key, prints in before.items() for t, h in fingerprints(list(prints)).items()
+                     if prints[t] != h)
+    if changed:
+        raise SystemExit(f"realset/stems changed while it was scored ({', '.join(changed[:5])}…): "
+                         "the reports mix two versions of the set; score again")
     return reports
 
 

@@ -13,6 +13,10 @@ same half (both `report.json` of `stemlab evaluate`, as `realset/evaluate.py` wr
 `--tracks FILE` restricts both reports to the tracks named in FILE (one per line), e.g. the half's
 list as it stood when the rule was registered (`git show COMMIT:realset/lists/guitar-val.txt`).
 
+Reports that `realset/evaluate.py` wrote carry a `tracks.json` beside them (each track's audio
+hash); the two reports must agree on every judged track's, else the set changed between them and the
+comparison is refused.
+
 `--by-recording` resamples recordings rather than mixtures (a cluster bootstrap: a drawn recording
 brings all its pieces and levels along), since the mixtures of one recording are not independent;
 its intervals are wider and honest about how few recordings a half holds. The rules registered in
@@ -46,6 +50,20 @@ def scores(report: dict, tracks: set[str] | None = None) -> tuple[dict[str, floa
         elif t["status"] == "absent":
             leak[t["track"]] = float(model["leakage_db"])
     return sdr, leak
+
+
+def same_audio(shipped: Path, candidate: Path, tracks: set[str] | None = None) -> None:
+    """Refuse two reports whose tracks.json (realset/evaluate.py writes one beside each report) give
+    a judged track different audio: the set changed between the two scorings. Reports without one
+    (older ones) are not checked."""
+    a, b = (p.parent / "tracks.json" for p in (shipped, candidate))
+    if not (a.is_file() and b.is_file()):
+        return
+    pa, pb = (json.loads(p.read_text())["tracks"] for p in (a, b))
+    differ = sorted(t for t in set(pa) & set(pb) if (tracks is None or t in tracks) and pa[t] != pb[t])
+    if differ:
+        raise ValueError(f"the two reports scored different audio for {len(differ)} tracks "
+                         f"({', '.join(differ[:3])}…): a set rebuilt between them; score both on one version")
 
 
 def recording_of(track: str) -> str:
@@ -116,6 +134,7 @@ def main(argv=None) -> int:
     if args.tracks is not None:
         tracks = {line.strip() for line in args.tracks.read_text().splitlines() if line.strip()}
     try:
+        same_audio(args.shipped, args.candidate, tracks)
         r = judge(json.loads(args.shipped.read_text()), json.loads(args.candidate.read_text()), args.looks, tracks,
                   args.by_recording)
     except (ValueError, KeyError) as e:

@@ -64,3 +64,22 @@ def test_resampling_by_recording_keeps_a_recordings_mixtures_together():
     assert by_recording["resampled"] == "recordings" and by_mixture["resampled"] == "mixtures"
     assert by_recording["interval_95"] == [-0.1, 3.0]  # all-losing and all-gaining resamples both occur
     assert by_recording["interval_95"][0] <= by_mixture["interval_95"][0]
+
+
+def test_reports_of_different_audio_under_the_same_names_are_refused(tmp_path):
+    """tracks.json beside each report (realset/evaluate.py) holds each track's audio hash."""
+    cand = report({f"m{i}": i % 5 + 1.0 for i in range(15)}, {"a1": -12.0, "a2": -10.0})
+    paths = []
+    for name, body, prints in (("shipped", SHIPPED, {"m1": "aa", "m2": "bb", "a1": "cc"}),
+                               ("cand", cand, {"m1": "aa", "m2": "XX", "a1": "cc"})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "report.json").write_text(json.dumps(body))
+        (tmp_path / name / "tracks.json").write_text(json.dumps({"tracks": prints}))
+        paths.append(str(tmp_path / name / "report.json"))
+    with pytest.raises(SystemExit, match="different audio for 1 tracks \\(m2"):
+        real_judge.main(paths + ["--json"])
+    listed = tmp_path / "list.txt"
+    listed.write_text("\n".join([f"m{i}" for i in range(15) if i != 2] + ["a1", "a2"]))
+    assert real_judge.main(paths + ["--json", "--tracks", str(listed)]) == 0  # m2 not judged
+    (tmp_path / "cand" / "tracks.json").unlink()
+    assert real_judge.main(paths + ["--json"]) == 0  # an older report without hashes: not checked

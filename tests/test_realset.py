@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import soundfile as sf
 from services.ingestion.importers import TrackSource, read_stem_folders
 from services.ingestion.mapping import Mapping
 
-REALSET = Path(__file__).resolve().parent.parent / "realset"
+REPO = Path(__file__).resolve().parent.parent
+REALSET = REPO / "realset"
 STEMS = REALSET / "stems"
 INSTRUMENTS = ("guitar", "piano")
 HALVES = ("val", "test")
@@ -116,3 +118,33 @@ def test_the_evaluation_stack_lets_its_services_read_the_set_and_the_models(tmp_
         resolve_allowed(str(path), config.data_root, config.import_roots)
     with pytest.raises(Exception, match="outside the folders"):
         resolve_allowed(str(tmp_path / "elsewhere"), config.data_root, config.import_roots)
+
+
+def load_evaluate():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("realset_evaluate", REALSET / "evaluate.py")
+    evaluate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate)
+    return evaluate
+
+
+def test_a_tracks_fingerprint_follows_its_audio(tmp_path):
+    evaluate = load_evaluate()
+    (tmp_path / "t1").mkdir()
+    (tmp_path / "t1" / "guitar.flac").write_bytes(b"one")
+    (tmp_path / "t1" / "drums.flac").write_bytes(b"two")
+    first = evaluate.fingerprints(["t1"], tmp_path)["t1"]
+    (tmp_path / "t1" / "drums.flac").write_bytes(b"twO")
+    assert evaluate.fingerprints(["t1"], tmp_path)["t1"] != first
+
+
+def test_the_committed_reports_scored_the_set_as_it_is():
+    """The shipped models' real reports hold each track's audio hash: a set rebuilt differently
+    without scoring again fails here."""
+    evaluate = load_evaluate()
+    for folder in sorted((REPO / "model/pretrained/reports/real").glob("*-*/")):
+        prints = json.loads((folder / "tracks.json").read_text())["tracks"]
+        instrument, half = folder.name.split("-")
+        assert sorted(prints) == sorted(evaluate.half_tracks(instrument, half))
+        assert prints == evaluate.fingerprints(list(prints)), folder.name
