@@ -22,6 +22,7 @@ right output is silence, the case the real set's absent tracks measure (leakage)
 
     .venv/bin/python -m research.real_instrument SONGS_FOLDER TAKES_FOLDER --instrument guitar [--seed 0]
     .venv/bin/python -m research.real_instrument SONGS_FOLDER --absent --instrument guitar
+    .venv/bin/python -m research.real_instrument --guitarset-tsv TAKES_FOLDER   # GuitarSet's audio_mono-mic files
     # then: stemlab dataset import medleydb SONGS_FOLDER
 """
 
@@ -77,6 +78,21 @@ def refused(take: Take) -> str | None:
     if c is not None and c in held:
         return f"composition {c} is played in the real-recordings set"
     return None
+
+
+GUITARSET_SOURCE = "GuitarSet (Zenodo record 3371780)"
+GUITARSET_LICENCE = "CC BY 4.0 (GuitarSet, Xi et al., ISMIR 2018)"
+
+
+def write_guitarset_tsv(folder: Path) -> int:
+    """takes.tsv for the GuitarSet files in `folder` (as unzipped from its Zenodo record); returns rows."""
+    rows = ["file\trepo\tcommit\tpath\tlicence\twhat"]
+    for f in sorted(folder.glob("*.wav")):
+        if composition(f.name) is not None:
+            rows.append("\t".join([f.name, GUITARSET_SOURCE, "", f.name, GUITARSET_LICENCE,
+                                    f"acoustic guitar, GuitarSet take {f.stem}"]))
+    atomic_write_text(folder / "takes.tsv", "\n".join(rows) + "\n")
+    return len(rows) - 1
 
 
 def read_takes(folder: Path) -> tuple[list[Take], dict[str, str]]:
@@ -154,13 +170,18 @@ def make_absent(folder: Path, instrument: str) -> int:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("songs", type=Path, help="a folder of generated songs (MedleyDB layout)")
+    ap.add_argument("songs", type=Path, nargs="?", help="a folder of generated songs (MedleyDB layout)")
     ap.add_argument("takes", type=Path, nargs="?", help="a folder of takes with takes.tsv")
+    ap.add_argument("--guitarset-tsv", type=Path, metavar="FOLDER",
+                    help="only write FOLDER/takes.tsv for the GuitarSet files in it")
     ap.add_argument("--absent", action="store_true", help="silence instead of takes")
     ap.add_argument("--instrument", choices=sorted(STEM_INSTRUMENT), default="guitar")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    if not args.songs.is_dir():
+    if args.guitarset_tsv is not None:
+        print(json.dumps({"takes": write_guitarset_tsv(args.guitarset_tsv)}))
+        return 0
+    if args.songs is None or not args.songs.is_dir():
         raise SystemExit(f"real_instrument: {args.songs} is not a folder of generated songs")
     if args.absent:
         return make_absent(args.songs, args.instrument)

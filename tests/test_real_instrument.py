@@ -99,3 +99,16 @@ def test_a_song_without_the_instrument_becomes_absent_too(tmp_path):
     meta = yaml.safe_load((song / "Synth_Song0001_METADATA.yaml").read_text())
     assert meta["real_instrument"]["replaced"] == [] and meta["stems"]["S80"]["instrument"] == "piano"
     assert sorted(meta["stems"]) == ["S01", "S02", "S80"]
+
+
+def test_a_guitarset_folder_gets_its_table_and_the_refusals_still_apply(tmp_path):
+    folder = tmp_path / "audio_mono-mic"
+    folder.mkdir()
+    for name in ("00_Funk1-97-C_comp_mic.wav", "03_Jazz2-110-Bb_comp_mic.wav", "00_BN1-129-Eb_solo_mic.wav",
+                 "notes.wav"):
+        sf.write(folder / name, np.zeros(22050), 22050)
+    assert real_instrument.main(["--guitarset-tsv", str(folder)]) == 0
+    usable, refused = real_instrument.read_takes(folder)
+    assert [t.file.name for t in usable] == ["00_Funk1-97-C_comp_mic.wav"]
+    assert usable[0].licence.startswith("CC BY 4.0")
+    assert set(refused) == {"03_Jazz2-110-Bb_comp_mic.wav", "00_BN1-129-Eb_solo_mic.wav"}
