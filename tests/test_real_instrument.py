@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -55,16 +57,24 @@ def test_the_take_replaces_the_guitar_at_its_level_and_the_song_still_sums(tmp_p
     assert (song / "Synth_Song0001_MIX.wav").read_bytes() == before  # a song given a take is left alone
 
 
-def test_takes_of_the_real_set_its_compositions_or_the_reserved_take_are_refused(tmp_path):
+def reserve(monkeypatch, comp):
+    """Stands for the reserved composition, which the project does not name: `comp` reserved too."""
+    digest = hashlib.sha256(comp.encode()).hexdigest()
+    monkeypatch.setattr(real_instrument, "RESERVED_COMPOSITIONS", real_instrument.RESERVED_COMPOSITIONS | {digest})
+
+
+def test_takes_of_the_real_set_its_compositions_or_a_reserved_composition_are_refused(tmp_path, monkeypatch):
+    reserve(monkeypatch, "Rock3-148-C")
     names = ["02_Jazz2-110-Bb_solo_mic.wav",  # a composition a validation take of the set plays
-             "01_BN1-129-Eb_comp_mic.wav",  # the reserved take's composition
-             "00_BN1-129-Eb_solo_mic.wav",  # the reserved take
+             "01_Rock3-148-C_comp_mic.wav",  # a reserved composition, any player
+             "00_Rock3-148-C_solo_mix.wav",
              "02_Funk2-119-G_solo_mic.wav"]
     usable, refused = real_instrument.read_takes(make_takes(tmp_path / "takes", names))
     assert [t.file.name for t in usable] == ["02_Funk2-119-G_solo_mic.wav"]
     assert refused["02_Jazz2-110-Bb_solo_mic.wav"] == "composition Jazz2-110-Bb is played in the real-recordings set"
-    assert "reserved" in refused["00_BN1-129-Eb_solo_mic.wav"]
+    assert refused["00_Rock3-148-C_solo_mix.wav"] == "a composition an independent check reserves"
     assert set(refused) == set(names[:3])
+    assert len(real_instrument.RESERVED_COMPOSITIONS) == 2  # the issue reserves one GuitarSet take
 
 
 def test_a_song_without_the_instrument_is_left_alone(tmp_path):
@@ -101,14 +111,15 @@ def test_a_song_without_the_instrument_becomes_absent_too(tmp_path):
     assert sorted(meta["stems"]) == ["S01", "S02", "S80"]
 
 
-def test_a_guitarset_folder_gets_its_table_and_the_refusals_still_apply(tmp_path):
+def test_a_guitarset_folder_gets_its_table_and_the_refusals_still_apply(tmp_path, monkeypatch):
+    reserve(monkeypatch, "Rock3-148-C")
     folder = tmp_path / "audio_mono-mic"
     folder.mkdir()
-    for name in ("00_Funk1-97-C_comp_mic.wav", "03_Jazz2-110-Bb_comp_mic.wav", "00_BN1-129-Eb_solo_mic.wav",
+    for name in ("00_Funk1-97-C_comp_mic.wav", "03_Jazz2-110-Bb_comp_mic.wav", "00_Rock3-148-C_solo_mic.wav",
                  "notes.wav"):
         sf.write(folder / name, np.zeros(22050), 22050)
     assert real_instrument.main(["--guitarset-tsv", str(folder)]) == 0
     usable, refused = real_instrument.read_takes(folder)
     assert [t.file.name for t in usable] == ["00_Funk1-97-C_comp_mic.wav"]
     assert usable[0].licence.startswith("CC BY 4.0")
-    assert set(refused) == {"03_Jazz2-110-Bb_comp_mic.wav", "00_BN1-129-Eb_solo_mic.wav"}
+    assert set(refused) == {"03_Jazz2-110-Bb_comp_mic.wav", "00_Rock3-148-C_solo_mic.wav"}
