@@ -82,8 +82,7 @@ def refused(take: Take) -> str | None:
     if reserved(take.file.name) or reserved(Path(take.path).name):
         return "a composition an independent check reserves"
     held = {composition(r.path) for r in ALL} - {None}
-    c = composition(take.file.name)
-    if c is not None and c in held:
+    for c in {composition(take.file.name), composition(Path(take.path).name)} & held:
         return f"composition {c} is played in the real-recordings set"
     return None
 
@@ -105,7 +104,11 @@ def write_guitarset_tsv(folder: Path) -> int:
 
 def read_takes(folder: Path) -> tuple[list[Take], dict[str, str]]:
     """The usable takes listed in folder/takes.tsv, and the refused ones with why."""
-    rows = list(csv.DictReader((folder / "takes.tsv").open(encoding="utf-8"), delimiter="\t"))
+    with (folder / "takes.tsv").open(encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    missing = [c for c in ("file", "repo", "commit", "path", "licence", "what") if rows and c not in rows[0]]
+    if missing:
+        raise ValueError(f"{folder / 'takes.tsv'}: no column {', '.join(missing)} (a tab-separated header row)")
     usable, skipped = [], {}
     for row in rows:
         take = Take(folder / row["file"], row["repo"], row["commit"], row["path"], row["licence"], row["what"])
@@ -195,7 +198,10 @@ def main(argv=None) -> int:
         return make_absent(args.songs, args.instrument)
     if args.takes is None or not (args.takes / "takes.tsv").is_file():
         raise SystemExit("real_instrument: give a folder with takes.tsv, or --absent")
-    takes, skipped = read_takes(args.takes)
+    try:
+        takes, skipped = read_takes(args.takes)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SystemExit(f"real_instrument: {e}") from e
     if not takes:
         raise SystemExit(f"real_instrument: no usable take in {args.takes}: {skipped}")
     mapping = Mapping.defaults()
@@ -207,7 +213,10 @@ def main(argv=None) -> int:
         rng = np.random.default_rng([args.seed, int.from_bytes(song.name.encode()[-8:], "big")])
         take = takes[int(rng.integers(len(takes)))]
         if take.file not in cache:
-            cache[take.file] = read_take(take)
+            try:
+                cache[take.file] = read_take(take)
+            except (sf.LibsndfileError, RuntimeError) as e:
+                raise SystemExit(f"real_instrument: cannot read {take.file}: {e}") from e
         level = float(rng.uniform(-LEVEL_SPREAD_DB, LEVEL_SPREAD_DB))
         if replace_in_song(song, args.instrument, take, cache[take.file], level, rng, mapping):
             counts[take.file.name] = counts.get(take.file.name, 0) + 1

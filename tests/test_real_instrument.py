@@ -123,3 +123,26 @@ def test_a_guitarset_folder_gets_its_table_and_the_refusals_still_apply(tmp_path
     assert [t.file.name for t in usable] == ["00_Funk1-97-C_comp_mic.wav"]
     assert usable[0].licence.startswith("CC BY 4.0")
     assert set(refused) == {"03_Jazz2-110-Bb_comp_mic.wav", "00_Rock3-148-C_solo_mic.wav"}
+
+
+def test_a_bad_takes_table_or_file_is_a_clear_error_and_no_song_changes(tmp_path):
+    songs = tmp_path / "songs"
+    song = make_song(songs)
+    before = (song / "Synth_Song0001_MIX.wav").read_bytes()
+    takes = tmp_path / "takes"
+    takes.mkdir()
+    (takes / "takes.tsv").write_text("file,repo\nx.wav,r\n")  # commas, not tabs
+    with pytest.raises(SystemExit, match="no column"):
+        real_instrument.main([str(songs), str(takes)])
+    (takes / "takes.tsv").write_text(HEADER + "01_Funk1-97-C_comp_mic.wav\tr\tc\tp\tCC0\ta take\n")
+    (takes / "01_Funk1-97-C_comp_mic.wav").write_bytes(b"not audio")
+    with pytest.raises(SystemExit, match="cannot read"):
+        real_instrument.main([str(songs), str(takes)])
+    assert (song / "Synth_Song0001_MIX.wav").read_bytes() == before
+
+
+def test_a_renamed_file_is_still_refused_by_its_source_path(tmp_path):
+    folder = make_takes(tmp_path / "takes", ["mine.wav"])
+    (folder / "takes.tsv").write_text(HEADER + "mine.wav\tsome/repo\tabc\taudio/02_Jazz2-110-Bb_solo_mic.wav\tCC BY 4.0\tx\n")
+    usable, refused = real_instrument.read_takes(folder)
+    assert not usable and "Jazz2-110-Bb" in refused["mine.wav"]
