@@ -565,6 +565,31 @@ def test_the_service_resolves_init_from_model_to_one_version_when_the_job_is_ask
         jobs.validate_train(data, {**asked, "init_from_model": "tiny-shipped", "init_from": "run-a"})
 
 
+def test_a_fine_tune_that_names_no_preset_builds_the_network_its_weights_fit(dataset, trained, tmp_path):
+    """Starting from a widened network (more hourglass filters than its preset's), a job that names
+    no preset takes the source's network settings, so `stemlab train --init-from-model guitar` works
+    whatever width the shipped network has; one that asks for another width is still refused."""
+    from research.widen import widen
+    from services.common.errors import FailedPreconditionError
+    from services.common.paths import DataRoot
+    from services.training import jobs
+
+    root, _ = dataset
+    data = DataRoot(root)
+    version = export_run(trained[0], data.models, "tiny-narrow")
+    filters = make_config("tiny").hourglass_filters * 2
+    widen(data.models / "tiny-narrow" / str(version), 1, filters, root, "tiny-wide")
+    job = jobs.validate_train(data, {"dataset": "synth", "run_id": "from-wide", "init_from": "tiny-wide"})
+    assert job["preset"] == "tiny" and job["overrides"] == {"hourglass_filters": filters}
+    narrow = jobs.validate_train(data, {"dataset": "synth", "run_id": "from-narrow", "init_from_model": "tiny-narrow"})
+    assert narrow["overrides"] == {}
+    with pytest.raises(FailedPreconditionError, match=f"hourglass_filters {filters} there, 12 here"):
+        jobs.validate_train(data, {"dataset": "synth", "run_id": "w", "init_from": "tiny-wide",
+                                   "overrides": {"hourglass_filters": 12}})
+    with pytest.raises(FailedPreconditionError, match=f"hourglass_filters {filters} there"):
+        jobs.validate_train(data, {"dataset": "synth", "run_id": "w", "init_from": "tiny-wide", "preset": "tiny"})
+
+
 def test_plateau_rule_reduces_after_patience_epochs_without_a_better_loss():
     from services.training.trainer import TrainingOptions, _plateau_learning_rate
 

@@ -109,6 +109,8 @@ def validate_train(data: DataRoot, params: dict) -> dict:
     source, member = init_source(data, params)
     if source and not params.get("preset"):  # fine-tuning keeps the source's network unless told otherwise
         params["preset"] = trainer.source_preset(source, member) or DEFAULTS["preset"]
+        params["overrides"] = {**trainer.source_network(source, params["preset"], member),
+                               **(params.get("overrides") or {})}
     params = {**DEFAULTS, **params}
     validate_name(params.get("dataset", ""), "dataset name")
     params.setdefault("run_id", new_run_id(params["dataset"], params["preset"]))

@@ -44,6 +44,7 @@ from tensorflow.core.framework import summary_pb2
 
 from model.checkpoint import BEST_WEIGHTS, RUN_FILE, read_run
 from model.config import (
+    INIT_FREE_KEYS,
     PRESETS,
     ConfigError,
     ModelConfig,
@@ -738,6 +739,15 @@ def source_preset(source_dir: str | os.PathLike, member: int | None = None) -> s
     """The preset a run or an exported model (or one member of it) was trained with (None when it does not say)."""
     preset = _read_source(Path(source_dir), member)[1].get("preset")
     return preset if isinstance(preset, str) and preset in PRESETS else None
+
+
+def source_network(source_dir: str | os.PathLike, preset: str, member: int | None = None) -> dict[str, Any]:
+    """The network and spectrogram settings of a run or exported model (or one member) where they
+    differ from `preset`'s, as overrides: what a fine-tune that names no preset needs to build the
+    network the weights fit (a widened network, another hop length)."""
+    theirs = _read_source(Path(source_dir), member)[1].get("config") or {}
+    ours = config_to_dict(make_config(preset))
+    return {k: theirs[k] for k in ours if k not in INIT_FREE_KEYS and k in theirs and theirs[k] != ours[k]}
 
 
 def _exported_weight_files(version_dir: Path) -> list[Path]:
