@@ -22,12 +22,12 @@ from services.serving.client import SeparationCancelled, SongTooLong, separate_a
 from services.serving.local import running_server, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
-REFERENCE = Path(__file__).with_name("fixtures") / "guitar11_reference.npz"
+REFERENCE = Path(__file__).with_name("fixtures") / "guitar12_reference.npz"
 
 
 def reference_clip() -> tuple[np.ndarray, int]:
-    """The 18 s stereo 8 kHz clip whose guitar v11 separation by the pre-streaming client is stored
-    in fixtures/guitar11_reference.npz (three segments: both kinds of border, resampling both ways)."""
+    """The 18 s stereo 8 kHz clip whose guitar v12 separation by the pre-streaming client is stored
+    in fixtures/guitar12_reference.npz (three segments: both kinds of border, resampling both ways)."""
     rate, seconds = 8000, 18
     rng = np.random.default_rng(39)
     t = np.arange(rate * seconds) / rate
