@@ -30,8 +30,9 @@ import yaml
 
 from model.checkpoint import BEST_WEIGHTS, RUN_FILE
 from model.config import config_from_dict, config_to_dict
-from model.export import ExportError, load_exported_networks, member_configs, read_export_info
+from model.export import read_export_info
 from model.network import build_network
+from research.thesis_gpu.member_weights import read_member
 from services.common.errors import InvalidArgumentError
 from services.common.paths import atomic_path, atomic_write_text
 from services.training.jobs import validate_name
@@ -76,22 +77,15 @@ def widen(version_dir: Path, member: int, filters: int, data: Path, run_id: str,
     run_dir = data / "runs" / run_id
     if run_dir.exists():
         raise SystemExit(f"widen: {run_dir} exists; choose another --run-id")
-    try:
-        networks, _ = load_exported_networks(version_dir)
-        configs = member_configs(read_export_info(version_dir))
-    except (ExportError, OSError, ValueError) as e:
-        raise SystemExit(f"widen: {version_dir}: {e}") from e
-    if not 1 <= member <= len(networks):
-        raise SystemExit(f"widen: {version_dir} has {len(networks)} network(s), no member {member}")
-    narrow_config = configs[member - 1]
+    narrow, narrow_config = read_member(version_dir, member, tool="widen")
     if filters <= narrow_config.hourglass_filters:
         raise SystemExit(f"widen: the network has {narrow_config.hourglass_filters} hourglass filters; "
                          f"ask for more than that, not {filters}")
     config = config_from_dict({**config_to_dict(narrow_config), "hourglass_filters": filters})
     keras.utils.set_random_seed(seed)  # the new channels' random start, reproducibly
     wide = build_network(config)
-    widen_network(networks[member - 1], wide)
-    difference = largest_mask_difference(networks[member - 1], wide, config.freq_rows, seed)
+    widen_network(narrow, wide)
+    difference = largest_mask_difference(narrow, wide, config.freq_rows, seed)
     if difference > SAME_MASK_TOLERANCE:
         raise SystemExit(f"widen: the wide network's mask differs by {difference:.2e}; not written")
     run_dir.mkdir(parents=True)

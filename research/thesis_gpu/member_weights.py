@@ -17,23 +17,32 @@ import json
 import sys
 from pathlib import Path
 
-from model.config import config_to_dict
+import keras
+
+from model.config import ModelConfig, config_to_dict
 from model.export import ExportError, load_exported_networks, member_configs, read_export_info
 from services.common.paths import atomic_path, atomic_write_text
 
 
-def write_member(version_dir: Path, member: int, out: Path) -> dict:
-    """Save `member`'s weights to `out` (renamed into place) and its config to `out`.json; returns that record."""
+def read_member(version_dir: Path, member: int, tool: str = "member_weights") -> tuple[keras.Model, ModelConfig]:
+    """One network of an export (1: the first) with its weights, and its config; SystemExit naming
+    `tool` when the folder is no export or has no such member."""
     try:
         networks, _ = load_exported_networks(version_dir)
         config = member_configs(read_export_info(version_dir))[member - 1] if 1 <= member <= len(networks) else None
     except (ExportError, OSError, ValueError) as e:
-        raise SystemExit(f"member_weights: {version_dir}: {e}") from e
+        raise SystemExit(f"{tool}: {version_dir}: {e}") from e
     if config is None:
-        raise SystemExit(f"member_weights: {version_dir} has {len(networks)} network(s), no member {member}")
+        raise SystemExit(f"{tool}: {version_dir} has {len(networks)} network(s), no member {member}")
+    return networks[member - 1], config
+
+
+def write_member(version_dir: Path, member: int, out: Path) -> dict:
+    """Save `member`'s weights to `out` (renamed into place) and its config to `out`.json; returns that record."""
+    network, config = read_member(version_dir, member)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out, suffix=".weights.h5") as tmp:  # Keras insists on the suffix
-        networks[member - 1].save_weights(str(tmp))
+        network.save_weights(str(tmp))
     record = {"model": str(version_dir), "member": member, "config": config_to_dict(config)}
     atomic_write_text(out.with_name(out.name + ".json"), json.dumps(record, indent=1))
     return record
