@@ -2,7 +2,7 @@
 
     .venv/bin/python -m research.widen --model DATA/models/guitar/11 --member 1 --hourglass-filters 48 \
         --data DATA --run-id guitar-11-1-wide48
-    stemlab train --init-from guitar-11-1-wide48 --set hourglass_filters=48 …   # then fine-tune it
+    stemlab train --init-from guitar-11-1-wide48 …   # then fine-tune it (naming --preset, add --set hourglass_filters=48)
 
 A wider network from scratch costs hours here, and the question "does capacity help on real
 recordings?" would then be asked against a network that never had the shipped one's training. So
