@@ -183,21 +183,23 @@ def test_service_trains_resumes_after_a_crash_and_exports(tmp_path):
                 training.GetRun(training_pb2.GetRunRequest(run_id="../r1"))
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
-            # Fine-tuning the exported model: its preset by default; its network must be the new run's.
+            # Fine-tuning the exported model: its network by default (its preset and settings, here
+            # 6 hourglass filters where the preset has 8); asking for another is refused.
             with pytest.raises(grpc.RpcError) as e:
                 training.StartTraining(training_pb2.StartTrainingRequest(dataset="synth", init_from_model="guitar:5"))
             assert e.value.code() == grpc.StatusCode.NOT_FOUND and "has no version 5" in e.value.details()
             with pytest.raises(grpc.RpcError) as e:
-                training.StartTraining(training_pb2.StartTrainingRequest(dataset="synth", init_from_model="guitar"))
+                training.StartTraining(training_pb2.StartTrainingRequest(
+                    dataset="synth", init_from_model="guitar", overrides={"hourglass_filters": "4"}))
             assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             assert "model guitar version 1 has another network" in e.value.details() and "hourglass_filters" in e.value.details()
             tune = training.StartTraining(training_pb2.StartTrainingRequest(
-                dataset="synth", run_id="r2", init_from_model="guitar", epochs=1, steps_per_epoch=2, batch_size=8,
-                overrides={"hourglass_filters": "6"}))
+                dataset="synth", run_id="r2", init_from_model="guitar", epochs=1, steps_per_epoch=2, batch_size=8))
             done = wait_job(job_stub, tune.id, states=(jobs_pb2.SUCCEEDED, jobs_pb2.FAILED))
             assert done.state == jobs_pb2.SUCCEEDED, done.error
             assert done.params["init_from_model"] == "guitar:1" and done.params["preset"] == "tiny"
             assert read_run(tmp_path / "runs" / "r2")["init_from"]["model"] == "guitar"
+            assert read_run(tmp_path / "runs" / "r2")["config"]["hourglass_filters"] == 6
             export = training.ExportModel(training_pb2.ExportModelRequest(run_id="r2", model_name="tuned"))
             assert wait_job(job_stub, export.id, states=(jobs_pb2.SUCCEEDED, jobs_pb2.FAILED)).state == jobs_pb2.SUCCEEDED
             provenance = json.loads((tmp_path / "models" / "tuned" / "1" / "assets.extra" / "stemlab.json").read_text())
