@@ -145,12 +145,16 @@ INFERENCE_KEYS = ("mask_exponent", "chunk_overlap", "inference_batch")
 INIT_FREE_KEYS = ("learning_rate", "dropout", "batch_norm_momentum", *INFERENCE_KEYS)
 
 
-def init_mismatch(source: dict[str, Any], config: ModelConfig) -> list[str]:
-    """The keys (beyond INIT_FREE_KEYS) where a source's recorded config differs from `config`, each
-    as "key <theirs> there, <ours> here"; empty when its weights can start `config`'s network."""
+def init_differences(source: dict[str, Any], config: ModelConfig) -> dict[str, tuple[Any, Any]]:
+    """(theirs, ours) for each key (beyond INIT_FREE_KEYS) where a source's recorded config differs
+    from `config`; empty when its weights can start `config`'s network."""
     ours = config_to_dict(config)
-    return [f"{k} {source.get(k)} there, {ours[k]} here" for k in sorted(ours)
-            if k not in INIT_FREE_KEYS and source.get(k) != ours[k]]
+    return {k: (source.get(k), ours[k]) for k in sorted(ours) if k not in INIT_FREE_KEYS and source.get(k) != ours[k]}
+
+
+def init_mismatch(source: dict[str, Any], config: ModelConfig) -> list[str]:
+    """`init_differences` as "key <theirs> there, <ours> here", for error messages."""
+    return [f"{k} {theirs} there, {ours} here" for k, (theirs, ours) in init_differences(source, config).items()]
 
 
 def _coerce_tuples(values: dict[str, Any]) -> dict[str, Any]:

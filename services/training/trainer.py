@@ -44,12 +44,12 @@ from tensorflow.core.framework import summary_pb2
 
 from model.checkpoint import BEST_WEIGHTS, RUN_FILE, read_run
 from model.config import (
-    INIT_FREE_KEYS,
     PRESETS,
     ConfigError,
     ModelConfig,
     config_from_dict,
     config_to_dict,
+    init_differences,
     init_mismatch,
     make_config,
 )
@@ -745,9 +745,8 @@ def source_network(source_dir: str | os.PathLike, preset: str, member: int | Non
     """The network and spectrogram settings of a run or exported model (or one member) where they
     differ from `preset`'s, as overrides: what a fine-tune that names no preset needs to build the
     network the weights fit (a widened network, another hop length)."""
-    theirs = _read_source(Path(source_dir), member)[1].get("config") or {}
-    ours = config_to_dict(make_config(preset))
-    return {k: theirs[k] for k in ours if k not in INIT_FREE_KEYS and k in theirs and theirs[k] != ours[k]}
+    recorded = _read_source(Path(source_dir), member)[1].get("config") or {}
+    return {k: theirs for k, (theirs, _) in init_differences(recorded, make_config(preset)).items() if k in recorded}
 
 
 def _exported_weight_files(version_dir: Path) -> list[Path]:
