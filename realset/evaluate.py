@@ -17,7 +17,7 @@ The services stop when it ends. Choose on the validation half (`--halves val`); 
 for the final table.
 
     nice -n 10 .venv/bin/python realset/evaluate.py --data /tmp/realset-data --out /tmp/real-reports \
-        [--guitar-model model/pretrained/guitar/12] [--piano-model model/pretrained/piano/8] [--halves val,test] \
+        [--guitar-model model/pretrained/guitar/12] [--piano-model model/pretrained/piano/9] [--halves val,test] \
         [--set mask_exponent=0.7]   # repeatable: forwarded to every `stemlab evaluate` of the run
 """
 
@@ -266,7 +266,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help="private data root (created; must not be shared)")
     parser.add_argument("--out", type=Path, required=True, help="where the reports and table.md go")
     parser.add_argument("--guitar-model", type=Path, default=REPO / "model/pretrained/guitar/12")
-    parser.add_argument("--piano-model", type=Path, default=REPO / "model/pretrained/piano/8")
+    parser.add_argument("--piano-model", type=Path, default=REPO / "model/pretrained/piano/9")
     parser.add_argument("--instruments", default="guitar,piano", help="comma-separated (default both)")
     parser.add_argument("--halves", default="val", help="val, test or val,test (default val: choose on val)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
