@@ -233,6 +233,57 @@ def test_install_models_copies_whole_shipped_versions_only(tmp_path):
     assert 'name: "guitar"' in (data / "serving" / "models.config").read_text()
 
 
+def _shipped_tree(root, versions):
+    """A model/pretrained tree: each version a fake SavedModel, and shipped.json listing them."""
+    import json
+
+    stack = _stack_module()
+    digests = {}
+    for version in versions:
+        folder = root / version
+        (folder / "variables").mkdir(parents=True)
+        (folder / "saved_model.pb").write_bytes(f"graph {version}".encode())
+        (folder / "variables" / "variables.index").write_bytes(f"weights {version}".encode())
+        name, number = version.split("/")
+        digests.setdefault(name, {})[number] = stack.version_digest(folder)
+    (root / "shipped.json").write_text(json.dumps(digests))
+    return root
+
+
+def test_up_after_a_pull_adds_the_newer_shipped_version_beside_the_shipped_ones(tmp_path):
+    """A data root installed from guitar 11 gets guitar 12 once a pull ships it (the server serves
+    the highest version); a model folder with a version of the user's own is left as it was."""
+    import shutil
+    from types import SimpleNamespace
+
+    stack = _stack_module()
+    old = _shipped_tree(tmp_path / "old", ["guitar/11", "piano/8"])
+    data = tmp_path / "data"
+    config = SimpleNamespace(data_root=data)
+    stack.install_models(config, pretrained=old)
+    # the user's own piano export beside the shipped one
+    shutil.copytree(data / "models" / "piano" / "8", data / "models" / "piano" / "9")
+    (data / "models" / "piano" / "9" / "variables" / "variables.index").write_bytes(b"trained by me")
+
+    new = _shipped_tree(tmp_path / "new", ["guitar/11", "guitar/12", "piano/8", "piano/10"])
+    stack.install_models(config, pretrained=new)
+    assert sorted(p.name for p in (data / "models" / "guitar").iterdir()) == ["11", "12"]
+    assert (data / "models" / "guitar" / "12" / "saved_model.pb").read_bytes() == b"graph guitar/12"
+    assert sorted(p.name for p in (data / "models" / "piano").iterdir()) == ["8", "9"]
+    assert (data / "models" / "piano" / "9" / "variables" / "variables.index").read_bytes() == b"trained by me"
+
+
+def test_every_shipped_version_is_listed_with_its_digest():
+    """`make up` recognises installed shipped versions by shipped.json: a version shipped without
+    its digest there would stop every data root from moving to the next one."""
+    stack = _stack_module()
+    pretrained = REPO / "model" / "pretrained"
+    listed = stack.shipped_versions(pretrained)
+    for name in ("guitar", "piano"):
+        for version in stack.whole_versions(pretrained / name):
+            assert listed[name][version.name] == stack.version_digest(version), f"{name}/{version.name}"
+
+
 def test_make_up_under_docker_rebuilds_the_images_from_the_code_on_disk(tmp_path):
     """Without --build, `make up` after a `git pull` would start the old images again."""
     import os

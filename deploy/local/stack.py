@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -188,30 +189,61 @@ def wait_healthy(progs: dict[str, dict], timeout: float) -> list[str]:
     return sorted(pending)
 
 
-def install_models(config, models_root: Path | None = None, pretrained: Path | None = None) -> None:
-    """Serving needs a models.config and, on an empty data root, the shipped models.
+def version_digest(folder: Path) -> str:
+    """What identifies an exported version: its graph and its weights' index (which holds each
+    tensor's checksum), so a copy is recognised wherever it lies."""
+    digest = hashlib.sha256()
+    for part in ("saved_model.pb", "variables/variables.index"):
+        f = folder / part
+        digest.update(f.read_bytes() if f.is_file() else b"")
+    return digest.hexdigest()
 
-    A model folder that already has a version is left alone: the shipped models only fill an
-    empty data root, they never replace what a user trained.
+
+def shipped_versions(pretrained: Path) -> dict[str, dict[str, str]]:
+    """Every version the project ever shipped, per model: version -> digest (`shipped.json`)."""
+    path = pretrained / "shipped.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def whole_versions(folder: Path) -> list[Path]:
+    # Only whole SavedModels: a version git removed can leave an empty folder behind (git keeps
+    # no directories), which the server would find and fail to load.
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.iterdir() if p.name.isdigit() and (p / "saved_model.pb").is_file()),
+                  key=lambda p: int(p.name))
+
+
+def copy_version(version: Path, target: Path) -> None:
+    """Copy under a temporary name and rename, so the server never sees half a version."""
+    tmp = target / f".tmp-install-{version.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(version, tmp)
+    tmp.rename(target / version.name)
+
+
+def install_models(config, models_root: Path | None = None, pretrained: Path | None = None) -> None:
+    """Serving needs a models.config and the shipped models.
+
+    An empty model folder gets every shipped version. A folder holding only versions the project
+    shipped (recognised by their digests) gets the newer ones a pull brought, so the server, which
+    serves the highest version, moves to them. A folder with any version of the user's own is left
+    alone: the shipped models never replace or outrank what a user trained.
     """
     serving_dir = config.data_root / "serving"
     serving_dir.mkdir(parents=True, exist_ok=True)
     models_root = models_root or config.data_root / "models"
     pretrained = pretrained or REPO / "model" / "pretrained"
+    shipped = shipped_versions(pretrained)
     for name in ("guitar", "piano"):
         target = models_root / name
-        has_version = target.is_dir() and any(p.name.isdigit() for p in target.iterdir())
-        source = pretrained / name
-        if not has_version and source.is_dir():
-            # Only whole SavedModels: a version git removed can leave an empty folder behind
-            # (git keeps no directories), which the server would find and fail to load.
-            for version in sorted(p for p in source.iterdir()
-                                  if p.name.isdigit() and (p / "saved_model.pb").is_file()):
-                dest = target / version.name
-                tmp = target / f".tmp-install-{version.name}"
-                shutil.rmtree(tmp, ignore_errors=True)
-                shutil.copytree(version, tmp)
-                tmp.rename(dest)
+        present = [p for p in target.iterdir() if p.name.isdigit()] if target.is_dir() else []
+        known = shipped.get(name, {})
+        if all(known.get(p.name) == version_digest(p) for p in present):
+            newest = max((int(p.name) for p in present), default=0)
+            for version in whole_versions(pretrained / name):
+                if int(version.name) > newest:
+                    copy_version(version, target)
         target.mkdir(parents=True, exist_ok=True)
     text = "model_config_list {\n" + "".join(
         f'  config {{\n    name: "{n}"\n    base_path: "{models_root / n}"\n    model_platform: "tensorflow"\n  }}\n'
