@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import yaml
 
 from realset.build import rms
 from research import real_instrument
+from services.common.audio import resample
 from services.ingestion.importers import read_medleydb
 from services.ingestion.mapping import Mapping
 from tests.test_real_rest import make_song
@@ -146,3 +148,24 @@ def test_a_renamed_file_is_still_refused_by_its_source_path(tmp_path):
     (folder / "takes.tsv").write_text(HEADER + "mine.wav\tsome/repo\tabc\taudio/02_Jazz2-110-Bb_solo_mic.wav\tCC BY 4.0\tx\n")
     usable, refused = real_instrument.read_takes(folder)
     assert not usable and "Jazz2-110-Bb" in refused["mine.wav"]
+
+
+def test_a_copy_of_a_set_recording_is_refused_by_its_sound(tmp_path, capsys):
+    """The same recording under another repository and name, at another level and rate, with
+    other audio around it, is still the set's recording: training on it would leak the yardstick."""
+    stem = sf.read(real_instrument.STEMS / "val-guitar-elecguit1-0db" / "electric-guitar.flac")[0]
+    rng = np.random.default_rng(0)
+    copy = np.concatenate([0.01 * rng.standard_normal(22050), 0.3 * stem, 0.01 * rng.standard_normal(22050)])
+    takes = make_takes(tmp_path / "takes", ["tone.wav"])
+    sf.write(takes / "found.flac", resample(copy[None, :], 22050, 44100)[0], 44100)
+    with (takes / "takes.tsv").open("a") as f:
+        f.write("found.flac\tother/repo\tdef456\tsounds/guitar.flac\tCC0 1.0\ta guitar phrase\n")
+    songs = tmp_path / "songs"
+    song = make_song(songs, seconds=2.0)
+
+    assert real_instrument.main([str(songs), str(takes), "--instrument", "guitar", "--seed", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["takes"] == {"tone.wav": 1}
+    assert "val-guitar-elecguit" in report["refused"]["found.flac"]
+    given = yaml.safe_load((song / "Synth_Song0001_METADATA.yaml").read_text())["real_instrument"]
+    assert given["take"] == "tone.wav"
