@@ -276,8 +276,6 @@ def main(argv=None) -> int:
         takes, skipped = read_takes(args.takes)
     except (ValueError, UnicodeDecodeError) as e:
         raise SystemExit(f"real_instrument: {e}") from e
-    if not takes:
-        raise SystemExit(f"real_instrument: no usable take in {args.takes}: {skipped}")
     audio = read_takes_audio(takes)
     for take in list(takes):
         why = copy_of_the_set(audio[take.file])
