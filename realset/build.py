@@ -2,8 +2,9 @@
 
 Every stem is cut from a public recording of a real performance, read straight out of a git
 snapshot of its repository (`fetch github:OWNER/NAME` brings one to /work/.mirror/OWNER+NAME/repo;
-any clone works with --mirrors pointing at a folder of OWNER+NAME/repo checkouts or bare repos).
-Nothing is rendered from MIDI.
+any clone works with --mirrors pointing at a folder of OWNER+NAME/repo checkouts or bare repos), or
+out of a Debian package kept as MIRRORS/debian/PACKAGE_VERSION_all.deb (`apt-get download
+PACKAGE=VERSION` there). Nothing is rendered from MIDI.
 
 Each track is a folder of mono 22050 Hz 16-bit FLAC stems whose file names map to the project's
 classes (services/ingestion/mapping.yaml), so `stemlab dataset import stems realset/stems` reads it.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import io
 import subprocess
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +61,11 @@ class Recording:
     def mirror(self) -> str:
         return self.repo.replace("/", "+")
 
+    @property
+    def debian(self) -> str | None:
+        """The Debian package the recording is read from (repo `debian:PACKAGE`, commit its version)."""
+        return self.repo.removeprefix("debian:") if self.repo.startswith("debian:") else None
+
 
 SONIC = ("sonic-pi-net/sonic-pi", "c0002065a976b1355e7889f4aa96a1804e2b8119")
 MIRW = ("mrocamora/mir_workshop", "5d14695d339a3c87041e18213afee19ca2084459")
@@ -87,6 +94,15 @@ ISHIZAKA_OWTC = ("CC0 1.0 (The Open Well-Tempered Clavier, Kimiko Ishizaka; asse
                  "Wikimedia Commons page of each file; the repository has no licence of its own)")
 BERKLEE = ("CC BY 3.0 (OLPC Berklee Sound Library; berklee/README.md; the repository's loop/ folder, "
            "CC BY-NC-SA, is not used)")
+
+
+# Version 4: real band songs as the band mixed them. A rhythm game's songs come as the guitar part
+# and the rest of the band in two files (Frets on Fire: guitar.ogg, song.ogg), so the song is the
+# exact sum of an instrument reference and a rest reference.
+MULDJORD = ("debian:fretsonfire-songs-muldjord", "2.dfsg-2.1")
+MULDJORD_LICENCE = ("CC BY-SA 3.0 (the package's usr/share/doc/fretsonfire-songs-muldjord/copyright: composed and "
+                    "performed by El Senator of the Danish metal band Muldjord; the stems here, cut from it, are "
+                    "CC BY-SA 3.0 too)")
 
 
 def owtc(key, path, piece) -> Recording:
@@ -206,19 +222,71 @@ SPEECH = [
     rec("speechmale", SMST, "sounds/speech-male.wav", SMS, "male speech", "male-speaker.flac", "val"),
     rec("speechfemale", SMST, "sounds/speech-female.wav", SMS, "female speech", "female-speaker.flac", "test"),
 ]
-ALL = GUITARS + PIANOS + DRUMS + PARTS + SPEECH
+
+
+def band_song(key, folder, title, half) -> tuple[Recording, Recording]:
+    """A Muldjord song: its guitar part (the instrument) and the rest of the band (the accompaniment)."""
+    path = f"usr/share/games/fretsonfire/data/songs/muldjord/{folder}"
+    return (rec(key, MULDJORD, f"{path}/guitar.ogg", MULDJORD_LICENCE,
+                f"distorted electric guitar part of a metal song (Muldjord, {title})", "electric-guitar.flac", half),
+            rec(f"{key}band", MULDJORD, f"{path}/song.ogg", MULDJORD_LICENCE,
+                f"the rest of the band in that song: drums, bass, voice (Muldjord, {title})", "backing-track.flac",
+                half))
+
+
+BAND_SONGS = [
+    band_song("armygeddon", "armygeddon", "Armygeddon", "val"),
+    band_song("chaosgod", "chaos_god", "Chaos God", "val"),
+    band_song("degeneration", "internal_degeneration", "Internal Degeneration", "test"),
+    band_song("mime", "mutilated_mime", "Mutilated Mime", "test"),
+]
+BAND_PIECES = 3  # a song gives its first pieces in which the guitar plays
+BAND_QUIET_DB = 10.0  # a piece whose guitar is this far below the guitar's whole-song RMS is passed over
+ALL = GUITARS + PIANOS + DRUMS + PARTS + SPEECH + [r for song in BAND_SONGS for r in song]
 
 
 def read_recording(mirrors: Path, r: Recording) -> np.ndarray:
-    """The recording as mono float64 at RATE, read from the git snapshot (no work tree needed)."""
+    """The recording as mono float64 at RATE, read from the git snapshot (no work tree needed) or
+    the Debian package."""
     from services.common.audio import resample
 
-    blob = subprocess.run(["git", "-C", str(mirrors / r.mirror / "repo"), "show", f"{r.commit}:{r.path}"],
-                          capture_output=True, check=True).stdout
+    try:
+        blob = read_debian(mirrors, r) if r.debian else subprocess.run(
+            ["git", "-C", str(mirrors / r.mirror / "repo"), "show", f"{r.commit}:{r.path}"],
+            capture_output=True, check=True).stdout
+    except (subprocess.CalledProcessError, KeyError, FileNotFoundError) as e:
+        how = (f"`apt-get download {r.debian}={r.commit}` in {mirrors / 'debian'}" if r.debian
+               else f"a snapshot of {r.repo} at {mirrors / r.mirror / 'repo'} (fetch github:{r.repo})")
+        raise SystemExit(f"build: cannot read {r.path} of {r.repo} at {r.commit}: it needs {how} ({e})") from e
     audio, rate = sf.read(io.BytesIO(blob), always_2d=True, dtype="float64")
     rate = r.rate or rate
     mono = audio.mean(axis=1)
     return resample(mono[None, :], rate, RATE)[0].astype(np.float64)
+
+
+def read_debian(mirrors: Path, r: Recording) -> bytes:
+    """A file of MIRRORS/debian/PACKAGE_VERSION_all.deb, read from its data archive."""
+    deb = mirrors / "debian" / f"{r.debian}_{r.commit}_all.deb"
+    data = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        member = tar.extractfile(f"./{r.path}")
+        if member is None:
+            raise FileNotFoundError(f"{deb} has no file {r.path}")
+        return member.read()
+
+
+def band_pieces(guitar: np.ndarray, band: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The song's first BAND_PIECES pieces (of PIECE_SECONDS) in which the guitar plays: (guitar, band)."""
+    piece = int(PIECE_SECONDS * RATE)
+    whole = rms(guitar)
+    out = []
+    for start in range(0, min(len(guitar), len(band)) - piece + 1, piece):
+        g = guitar[start:start + piece]
+        if rms(g) >= whole * 10 ** (-BAND_QUIET_DB / 20):
+            out.append((g, band[start:start + piece]))
+        if len(out) == BAND_PIECES:
+            break
+    return out
 
 
 def pieces(audio: np.ndarray, max_pieces: int = 0) -> list[np.ndarray]:
@@ -284,14 +352,41 @@ def mixed(name, half, instrument, inst_rec, inst_audio, rest, level_db) -> Track
     return Track(name, half, instrument, stems, parts, level_db)
 
 
-def absent(name, half, instrument, rest) -> Track:
-    """A track without the instrument: its stem is all zeros, the right answer silence."""
+def as_mixed(name, half, instrument, parts: list[tuple[Recording, np.ndarray]]) -> Track:
+    """Instrument and rest at the balance they were recorded with (a band's own mix); the level
+    recorded is the one measured."""
+    (inst_rec, inst_audio), *rest = parts
+    rest_sum = sum(audio for _, audio in rest)
+    level_db = 20 * np.log10(max(rms(inst_audio), 1e-12) / max(rms(rest_sum), 1e-12))
+    return Track(name, half, instrument, {r.file: audio for r, audio in parts}, {r.file: r for r, _ in parts},
+                 float(level_db))
+
+
+def band_tracks(audio: dict[str, np.ndarray]) -> list[Track]:
+    """Version 4: each band song's pieces as mixed (guitar tracks), its band alone (no guitar), and
+    the whole song (no piano)."""
+    tracks = []
+    for guitar, band in BAND_SONGS:
+        half = guitar.half
+        found = band_pieces(audio[guitar.key], audio[band.key])
+        for n, (g, b) in enumerate(found, 1):
+            tracks.append(as_mixed(f"{half}-guitar-{guitar.key}{n}-mix", half, "guitar", [(guitar, g), (band, b)]))
+        g, b = found[0]
+        tracks.append(absent(f"{half}-noguitar-song-{guitar.key}", half, "guitar", [(band, b)], natural=True))
+        tracks.append(absent(f"{half}-nopiano-song-{guitar.key}", half, "piano", [(guitar, g), (band, b)],
+                             natural=True))
+    return tracks
+
+
+def absent(name, half, instrument, rest, natural: bool = False) -> Track:
+    """A track without the instrument: its stem is all zeros, the right answer silence. The rest's
+    recordings at equal RMS, or (`natural`) at the balance they were recorded with."""
     length = max(min(len(a), int(MAX_SECONDS * RATE)) for _, a in rest)
     stems = {f"{instrument}.flac": np.zeros(length)}
     parts: dict[str, Recording | None] = {f"{instrument}.flac": None}
     for r, audio in rest:
         part = fit(audio, length, r.loop)
-        stems[r.file] = part / max(rms(part), 1e-9)
+        stems[r.file] = part if natural else part / max(rms(part), 1e-9)
         parts[r.file] = r
     return Track(name, half, instrument, stems, parts, None)
 
@@ -341,7 +436,8 @@ def make_tracks(mirrors: Path) -> list[Track]:
         for d, p in zip(drums[1:3], parts[2:4], strict=True):
             tracks.append(absent(f"{half}-nopiano-band-{d.key}-{p.key}", half, "piano",
                                  [(d, audio[d.key]), (p, audio[p.key])]))
-    return tracks
+    # Appended after version 3's tracks, so each of those is written exactly as before.
+    return tracks + band_tracks(audio)
 
 
 def write_track(track: Track, folder: Path) -> dict[str, float]:
@@ -365,7 +461,8 @@ def provenance(tracks: list[Track], gains: dict[str, dict[str, float]]) -> str:
         "# Real-recordings set: provenance",
         "",
         "Written by `realset/build.py` (do not edit by hand). Every stem is cut from the recording named",
-        "below, read from the repository at the commit given; mono, resampled to 22050 Hz (soxr), scaled",
+        "below, read from the repository at the commit given (or the Debian package at the version given);",
+        "mono, resampled to 22050 Hz (soxr), scaled",
         "and written as 16-bit FLAC. A track's mixture is the sum of its stem files, exactly.",
         "A recording belongs to one half only (validation `val` or `test`).",
         "",
@@ -388,6 +485,10 @@ def provenance(tracks: list[Track], gains: dict[str, dict[str, float]]) -> str:
         f"  seamlessly, others with {FADE_SECONDS * 1000:g}-ms fades at the joins).",
         "- Absent tracks (`noguitar`, `nopiano`): the instrument's stem is all zeros; the rest is real",
         "  solo piano (for guitar), solo guitar (for piano), speech, or drums with a voice/instrument.",
+        "- Band songs (version 4, `-mix`): a song's guitar part and the rest of its band, as the band",
+        f"  mixed them (the level column is the one measured): the first {BAND_PIECES} pieces of {PIECE_SECONDS:g} s in which",
+        f"  the guitar plays (within {BAND_QUIET_DB:g} dB of its whole-song RMS). `noguitar-song`: the band without",
+        "  its guitar (the song's first such piece); `nopiano-song`: the whole song, which has no piano.",
         f"- All stems of a track are scaled by one factor so the mixture peaks at {PEAK} (about −1 dBFS).",
         "",
         "## Tracks (stem RMS in dBFS after scaling)",
@@ -398,7 +499,8 @@ def provenance(tracks: list[Track], gains: dict[str, dict[str, float]]) -> str:
     for t in tracks:
         stems = ", ".join(
             f"{file} ({'silent' if r is None else r.key}, {gains[t.name][file]:.1f})" for file, r in sorted(t.parts.items()))
-        level = "absent" if t.level_db is None else f"{t.level_db:+g}"
+        level = ("absent" if t.level_db is None else f"{t.level_db:+.2f}, as mixed" if t.name.endswith("-mix")
+                 else f"{t.level_db:+g}")
         lines.append(f"| {t.name} | {t.half} | {t.instrument} | {level} | {stems} |")
     return "\n".join(lines) + "\n"
 

@@ -228,13 +228,15 @@ def table(rows: list[dict]) -> str:
 
 
 def by_level(report_path: Path) -> list[str]:
-    """Rows of median instrument SDR per instrument-to-rest level (model, HPSS, mixture, oracle)."""
+    """Rows of median instrument SDR per instrument-to-rest level (model, HPSS, mixture, oracle), and
+    for the band songs at the balance the band mixed them (version 4)."""
     doc = json.loads(report_path.read_text())
     rows = []
-    for level in ("minus6db", "0db", "plus6db"):
+    for level in ("minus6db", "0db", "plus6db", "mix"):
         tracks = [t for t in doc["tracks"] if t["status"] == "scored" and t["track"].endswith(f"-{level}")]
-
-        name = level.replace("minus", "−").replace("plus", "+").replace("db", " dB")
+        if not tracks:
+            continue
+        name = "band's own mix" if level == "mix" else level.replace("minus", "−").replace("plus", "+").replace("db", " dB")
         rows.append(f"| {doc['provenance']['dataset']['name']} | {name} | {len(tracks)} "
                     f"| {_median_of(tracks, 'mixture')} | {_median_of(tracks, 'hpss')} "
                     f"| {_median_of(tracks, 'model')} | {_median_of(tracks, 'oracle')} "
