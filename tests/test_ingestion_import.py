@@ -156,6 +156,19 @@ def test_stem_folder_names_are_matched_as_whole_words(tmp_path, library, mapping
         "drums_1.ogg": "drums", "guitar.ogg": "guitar", "rhythm.ogg": "guitar", "song.ogg": "mix"}
 
 
+def test_a_rhythm_game_song_folder_reads_song_ogg_as_the_rest_of_the_band(tmp_path, library, mapping):
+    # Frets on Fire / Clone Hero: song.ini beside the parts; song.ogg is the band without them.
+    game = tmp_path / "songs" / "Band - Song"
+    for name in ("guitar.ogg", "song.ogg", "preview.ogg", "drums.ogg"):
+        write(game / name, drums(1.0) if "drums" in name else tone(1.0, 330))
+    (game / "song.ini").write_text("[song]\nname = Song\nartist = Band\n")
+    report = import_tracks(library, read_stem_folders(tmp_path / "songs", mapping))
+    track = library.load(report.added[0])
+    assert {Path(s.file).name: (s.cls, s.suggested) for s in track.stems} == {
+        "guitar.ogg": ("guitar", True), "song.ogg": ("other", True), "preview.ogg": ("excluded", True),
+        "drums.ogg": ("drums", True)}
+
+
 def test_import_reports_progress_and_stops_when_asked(tmp_path, library, mapping):
     root = make_medleydb(tmp_path / "mdb", songs=3, seconds=1.0)
     seen = []

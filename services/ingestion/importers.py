@@ -347,11 +347,18 @@ def _first_existing(track_dir: Path, audio_dir: str, key: str) -> Path | None:
 
 # --- stem folders without metadata ------------------------------------------------------------
 
+# A rhythm game's song folder (Frets on Fire, Clone Hero, YARG: a song.ini beside the audio) holds
+# the charted parts and song.ogg, the rest of the band — not the whole song, which the folder does
+# not have — and preview.ogg, a clip of the whole song. Elsewhere a file named "song" is a mix.
+RHYTHM_GAME_CLASSES = {"song": "other", "preview": "excluded"}
+
+
 def read_stem_folders(root: str | os.PathLike, mapping: Mapping) -> Iterator[TrackSource | dict]:
     """Every folder under `root` that directly holds audio files is one track.
 
     Classes are suggested from the file names (whole words, longest match; see
-    Mapping.suggest_from_filename) and stay `suggested` until a person confirms them.
+    Mapping.suggest_from_filename), in a rhythm game's song folder by RHYTHM_GAME_CLASSES first,
+    and stay `suggested` until a person confirms them.
     Files that are symlinks leading out of `root` are refused.
     """
     root = _require_dir(root)
@@ -366,13 +373,14 @@ def read_stem_folders(root: str | os.PathLike, mapping: Mapping) -> Iterator[Tra
         if folder != root:
             name = "_".join(folder.relative_to(root).parts)
         track = TrackSource(name=name, source="stems", origin=str(folder), title=folder.name)
+        game = (folder / "song.ini").is_file()
         try:
             for f in files:
                 path = safe_join(root, f.relative_to(root))
-                match = mapping.suggest_from_filename(f.name)
+                cls = (RHYTHM_GAME_CLASSES.get(f.stem.lower()) if game else None) or \
+                    mapping.suggest_from_filename(f.name).cls
                 track.stems.append(StemSource(path=path, name=stem_file_name(f.name),
-                                              raw_instrument=f.stem, cls=match.cls,
-                                              suggested=match.cls is not None))
+                                              raw_instrument=f.stem, cls=cls, suggested=cls is not None))
         except PathError as e:
             yield {"track": name, "stem": "", "reason": str(e)}
             continue
