@@ -26,24 +26,20 @@ def lists() -> dict[tuple[str, str], list[str]]:
     return {(i, h): (REALSET / "lists" / f"{i}-{h}.txt").read_text().split() for i in INSTRUMENTS for h in HALVES}
 
 
-def provenance_rows() -> dict[str, dict[str, str]]:
-    """track -> {stem file: recording key or "silent"} from PROVENANCE.md's track table."""
+def provenance_tracks() -> dict[str, list[str]]:
+    """track -> the cells of its row in PROVENANCE.md's track table (track, half, for, level, stems)."""
     rows = {}
     for line in (REALSET / "PROVENANCE.md").read_text().splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
         if len(cells) == 5 and re.match(r"^(val|test)-", cells[0]):
-            rows[cells[0]] = dict(re.findall(r"([\w.-]+\.flac) \(([\w]+),", cells[4]))
+            rows[cells[0]] = cells
     return rows
 
 
-def provenance_levels() -> dict[str, str]:
-    """track -> its level cell in PROVENANCE.md's track table ("-6", "absent", "-7.04, as mixed")."""
-    levels = {}
-    for line in (REALSET / "PROVENANCE.md").read_text().splitlines():
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) == 5 and re.match(r"^(val|test)-", cells[0]):
-            levels[cells[0]] = cells[3]
-    return levels
+def provenance_rows() -> dict[str, dict[str, str]]:
+    """track -> {stem file: recording key or "silent"} from PROVENANCE.md's track table."""
+    return {name: dict(re.findall(r"([\w.-]+\.flac) \(([\w]+),", cells[4]))
+            for name, cells in provenance_tracks().items()}
 
 
 def read_track(name: str) -> dict[str, np.ndarray]:
@@ -80,6 +76,7 @@ def test_levels_are_as_named_and_absent_tracks_have_a_silent_instrument(key):
     instrument, _ = key
     classes = Mapping.defaults()
     names = lists()[key]
+    recorded = provenance_tracks()
     assert any("-no" in n for n in names) and any("db" in n for n in names)
     for name in names:
         stems = read_track(name)
@@ -92,7 +89,7 @@ def test_levels_are_as_named_and_absent_tracks_have_a_silent_instrument(key):
             assert not np.any(inst) and np.sqrt(np.mean(rest**2)) > 0.01, name
             continue
         if name.endswith("-mix"):  # a band's own mix: the level PROVENANCE.md records, measured when built
-            level = float(provenance_levels()[name].removesuffix(", as mixed"))
+            level = float(recorded[name][3].removesuffix(", as mixed"))
         else:
             level = int(re.search(r"-(minus|plus)?(\d+)db$", name).group(2))
             level *= -1 if "-minus" in name else 1
