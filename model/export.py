@@ -4,6 +4,8 @@ Signatures:
   serving_default: waveform float32 [batch, samples] at the model's rate
                    -> instrument, rest float32 [batch, samples]
   sample_rate:     x float32 [batch] (ignored) -> sample_rate int32 [batch]
+An export may hold another instrument's networks too, whose mask it leaves out of its own
+(`Excluded`): one SavedModel, so serving and every client see one model either way.
 The version folder is built under a name starting with ".tmp-" (TF Serving loads only all-digit
 folder names) and renamed into place in one step, so a server polling the folder never loads half
 a model.
@@ -18,7 +20,7 @@ import shutil
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import keras
 import tensorflow as tf
@@ -38,6 +40,14 @@ class ExportError(RuntimeError):
 ENSEMBLE_SHARED_KEYS = ("rate_hz", "n_fft", "hop_length", "window", "chunk_frames")
 
 
+class Excluded(NamedTuple):
+    """Another instrument's model whose mask the export takes out of its own (separate_waveform):
+    its networks, the config it applies them with, and each network's own config."""
+    networks: list[keras.Model]
+    config: ModelConfig
+    member_configs: list[ModelConfig]
+
+
 class _Separator(tf.Module):
     """What the SavedModel holds: the networks' weights and the two serving functions.
 
@@ -49,7 +59,7 @@ class _Separator(tf.Module):
     """
 
     def __init__(self, networks: keras.Model | Sequence[keras.Model], config: ModelConfig,
-                 member_configs: Sequence[ModelConfig] | None = None):
+                 member_configs: Sequence[ModelConfig] | None = None, excluded: Excluded | None = None):
         super().__init__(name="stemlab_separator")
         if isinstance(networks, Sequence) and len(networks) > 1:
             self.members = list(networks)
@@ -58,6 +68,13 @@ class _Separator(tf.Module):
         if member_configs is not None:
             self.folded = [fold_batch_norm(n, c) for n, c in zip(self._networks(), member_configs, strict=True)]
         self._config = config
+        if excluded is not None:
+            # Tracked apart from network/members, so loading the export's own networks (to
+            # fine-tune them) neither counts nor needs these; only the folded copies serve.
+            self.excluded_members = list(excluded.networks)
+            self.excluded_folded = [fold_batch_norm(n, c) for n, c in
+                                    zip(excluded.networks, excluded.member_configs, strict=True)]
+            self._excluded_config = excluded.config
 
     def _networks(self) -> list[keras.Model]:
         return self.members if hasattr(self, "members") else [self.network]
@@ -65,7 +82,8 @@ class _Separator(tf.Module):
     @tf.function(input_signature=[tf.TensorSpec([None, None], tf.float32, name="waveform")])
     def separate(self, waveform):
         networks = self.folded if hasattr(self, "folded") else self._networks()
-        instrument, rest = separate_waveform(networks, waveform, self._config)
+        excluded = (self.excluded_folded, self._excluded_config) if hasattr(self, "excluded_folded") else None
+        instrument, rest = separate_waveform(networks, waveform, self._config, excluded)
         return {"instrument": instrument, "rest": rest}
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.float32, name="x")])
@@ -94,13 +112,15 @@ def check_ensemble(configs: Sequence[ModelConfig]) -> None:
 
 def export_saved_model(
     network: keras.Model | Sequence[keras.Model], config: ModelConfig, out_dir: str | os.PathLike,
-    metadata: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None, excluded: Excluded | None = None,
 ) -> int:
     """Write the SavedModel as the next version under `out_dir` (models/<name>/); returns the version.
 
     `metadata` (e.g. preset, source run) goes into assets.extra/stemlab.json with the config and rate.
     For an ensemble (several networks, applied with `config`), metadata["members"] must list one
     dict per network with its "config" (a config_to_dict), so its weights can be read back.
+    `excluded`: another instrument's model whose mask is taken out of this one's (separate_waveform);
+    it must cut the same spectrogram and chunks, and metadata should say which model it is.
     """
     networks = list(network) if isinstance(network, Sequence) else [network]
     configs = [config]
@@ -111,12 +131,17 @@ def export_saved_model(
             raise ExportError(f"an ensemble of {len(networks)} networks needs metadata['members'] with each one's config")
         configs = [config_from_dict(m["config"]) for m in members]
         check_ensemble([config, *configs])
+    if excluded is not None:
+        try:
+            check_ensemble([config, excluded.config, *excluded.member_configs])
+        except ExportError as e:
+            raise ExportError(f"the model to leave out cuts another spectrogram ({e})") from e
     model_dir = Path(out_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     tmp = model_dir / f".tmp-{uuid.uuid4().hex}"
     try:
         try:
-            module = _Separator(networks, config, configs)
+            module = _Separator(networks, config, configs, excluded)
         except ValueError as e:  # a network not built from its config: no layer of that name or shape
             raise ExportError(f"the networks do not match their configs: {e}") from e
         signatures = {
@@ -210,19 +235,42 @@ def load_exported_networks(version_dir: str | os.PathLike, folded: bool = False,
     return networks, config
 
 
-def _read_weights(networks: list[keras.Model], config: ModelConfig, version_dir: str | os.PathLike) -> None:
+def load_excluded_networks(version_dir: str | os.PathLike, folded: bool = False) -> Excluded | None:
+    """The other instrument's model an export leaves out (its networks with their weights, as
+    `load_exported_networks` gives an export's own), or None when it leaves none out."""
+    record = read_export_info(version_dir).get("excluded")
+    if not record:
+        return None
+    try:
+        config = config_from_dict(record["config"])
+        configs = [config_from_dict(m["config"]) for m in record["members"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ExportError(f"{version_dir} records the model it leaves out without its settings: {e}") from e
+    networks = [build_network(c) for c in configs]
+    holder = tf.Module()
+    holder.excluded_members = networks
+    _read_weights(networks, config, version_dir, holder, ("excluded_members/",))
+    if folded:
+        networks = [fold_batch_norm(n, c) for n, c in zip(networks, configs, strict=True)]
+    return Excluded(networks, config, configs)
+
+
+def _read_weights(networks: list[keras.Model], config: ModelConfig, version_dir: str | os.PathLike,
+                  root: tf.Module | None = None, prefixes: tuple[str, ...] = ("network/", "members/")) -> None:
+    """Read `networks`' weights from the export: those under `prefixes` of its checkpoint, through
+    `root` (the same object graph down to them; default: a _Separator of the networks)."""
     prefix = Path(version_dir) / "variables" / "variables"
     # Only the networks are read: the export's folded serving copies (if it has them) are derived
     # from them. Every variable must be found and none left over; a silent partial load would not do.
     try:
-        stored = [k for k, _ in tf.train.list_variables(str(prefix)) if k.startswith(("network/", "members/"))]
+        stored = [k for k, _ in tf.train.list_variables(str(prefix)) if k.startswith(prefixes)]
     except (tf.errors.OpError, ValueError) as e:
         raise ExportError(f"{version_dir} has no readable variables: {e}") from e
     expected = sum(len(n.weights) for n in networks)
     if len(stored) != expected:
         raise ExportError(f"{version_dir} holds another network's weights: {len(stored)} variables, "
                           f"{expected} expected")
-    status = tf.train.Checkpoint(_Separator(networks, config)).read(str(prefix))
+    status = tf.train.Checkpoint(root or _Separator(networks, config)).read(str(prefix))
     try:
         status.assert_existing_objects_matched()
     except AssertionError as e:

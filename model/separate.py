@@ -67,12 +67,27 @@ def spectrogram_mask(network: keras.Model, mix_magnitude: tf.Tensor, config: Mod
     return from_network_rows(mask_rows[..., tf.newaxis])
 
 
+def model_mask(networks: Sequence[keras.Model], mix_magnitude: tf.Tensor, config: ModelConfig) -> tf.Tensor:
+    """A model's mask: the mean of its networks' masks, each shaped by config.mask_exponent first
+    (as each member was chosen alone)."""
+    masks = []
+    for member in networks:
+        mask = spectrogram_mask(member, mix_magnitude, config)
+        masks.append(tf.pow(mask, config.mask_exponent) if config.mask_exponent != 1.0 else mask)
+    return masks[0] if len(masks) == 1 else tf.add_n(masks) / float(len(masks))
+
+
 def separate_waveform(network: keras.Model | Sequence[keras.Model], waveform: tf.Tensor,
-                      config: ModelConfig) -> tuple[tf.Tensor, tf.Tensor]:
+                      config: ModelConfig,
+                      excluded: tuple[Sequence[keras.Model], ModelConfig] | None = None) -> tuple[tf.Tensor, tf.Tensor]:
     """Split mono waveforms at config.rate_hz into (instrument, rest).
 
     network: one network, or several (an ensemble) sharing config's spectrogram and chunks.
     waveform: (batch, samples) float32; channels of a stereo file travel as batch rows.
+    excluded: another instrument's model (its networks, applied with its config; same spectrogram):
+    in the bins where that model's mask is the larger, the instrument keeps only what that mask
+    leaves, mask * (1 - other mask) — e.g. the guitar model leaves alone what the piano model
+    claims more surely than it does.
     Returns instrument, rest: (batch, samples) each, with instrument + rest == waveform.
     """
     networks = list(network) if isinstance(network, Sequence) else [network]
@@ -82,11 +97,11 @@ def separate_waveform(network: keras.Model | Sequence[keras.Model], waveform: tf
     padded = tf.pad(waveform, [[0, 0], [0, tf.maximum(0, config.n_fft - length)]])
     spectrum = stft(padded, config)
     mix_magnitude = magnitude(spectrum)
-    masks = []
-    for member in networks:
-        mask = spectrogram_mask(member, mix_magnitude, config)
-        # The exponent shapes each member's mask before the mean, as each was chosen alone.
-        masks.append(tf.pow(mask, config.mask_exponent) if config.mask_exponent != 1.0 else mask)
-    mask = masks[0] if len(masks) == 1 else tf.add_n(masks) / float(len(masks))
+    mask = model_mask(networks, mix_magnitude, config)
+    if excluded is not None:
+        other = model_mask(excluded[0], mix_magnitude, excluded[1])
+        # Only where the other model is the surer: taken out wherever it was above zero, a loud
+        # guitar lost the part the piano model half-claimed (docs/experiments/46, 47).
+        mask = mask * (1.0 - tf.where(other > mask, other, tf.zeros_like(other)))
     instrument = istft(spectrum * tf.cast(mask, tf.complex64), config, tf.shape(padded)[1])[:, :length]
     return instrument, waveform - instrument

@@ -211,6 +211,10 @@ def test_service_trains_resumes_after_a_crash_and_exports(tmp_path):
             assert done.state == jobs_pb2.SUCCEEDED and list(done.params["with_models"]) == ["guitar:1#1"], done.error
             provenance = json.loads((tmp_path / "models" / "tuned" / "2" / "assets.extra" / "stemlab.json").read_text())
             assert [m["source_run"] for m in provenance["members"]] == ["r2", "r1"]
+            with pytest.raises(grpc.RpcError) as e:  # leaving a model out: another instrument's only
+                training.ExportModel(training_pb2.ExportModelRequest(run_id="r2", model_name="tuned",
+                                                                     without_model="guitar"))
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "separates guitar too" in e.value.details()
             with pytest.raises(grpc.RpcError) as e:
                 training.StartTraining(training_pb2.StartTrainingRequest(dataset="synth", init_from_model="tuned:2#3"))
             assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "no member 3" in e.value.details()

@@ -161,6 +161,7 @@ class SavedModelSource(_WaveformModelSource):
         self.overrides = dict(overrides or {})
         self.config = None
         self._networks = None
+        self._excluded = None
         if self.overrides:
             if not isinstance(self.info.get("config"), dict):
                 raise FailedPreconditionError(
@@ -199,15 +200,18 @@ class SavedModelSource(_WaveformModelSource):
         return outputs["instrument"].numpy(), outputs.get("rest")
 
     def _run_with_overrides(self, waveform):
-        from model.export import ExportError, load_exported_networks
+        from model.export import ExportError, load_excluded_networks, load_exported_networks
         from model.separate import separate_waveform
 
         if self._networks is None:
             try:  # an ensemble's members too, as the export serves them (batch norm folded)
                 self._networks = load_exported_networks(self.path, folded=True)[0]
+                # and the model it leaves out, as it was exported (the overrides are this model's)
+                excluded = load_excluded_networks(self.path, folded=True)
             except ExportError as e:
                 raise FailedPreconditionError(str(e)) from e
-        instrument, rest = separate_waveform(self._networks, waveform, self.config)
+            self._excluded = (excluded.networks, excluded.config) if excluded else None
+        instrument, rest = separate_waveform(self._networks, waveform, self.config, self._excluded)
         return instrument.numpy(), rest.numpy()
 
 

@@ -65,7 +65,8 @@ def cmd_export(args) -> int:
     if not args.run and not args.with_models:
         raise CliError("name a run to export, or an exported model with --with-model to export again")
     req = training_pb2.ExportModelRequest(run_id=args.run or "", model_name=args.model, overrides=dict(args.set),
-                                          with_runs=args.with_runs, with_models=args.with_models)
+                                          with_runs=args.with_runs, with_models=args.with_models,
+                                          without_model=args.without_model or "")
     return start_and_follow(args, SERVICE, _stub(args).ExportModel(req, timeout=30))
 
 
@@ -125,6 +126,9 @@ def register(subparsers, groups: dict | None = None) -> None:
     p.add_argument("--with-model", dest="with_models", action="append", default=[], metavar="NAME[:VERSION][#MEMBER]",
                    help="an exported model's networks (or its #MEMBER-th, from 1) join the ensemble after the runs' "
                         "(repeatable)")
+    p.add_argument("--without-model", default=None, metavar="NAME[:VERSION]",
+                   help="another instrument's exported model (e.g. piano): where its mask is the larger, this "
+                        "model leaves what it claims alone; its networks go into the export too")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return")
     add_common_args(p, SERVICE)
     p.set_defaults(func=cmd_export)

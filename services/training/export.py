@@ -12,11 +12,13 @@ from model.checkpoint import load_best_network, read_run
 from model.config import (
     INFERENCE_KEYS,
     ConfigError,
+    ModelConfig,
     config_from_dict,
     config_to_dict,
     with_inference_overrides,
 )
 from model.export import (
+    Excluded,
     ExportError,
     check_ensemble,
     export_saved_model,
@@ -56,7 +58,8 @@ def model_members(version_dir: str | os.PathLike, member: int | None = None) -> 
 def export_run(run_dir: str | os.PathLike | None, models_root: str | os.PathLike, model_name: str,
                overrides: dict[str, Any] | None = None,
                with_runs: list[str | os.PathLike] | None = None,
-               with_models: list[tuple[str | os.PathLike, int | None]] | None = None) -> int:
+               with_models: list[tuple[str | os.PathLike, int | None]] | None = None,
+               without_model: str | os.PathLike | None = None) -> int:
     """Export the run's best weights as the next version of models/<model_name>/; returns the version.
 
     `overrides` may change how the network is applied (config.INFERENCE_KEYS, e.g. mask_exponent).
@@ -68,6 +71,10 @@ def export_run(run_dir: str | os.PathLike | None, models_root: str | os.PathLike
     With no run (run_dir None, no with_runs) the exported models' networks alone are exported again,
     applied as the first of those models applies them unless `overrides` say otherwise: an export
     made by older code gets the current export (folded batch norm) with the same separation.
+    `without_model`: an exported model of another instrument (version folder) whose mask is taken out
+    of this one's at separation (model.export.Excluded), e.g. the piano model in the guitar model so
+    that it leaves pianos alone; recorded under "excluded" in stemlab.json. Exporting such a model
+    again with --with-model takes its own networks only.
     """
     run_dirs = [Path(r) for r in [run_dir, *(with_runs or [])] if r]
     if not run_dirs and not with_models:
@@ -122,7 +129,33 @@ def export_run(run_dir: str | os.PathLike | None, models_root: str | os.PathLike
         metadata = {**records[0], "code_version": code_version(), "exported": now()}
         if len(records) > 1:
             metadata["members"] = [{**r, "config": config_to_dict(c)} for r, c in zip(records, configs, strict=True)]
-        return export_saved_model(networks if len(networks) > 1 else networks[0], config, model_dir, metadata)
+        excluded = None
+        if without_model is not None:
+            excluded, metadata["excluded"] = excluded_model(without_model, instruments, config)
+        return export_saved_model(networks if len(networks) > 1 else networks[0], config, model_dir, metadata,
+                                  excluded)
+
+
+def excluded_model(version_dir: str | os.PathLike, instruments: set[str],
+                   config: ModelConfig) -> tuple[Excluded, dict[str, Any]]:
+    """The model to leave out of an export applied with `config` (its networks and configs) and its
+    record for stemlab.json. InvalidArgumentError when it separates the very instrument being
+    exported, FailedPreconditionError when it cuts another spectrogram or chunks."""
+    version_dir = Path(version_dir)
+    members = model_members(version_dir)
+    instrument = members[0].get("instrument")
+    if instrument and instrument in instruments:
+        raise InvalidArgumentError(f"{version_dir.parent.name} separates {instrument} too: leave out another "
+                                   "instrument's model")
+    try:
+        networks, applied = load_exported_networks(version_dir)
+        check_ensemble([config, applied, *(config_from_dict(m["config"]) for m in members)])
+    except ExportError as e:
+        raise FailedPreconditionError(f"cannot leave out {version_dir}: {e}") from e
+    record = {"model": version_dir.parent.name, "version": int(version_dir.name) if version_dir.name.isdigit()
+              else version_dir.name, "instrument": instrument, "config": config_to_dict(applied),
+              "members": [{"config": m["config"]} for m in members]}
+    return Excluded(networks, applied, [config_from_dict(m["config"]) for m in members]), record
 
 
 def run_instrument(info: dict[str, Any]) -> str | None:

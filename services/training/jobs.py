@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from model.config import ConfigError, config_from_dict, with_inference_overrides
+from model.config import ConfigError, ModelConfig, config_from_dict, with_inference_overrides
 from model.export import ExportError, check_ensemble, versions
 from services.common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from services.common.jobs import INTERRUPTED, QUEUED, RUNNING, JobStore
@@ -171,7 +171,27 @@ def validate_export(data: DataRoot, params: dict) -> dict:
         raise InvalidArgumentError(str(e)) from e
     except ExportError as e:
         raise FailedPreconditionError(str(e)) from e
+    validate_without_model(data, params, instruments, configs[0])
     return params
+
+
+def validate_without_model(data: DataRoot, params: dict, instruments: set[str], config: ModelConfig) -> None:
+    """params["without_model"] ("NAME[:VERSION]", the version fixed now): a whole exported model of
+    another instrument, cutting the export's spectrogram and chunks."""
+    if not params.get("without_model"):
+        return
+    resolved, path, member = exported_member(data, params["without_model"])
+    if member:
+        raise InvalidArgumentError(f"leave out a whole model, not one network ({params['without_model']})")
+    params["without_model"] = resolved
+    other = export.model_members(path)
+    if other[0].get("instrument") and other[0]["instrument"] in instruments:
+        raise InvalidArgumentError(f"{resolved} separates {other[0]['instrument']} too: leave out another "
+                                   "instrument's model")
+    try:
+        check_ensemble([config, *(config_from_dict(m["config"]) for m in other)])
+    except ExportError as e:
+        raise FailedPreconditionError(f"{resolved} cuts another spectrogram than the export ({e})") from e
 
 
 def resumable_runs(store: JobStore, data: DataRoot) -> list[str]:
@@ -236,7 +256,9 @@ class TrainingJobs:
         version = export.export_run(run, self.data.models, params["model_name"],
                                      params.get("overrides"),
                                      [existing_run(self.data, r) for r in params.get("with_runs") or []],
-                                     [exported_member(self.data, r)[1:] for r in params.get("with_models") or []])
+                                     [exported_member(self.data, r)[1:] for r in params.get("with_models") or []],
+                                     exported_member(self.data, params["without_model"])[1]
+                                     if params.get("without_model") else None)
         ctx.progress(1, 1, f"published {params['model_name']} version {version}")
         return {"model": params["model_name"], "version": version,
                 "path": str(self.data.models / params["model_name"] / str(version))}

@@ -72,6 +72,6 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     def ExportModel(self, request, context):
         params = {"run_id": request.run_id, "model_name": request.model_name,
                   "overrides": parse_overrides(dict(request.overrides)), "with_runs": list(request.with_runs),
-                  "with_models": list(request.with_models)}
+                  "with_models": list(request.with_models), "without_model": request.without_model}
         jobs.validate_export(self.svc.data, params)
         return self.svc.submit(jobs.EXPORT, params)
