@@ -136,11 +136,10 @@ def export_run(run_dir: str | os.PathLike | None, models_root: str | os.PathLike
                                   excluded)
 
 
-def excluded_model(version_dir: str | os.PathLike, instruments: set[str],
-                   config: ModelConfig) -> tuple[Excluded, dict[str, Any]]:
-    """The model to leave out of an export applied with `config` (its networks and configs) and its
-    record for stemlab.json. InvalidArgumentError when it separates the very instrument being
-    exported, FailedPreconditionError when it cuts another spectrogram or chunks."""
+def check_excluded(version_dir: str | os.PathLike, instruments: set[str], config: ModelConfig) -> list[dict[str, Any]]:
+    """The records of the networks of a model to leave out of an export applied with `config`.
+    InvalidArgumentError when it separates the very instrument being exported (one of
+    `instruments`), FailedPreconditionError when it cuts another spectrogram or chunks."""
     version_dir = Path(version_dir)
     members = model_members(version_dir)
     instrument = members[0].get("instrument")
@@ -148,12 +147,25 @@ def excluded_model(version_dir: str | os.PathLike, instruments: set[str],
         raise InvalidArgumentError(f"{version_dir.parent.name} separates {instrument} too: leave out another "
                                    "instrument's model")
     try:
+        check_ensemble([config, *(config_from_dict(m["config"]) for m in members)])
+    except ExportError as e:
+        raise FailedPreconditionError(f"{version_dir.parent.name} cuts another spectrogram than the export "
+                                      f"({e})") from e
+    return members
+
+
+def excluded_model(version_dir: str | os.PathLike, instruments: set[str],
+                   config: ModelConfig) -> tuple[Excluded, dict[str, Any]]:
+    """The model to leave out of an export applied with `config` (its networks and configs, checked
+    by check_excluded) and its record for stemlab.json."""
+    version_dir = Path(version_dir)
+    members = check_excluded(version_dir, instruments, config)
+    try:
         networks, applied = load_exported_networks(version_dir)
-        check_ensemble([config, applied, *(config_from_dict(m["config"]) for m in members)])
     except ExportError as e:
         raise FailedPreconditionError(f"cannot leave out {version_dir}: {e}") from e
     record = {"model": version_dir.parent.name, "version": int(version_dir.name) if version_dir.name.isdigit()
-              else version_dir.name, "instrument": instrument, "config": config_to_dict(applied),
+              else version_dir.name, "instrument": members[0].get("instrument"), "config": config_to_dict(applied),
               "members": [{"config": m["config"]} for m in members]}
     return Excluded(networks, applied, [config_from_dict(m["config"]) for m in members]), record
 

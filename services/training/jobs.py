@@ -184,14 +184,7 @@ def validate_without_model(data: DataRoot, params: dict, instruments: set[str], 
     if member:
         raise InvalidArgumentError(f"leave out a whole model, not one network ({params['without_model']})")
     params["without_model"] = resolved
-    other = export.model_members(path)
-    if other[0].get("instrument") and other[0]["instrument"] in instruments:
-        raise InvalidArgumentError(f"{resolved} separates {other[0]['instrument']} too: leave out another "
-                                   "instrument's model")
-    try:
-        check_ensemble([config, *(config_from_dict(m["config"]) for m in other)])
-    except ExportError as e:
-        raise FailedPreconditionError(f"{resolved} cuts another spectrogram than the export ({e})") from e
+    export.check_excluded(path, instruments, config)  # export_run checks again; here it fails the request
 
 
 def resumable_runs(store: JobStore, data: DataRoot) -> list[str]:
