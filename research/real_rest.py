@@ -30,6 +30,7 @@ import yaml
 
 from realset.build import (
     ALL,
+    BERKLEE,
     CC0,
     LIBTSM,
     MIRW,
@@ -38,6 +39,7 @@ from realset.build import (
     SMS,
     SMST,
     SONIC,
+    TONEJS,
     Recording,
     faded,
     read_recording,
@@ -89,6 +91,28 @@ POOL: list[tuple[Recording, str]] = [
 ]
 
 
+# `--voices` (experiment 49): the OLPC Berklee Sound Library's voices in Tonejs/audio — men and women
+# singing sustained vowels at many pitches, alone and in groups, hums, long vocal chords, gliding
+# lines, a hallway conversation (288 s). Songs a user uploads have singers; the pool above has four.
+_SINGERS = {"femalevoice": "female singer", "malevoice": "male singer"}
+_BERKLEE_VOICES = (
+    "femalevoice_aa_A3 femalevoice_aa_A4 femalevoice_aa_A5 femalevoice_aa_C6 femalevoice_aa_Db4 femalevoice_aa_Db5 "
+    "femalevoice_aa_Eb4 femalevoice_aa_F5 femalevoice_oo_A4 femalevoice_oo_A5 femalevoice_oo_C6 femalevoice_oo_Db4 "
+    "femalevoice_oo_Db5 femalevoice_oo_femalevoice_oo_A3 femalevoices_aa2_A3 femalevoices_aa2_A4 femalevoices_aa2_A5 "
+    "femalevoices_aa2_C#4 femalevoices_aa2_C5 femalevoices_aa2_C6 femalevoices_aa2_F#5 femalevoices_oo2_A3 "
+    "femalevoices_oo2_A4 femalevoices_oo2_A5 femalevoices_oo2_C#4 femalevoices_oo2_C#5 femalevoices_oo2_c6 "
+    "malevoice_aa_A2 malevoice_aa_A3 malevoice_aa_Ab4 malevoice_aa_C#4 malevoice_aa_C3 malevoice_aa_F4 malevoice_oo_A2 "
+    "malevoice_oo_A3 malevoice_oo_A4 malevoice_oo_C3 malevoice_oo_D#4 malevoice_oo_F3 malevoice_oo_F4 malevoice_oo_G2 "
+    "malevoices_aa2_A2 malevoices_aa2_C#4 malevoices_aa2_C3 malevoices_aa2_F3 malevoices_aa2_F4 malevoices_oo2_A2 "
+    "malevoices_oo2_A3 malevoices_oo2_A4 malevoices_oo2_C#4 malevoices_oo2_C3 malevoices_oo2_F3 malevoices_oo2_F4 "
+    "vocal_hum_1 vocal_hum_2 vocal_hum_3 voclongchord voclongchord2 voclongchord3 voclongchord4 up_down_vocals_1 "
+    "down_vocals_1 hallwaytalking_").split()
+VOICES: list[tuple[Recording, str]] = [
+    (rec(f"berklee-{name}", TONEJS, f"berklee/{name}.mp3", BERKLEE, f"voice ({name}, OLPC Berklee Sound Library)", "",
+         "train"), _SINGERS.get(name.split("_")[0], "vocalists"))
+    for name in _BERKLEE_VOICES]
+
+
 def check_pool(pool=POOL) -> None:
     """Refuse a pool that shares a recording with the real-recordings set."""
     used = {(r.repo, r.path) for r in ALL}
@@ -116,8 +140,8 @@ def place(audio: np.ndarray, length: int, loop: bool, rng: np.random.Generator) 
 
 
 def add_to_song(song: Path, picks: list[int], levels: list[float], rng: np.random.Generator,
-                audio_of) -> list[dict]:
-    """Add POOL[picks[i]] at levels[i] dB to one song; returns what was added (empty if it had additions)."""
+                audio_of, pool=POOL) -> list[dict]:
+    """Add pool[picks[i]] at levels[i] dB to one song; returns what was added (empty if it had additions)."""
     meta_path = song / f"{song.name}_METADATA.yaml"
     meta = yaml.safe_load(meta_path.read_text())
     if meta.get("real_rest") is not None or not picks:
@@ -130,7 +154,7 @@ def add_to_song(song: Path, picks: list[int], levels: list[float], rng: np.rando
     stems_dir = song / meta["stem_dir"]
     added = []
     for n, (pick, level) in enumerate(zip(picks, levels, strict=True)):
-        r, instrument = POOL[pick]
+        r, instrument = pool[pick]
         part = place(audio_of(r), len(mix), r.loop, rng)
         part *= 10 ** (level / 20) * mix_rms / max(rms(part), 1e-9)
         stereo = np.repeat(part[:, None], mix.shape[1], axis=1)
@@ -156,10 +180,12 @@ def main(argv=None) -> int:
     ap.add_argument("songs", type=Path, help="a folder of generated songs (MedleyDB layout)")
     ap.add_argument("--mirrors", type=Path, default=Path("/work/.mirror"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--voices", action="store_true", help="the Berklee library's 63 voice recordings join the pool")
     args = ap.parse_args(argv)
     if not args.songs.is_dir():
         raise SystemExit(f"real_rest: {args.songs} is not a folder of generated songs")
-    check_pool()
+    pool = POOL + VOICES if args.voices else POOL
+    check_pool(pool)
     cache: dict[str, np.ndarray] = {}
 
     def audio_of(r: Recording) -> np.ndarray:
@@ -173,9 +199,9 @@ def main(argv=None) -> int:
         # One stream per song (its name), so adding songs to the folder does not change earlier draws.
         rng = np.random.default_rng([args.seed, int.from_bytes(song.name.encode()[-8:], "big")])
         k = int(rng.choice(len(SHARES), p=SHARES))
-        picks = [int(i) for i in rng.choice(len(POOL), size=k, replace=False)]
+        picks = [int(i) for i in rng.choice(len(pool), size=k, replace=False)]
         levels = [float(rng.uniform(*LEVEL_DB)) for _ in picks]
-        for a in add_to_song(song, picks, levels, rng, audio_of):
+        for a in add_to_song(song, picks, levels, rng, audio_of, pool):
             counts[a["recording"]] = counts.get(a["recording"], 0) + 1
     print(json.dumps({"songs": len(songs), "added": counts}, sort_keys=True))
     return 0
