@@ -273,6 +273,30 @@ def test_up_after_a_pull_adds_the_newer_shipped_version_beside_the_shipped_ones(
     assert (data / "models" / "piano" / "9" / "variables" / "variables.index").read_bytes() == b"trained by me"
 
 
+def test_up_keeps_the_names_a_user_exported_and_repairs_a_broken_config(tmp_path):
+    """`stemlab export --model bass` adds bass to the serving config; a later `make up` points the
+    shipped names at this data root and keeps bass. A config that does not parse is rewritten."""
+    from types import SimpleNamespace
+
+    from services.common import models_config
+    from services.serving.config import load_model_config
+
+    stack = _stack_module()
+    pretrained = _shipped_tree(tmp_path / "pretrained", ["guitar/12", "piano/9"])
+    data = tmp_path / "data"
+    config, path = SimpleNamespace(data_root=data), models_config.config_path(data)
+    stack.install_models(config, pretrained=pretrained)
+    assert models_config.add_model(path, "bass", data / "models" / "bass")
+    stack.install_models(config, pretrained=pretrained, models_root=tmp_path / "elsewhere")
+    assert {s.name: s.base_path for s in load_model_config(path)} == {
+        "guitar": tmp_path / "elsewhere" / "guitar", "piano": tmp_path / "elsewhere" / "piano",
+        "bass": data / "models" / "bass"}
+
+    path.write_text("model_config_list { config { name: ")
+    stack.install_models(config, pretrained=pretrained)
+    assert [s.name for s in load_model_config(path)] == ["guitar", "piano"]
+
+
 def test_every_shipped_version_is_listed_with_its_digest():
     """`make up` recognises installed shipped versions by shipped.json: a version shipped without
     its digest there would stop every data root from moving to the next one."""

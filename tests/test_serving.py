@@ -336,6 +336,31 @@ def test_reload_config_adds_a_model_without_restart(model_service, predictions, 
     assert tf.make_ndarray(reply.outputs["instrument"]).tolist() == [[1.0]]
 
 
+def test_a_model_named_in_the_polled_config_file_is_served_and_a_bad_file_changes_nothing(tmp_path):
+    """What `stemlab export --model bass` relies on: the training service adds the name to the
+    data root's models.config and the running server (polling it) serves it without a restart."""
+    from services.common import models_config
+
+    save_gain_model(tmp_path / "models" / "guitar" / "1", gain=1.0)
+    save_gain_model(tmp_path / "models" / "bass" / "1", gain=0.5)
+    config = write_config(tmp_path / "models.config", {"guitar": tmp_path / "models" / "guitar"})
+    with running_server(config, tmp_path / "server.log", ready_model="guitar", poll_seconds=0.2,
+                        extra_args=("--model_config_file_poll_wait_seconds", "0.2")) as server:
+        assert rest(server, "/v1/models/bass")[0] == 404
+        assert models_config.add_model(config, "bass", tmp_path / "models" / "bass")
+        wait_until(lambda: rest(server, "/v1/models/bass:predict", {"instances": [[2.0]]})[0] == 200, interval=0.1)
+        assert rest(server, "/v1/models/bass:predict", {"instances": [[2.0]]})[1]["predictions"][0]["instrument"] == [1.0]
+
+        config.write_text("model_config_list { config { name: ")  # an editor's half-saved file
+        wait_until(lambda: "model config not reloaded" in server.log(), interval=0.1)
+        for name in ("guitar", "bass"):
+            assert rest(server, f"/v1/models/{name}:predict", {"instances": [[2.0]]})[0] == 200
+
+        write_config(config, {"guitar": tmp_path / "models" / "guitar"})  # taken out: unloaded
+        wait_until(lambda: rest(server, "/v1/models/bass")[0] == 404, interval=0.1)
+        assert rest(server, "/v1/models/guitar:predict", {"instances": [[2.0]]})[0] == 200
+
+
 # ----- the deploy config ----------------------------------------------------------------------------
 
 

@@ -121,10 +121,14 @@ def test_two_workers_with_tf_config_train_one_step_together(dataset, tmp_path):
 def test_service_trains_resumes_after_a_crash_and_exports(tmp_path):
     import grpc
 
+    from services.common import models_config
     from stemlab.v1 import jobs_pb2, jobs_pb2_grpc, training_pb2, training_pb2_grpc
     from tests.servicetools import ServiceProcess, wait_job
 
     make_dataset(tmp_path)
+    served = models_config.config_path(tmp_path)  # as `make up` writes it: the shipped names
+    served.parent.mkdir()
+    served.write_text(models_config.render({n: tmp_path / "models" / n for n in ("guitar", "piano")}))
     env = {"TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
     service = ServiceProcess("training", tmp_path, env=env).start()
     try:
@@ -160,6 +164,7 @@ def test_service_trains_resumes_after_a_crash_and_exports(tmp_path):
             done = wait_job(job_stub, export.id, states=(jobs_pb2.SUCCEEDED, jobs_pb2.FAILED))
             assert done.state == jobs_pb2.SUCCEEDED, done.error
             assert done.result["version"] == 1 and (tmp_path / "models" / "guitar" / "1" / "saved_model.pb").is_file()
+            assert "serving" not in done.result  # already served
             assert job_stub.GetJob(jobs_pb2.GetJobRequest(id=resumes[0].id)).state == jobs_pb2.RUNNING
             job_stub.CancelJob(jobs_pb2.CancelJobRequest(id=resumes[0].id))
             wait_job(job_stub, resumes[0].id, states=(jobs_pb2.CANCELLED,))
@@ -201,7 +206,9 @@ def test_service_trains_resumes_after_a_crash_and_exports(tmp_path):
             assert read_run(tmp_path / "runs" / "r2")["init_from"]["model"] == "guitar"
             assert read_run(tmp_path / "runs" / "r2")["config"]["hourglass_filters"] == 6
             export = training.ExportModel(training_pb2.ExportModelRequest(run_id="r2", model_name="tuned"))
-            assert wait_job(job_stub, export.id, states=(jobs_pb2.SUCCEEDED, jobs_pb2.FAILED)).state == jobs_pb2.SUCCEEDED
+            done = wait_job(job_stub, export.id, states=(jobs_pb2.SUCCEEDED, jobs_pb2.FAILED))
+            assert done.state == jobs_pb2.SUCCEEDED and "tuned added to the serving config" in done.result["serving"]
+            assert 'name: "tuned"' in served.read_text() and 'name: "guitar"' in served.read_text()
             provenance = json.loads((tmp_path / "models" / "tuned" / "1" / "assets.extra" / "stemlab.json").read_text())
             assert (provenance["init_from"]["model"], provenance["init_from"]["version"]) == ("guitar", 1)
             # The fine-tune beside the network it started from, in one model; the version is fixed in the job.
@@ -211,6 +218,7 @@ def test_service_trains_resumes_after_a_crash_and_exports(tmp_path):
             assert done.state == jobs_pb2.SUCCEEDED and list(done.params["with_models"]) == ["guitar:1#1"], done.error
             provenance = json.loads((tmp_path / "models" / "tuned" / "2" / "assets.extra" / "stemlab.json").read_text())
             assert [m["source_run"] for m in provenance["members"]] == ["r2", "r1"]
+            assert served.read_text().count('name: "tuned"') == 1
             with pytest.raises(grpc.RpcError) as e:  # leaving a model out: another instrument's only
                 training.ExportModel(training_pb2.ExportModelRequest(run_id="r2", model_name="tuned",
                                                                      without_model="guitar"))

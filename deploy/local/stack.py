@@ -23,11 +23,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from services.common import models_config  # noqa: E402
 from services.common.auth import TOKEN_ENV, ensure_token  # noqa: E402
 from services.common.config import GRPC_SERVICES, load_config  # noqa: E402
 from services.common.paths import atomic_write_text  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
+SHIPPED_MODELS = ("guitar", "piano")
 
 
 def docker_engine_available() -> bool:
@@ -49,18 +51,18 @@ def programs(config) -> dict[str, dict]:
             progs[name] = {"command": f"{sys.executable} -m services.{name}.server",
                            "check": ("grpc", config.port(name))}
     serving_port, rest_port = config.port("serving"), config.port("serving_rest")
-    models_config = data / "serving" / "models.config"
+    served = models_config.config_path(data)
     tf_server = shutil.which("tensorflow_model_server")
     if tf_server:
         progs["serving"] = {"command": f"{tf_server} --port={serving_port} --rest_api_port={rest_port} "
-                                       f"--model_config_file={models_config} "
-                                       "--file_system_poll_wait_seconds=2",
+                                       f"--model_config_file={served} "
+                                       "--file_system_poll_wait_seconds=2 --model_config_file_poll_wait_seconds=5",
                             "check": ("http", f"http://127.0.0.1:{rest_port}/v1/models/guitar")}
     elif (REPO / "services" / "serving" / "server.py").exists():
         progs["serving"] = {"command": f"{sys.executable} -m services.serving.server --port={serving_port} "
-                                       f"--rest_api_port={rest_port} --model_config_file={models_config} "
+                                       f"--rest_api_port={rest_port} --model_config_file={served} "
                                        f"--model_base_path_prefix={data / 'models'} --host={config.bind_host} "
-                                       "--file_system_poll_wait_seconds=2",
+                                       "--file_system_poll_wait_seconds=2 --model_config_file_poll_wait_seconds=5",
                             "check": ("grpc", serving_port)}
     if (REPO / "services" / "frontend" / "app.py").exists():
         web_port = config.port("web")
@@ -228,14 +230,13 @@ def install_models(config, models_root: Path | None = None, pretrained: Path | N
     An empty model folder gets every shipped version. A folder holding only versions the project
     shipped (recognised by their digests) gets the newer ones a pull brought, so the server, which
     serves the highest version, moves to them. A folder with any version of the user's own is left
-    alone: the shipped models never replace or outrank what a user trained.
+    alone: the shipped models never replace or outrank what a user trained. Names the config
+    lists besides the shipped two (a user's exports, services/common/models_config.py) stay.
     """
-    serving_dir = config.data_root / "serving"
-    serving_dir.mkdir(parents=True, exist_ok=True)
     models_root = models_root or config.data_root / "models"
     pretrained = pretrained or REPO / "model" / "pretrained"
     shipped = shipped_versions(pretrained)
-    for name in ("guitar", "piano"):
+    for name in SHIPPED_MODELS:
         target = models_root / name
         present = [p for p in target.iterdir() if p.name.isdigit()] if target.is_dir() else []
         known = shipped.get(name, {})
@@ -245,14 +246,8 @@ def install_models(config, models_root: Path | None = None, pretrained: Path | N
                 if int(version.name) > newest:
                     copy_version(version, target)
         target.mkdir(parents=True, exist_ok=True)
-    text = "model_config_list {\n" + "".join(
-        f'  config {{\n    name: "{n}"\n    base_path: "{models_root / n}"\n    model_platform: "tensorflow"\n  }}\n'
-        for n in ("guitar", "piano")) + "}\n"
-    path = serving_dir / "models.config"
-    if not path.exists() or path.read_text() != text:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+    models_config.set_models(models_config.config_path(config.data_root),
+                             {name: models_root / name for name in SHIPPED_MODELS})
 
 
 # -- commands ---------------------------------------------------------------------------------

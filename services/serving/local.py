@@ -1,7 +1,6 @@
 """Start the compatible model server as a child process on free ports (tests, benchmarks, smoke checks)."""
 
 import contextlib
-import json
 import os
 import socket
 import subprocess
@@ -12,6 +11,8 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from services.common import models_config
 
 
 @dataclass
@@ -33,12 +34,7 @@ def free_port() -> int:
 
 def write_config(path: Path, models: dict[str, Path]) -> Path:
     """A model_config_list text proto serving ``{name: base_path}``."""
-    entries = "".join(
-        f'  config {{\n    name: {json.dumps(name)}\n    base_path: {json.dumps(str(base))}\n'
-        f'    model_platform: "tensorflow"\n  }}\n'
-        for name, base in models.items()
-    )
-    path.write_text(f"model_config_list {{\n{entries}}}\n")
+    path.write_text(models_config.render(models))
     return path
 
 

@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default=os.environ.get("STEMLAB_BIND_HOST") or "127.0.0.1",
                         help="address to bind both ports to (default $STEMLAB_BIND_HOST, else 127.0.0.1)")
     parser.add_argument("--model_config_file", help="ModelServerConfig text proto (model_config_list)")
+    parser.add_argument("--model_config_file_poll_wait_seconds", type=float, default=0.0,
+                        help="seconds between re-reads of --model_config_file, so models named there later "
+                             "are served and ones taken out unloaded (0: read once at startup)")
     parser.add_argument("--model_base_path_prefix", help="re-root every base_path to PREFIX/<last component>")
     parser.add_argument("--model_name", default="default", help="single model name (without a config file)")
     parser.add_argument("--model_base_path", help="single model base path (without a config file)")
@@ -137,6 +140,8 @@ class ModelServer:
             log.info("REST serving on %s:%d", args.host, args.rest_api_port)
         if args.file_system_poll_wait_seconds > 0:
             self._spawn(self._poll_forever, "poll")
+        if args.model_config_file and args.model_config_file_poll_wait_seconds > 0:
+            self._spawn(self._poll_config_forever, "config-poll")
 
     def _spawn(self, target, name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -146,6 +151,33 @@ class ModelServer:
     def _poll_forever(self) -> None:
         while not self.stopping.wait(self.args.file_system_poll_wait_seconds):
             self.registry.poll()
+
+    def _poll_config_forever(self) -> None:
+        # As tensorflow_model_server: a config that cannot be read or parsed is logged (once per
+        # change) and the models already served keep serving.
+        last = None
+        while not self.stopping.wait(self.args.model_config_file_poll_wait_seconds):
+            try:
+                text = Path(self.args.model_config_file).read_text(encoding="utf-8")
+            except OSError as error:
+                text = f"unreadable: {error}"
+                if text != last:
+                    log.error("model config not reloaded: %s", error)
+            else:
+                if text != last:
+                    self._reload_config_file()
+            last = text
+
+    def _reload_config_file(self) -> None:
+        try:
+            specs = load_model_config(self.args.model_config_file, self.args.model_base_path_prefix)
+        except ConfigError as error:
+            log.error("model config not reloaded: %s", error)
+            return
+        before = self.registry.model_names()
+        self.registry.reload_config(specs)
+        if self.registry.model_names() != before:
+            log.info("model config reloaded: serving %s", ", ".join(self.registry.model_names()))
 
     def stop(self, grace_seconds: float = 5.0) -> None:
         self.stopping.set()

@@ -14,6 +14,7 @@ from typing import Any
 
 from model.config import ConfigError, ModelConfig, config_from_dict, with_inference_overrides
 from model.export import ExportError, check_ensemble, versions
+from services.common import models_config
 from services.common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from services.common.jobs import INTERRUPTED, QUEUED, RUNNING, JobStore
 from services.common.manifest import ManifestError, find_manifest
@@ -252,9 +253,22 @@ class TrainingJobs:
                                      [exported_member(self.data, r)[1:] for r in params.get("with_models") or []],
                                      exported_member(self.data, params["without_model"])[1]
                                      if params.get("without_model") else None)
-        ctx.progress(1, 1, f"published {params['model_name']} version {version}")
-        return {"model": params["model_name"], "version": version,
-                "path": str(self.data.models / params["model_name"] / str(version))}
+        name = params["model_name"]
+        served = self._serve(name)
+        ctx.progress(1, 1, f"published {name} version {version}" + (f"; {served}" if served else ""))
+        return {"model": name, "version": version, "path": str(self.data.models / name / str(version)),
+                **({"serving": served} if served else {})}
+
+    def _serve(self, name: str) -> str:
+        """List a model exported under a new name in this data root's serving config, which the
+        server re-reads; says what happened, or "" when there was nothing to do. The version is
+        published either way, so a config that cannot be added to is reported, not failed on."""
+        path = models_config.config_path(self.data.root)
+        try:
+            added = models_config.add_model(path, name, self.data.models / name)
+        except (OSError, models_config.ModelsConfigError) as error:
+            return f"not added to the serving config: {error}"
+        return f"{name} added to the serving config {path}" if added else ""
 
     def kinds(self) -> dict:
         return {TRAIN: self.train, RESUME: self.resume, EXPORT: self.export}
