@@ -19,9 +19,9 @@ GAIN = 0.5
 
 
 def write_models_config(path: Path, names: list[str], models_root: Path) -> Path:
-    entries = "".join(f'  config {{ name: "{n}" base_path: "{models_root / n}" model_platform: "tensorflow" }}\n'
-                      for n in names)
-    path.write_text(f"model_config_list {{\n{entries}}}\n")
+    from services.common import models_config
+
+    path.write_text(models_config.render({n: models_root / n for n in names}))
     return path
 
 

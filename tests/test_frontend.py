@@ -430,6 +430,23 @@ def test_the_guard_checks_the_address_it_connects_to(monkeypatch):
     echo.close()
 
 
+def test_the_page_offers_the_names_the_serving_config_lists(make_app, tmp_path):
+    """A model exported under a name of its own is added to DATA/serving/models.config: the page
+    offers it without a restart (unavailable until serving has it); STEMLAB_WEB_MODELS pins the list."""
+    from services.common import models_config
+
+    client = make_app().test_client()
+    path = models_config.config_path(tmp_path / "data")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(models_config.render({n: tmp_path / "models" / n for n in ("guitar", "piano", "bass")}))
+    models = {m["name"]: m for m in client.get("/api/models").get_json()["models"]}
+    assert list(models) == ["guitar", "piano", "bass"] and models["guitar"]["available"]
+    assert not models["bass"]["available"]
+    assert_refused(upload(client, wav_bytes(song(1.0), 44100), model="bass"), 400, "not available")
+    pinned = make_app(models=["guitar"], data_root=str(tmp_path / "pinned")).test_client()
+    assert [m["name"] for m in pinned.get("/api/models").get_json()["models"]] == ["guitar"]
+
+
 def test_unknown_and_unavailable_models_are_refused(client):
     data = wav_bytes(song(1.0), 44100)
     assert_refused(upload(client, data, model="drums"), 400, "unknown model 'drums'")

@@ -38,6 +38,13 @@ def render(models: dict[str, Path]) -> str:
     return text_format.MessageToString(config)
 
 
+def served_names(path: str | os.PathLike) -> list[str]:
+    """The names the config at ``path`` lists, in order; [] when there is no file."""
+    path = Path(path)
+    text = _read(path)
+    return [] if text is None else [m.name for m in _parse(path, text).model_config_list.config]
+
+
 def set_models(path: str | os.PathLike, models: dict[str, Path]) -> None:
     """List ``models`` (name -> base path) first in the config at ``path``, at those paths, and
     keep every other name it lists as it is; a missing file, or one that cannot be parsed, becomes

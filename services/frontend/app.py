@@ -22,7 +22,7 @@ from services.common.errors import FailedPreconditionError, InvalidArgumentError
 from services.frontend.backends import ServingModels
 from services.frontend.ingestion import ReviewConflict
 from services.frontend.separations import QueueFull, SeparationQueue
-from services.frontend.settings import load_settings
+from services.frontend.settings import load_settings, offered_models
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.json.sort_keys = False
     app.extensions["stemlab_settings"] = settings
     app.extensions["stemlab_models"] = ServingModels(
-        settings.serving_rest_address, settings.models, settings.model_status_cache_seconds)
+        settings.serving_rest_address, lambda: offered_models(settings), settings.model_status_cache_seconds)
     queue = SeparationQueue(settings)
     app.extensions["stemlab_queue"] = queue
 

@@ -12,6 +12,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from services.common.errors import FailedPreconditionError
@@ -41,9 +42,10 @@ class ServingModels:
     needs no TensorFlow in the web process.
     """
 
-    def __init__(self, rest_address: str, names: list[str], cache_seconds: float = 5.0, timeout_seconds: float = 3.0):
+    def __init__(self, rest_address: str, names: Callable[[], list[str]], cache_seconds: float = 5.0,
+                 timeout_seconds: float = 3.0):
         self.rest_address = rest_address
-        self.names = list(names)
+        self.names = names  # asked again whenever the cache is stale: serving's models can change
         self.cache_seconds = cache_seconds
         self.timeout_seconds = timeout_seconds
         self._lock = threading.Lock()
@@ -82,7 +84,7 @@ class ServingModels:
         with self._lock:
             if self._cached and time.monotonic() - self._cached[0] < self.cache_seconds:
                 return self._cached[1]
-        models = [self.status(name) for name in self.names]
+        models = [self.status(name) for name in self.names()]
         with self._lock:
             self._cached = (time.monotonic(), models)
         return models

@@ -48,8 +48,9 @@ def start_separation(settings: WebSettings, queue: SeparationQueue, models: Serv
     model = (model or "").strip()
     if not model:
         raise RequestRefused("choose a model")
-    if model not in settings.models:
-        raise RequestRefused(f"unknown model {model!r}; models are {', '.join(settings.models)}")
+    offered = models.names()
+    if model not in offered:
+        raise RequestRefused(f"unknown model {model!r}; models are {', '.join(offered)}")
     if model not in models.available():
         raise RequestRefused(f"model {model!r} is not available in serving right now")
     if url:

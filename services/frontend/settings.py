@@ -11,14 +11,19 @@ STEMLAB_SERVING_REST_ADDRESS (default localhost:8500 / localhost:8501).
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from services.common import models_config
 from services.common.audio import WEB_MAX_CHANNELS, WEB_MAX_RATE_HZ, DecodeLimits
 from services.common.config import ConfigError, first_error, load_config
+
+log = logging.getLogger(__name__)
+DEFAULT_MODELS = ("guitar", "piano")
 
 
 class WebSettings(BaseModel):
@@ -30,8 +35,10 @@ class WebSettings(BaseModel):
     # How separations talk to serving: grpc (binary tensors) or rest (JSON, ~10x the bytes).
     serving_protocol: str = "grpc"
     ingestion_address: str = "localhost:50051"
-    # Models offered on the home page, if serving reports a version of them AVAILABLE.
-    models: list[str] = Field(default_factory=lambda: ["guitar", "piano"])
+    # Models offered on the home page, if serving reports a version of them AVAILABLE. Empty: the
+    # names the data root's serving config lists (every model exported here; services/common/
+    # models_config.py), or guitar and piano where there is none.
+    models: list[str] = Field(default_factory=list)
     workers: int = Field(default=1, ge=1, le=32)  # separations running at once
     max_queued: int = Field(default=8, ge=1, le=10_000)  # separations waiting or running
     max_upload_mb: float = Field(default=100.0, gt=0)
@@ -98,6 +105,18 @@ class WebSettings(BaseModel):
     def web_root(self) -> Path:
         """DATA/web: the separation store and the result folders."""
         return self.data_root / "web"
+
+
+def offered_models(settings: WebSettings) -> list[str]:
+    """The models the page offers: the configured ones, else what the data root's serving config
+    lists (read each time: an export adds names), else guitar and piano."""
+    if settings.models:
+        return settings.models
+    try:
+        return models_config.served_names(models_config.config_path(settings.data_root)) or list(DEFAULT_MODELS)
+    except (OSError, models_config.ModelsConfigError) as error:
+        log.warning("offering %s: %s", ", ".join(DEFAULT_MODELS), error)
+        return list(DEFAULT_MODELS)
 
 
 def load_settings(overrides: dict[str, Any] | None = None) -> WebSettings:
