@@ -128,3 +128,38 @@ def test_only_a_whole_model_of_another_instrument_cutting_the_same_spectrogram_i
         export_run(None, data.models, "refused", with_models=[(data.models / "guitar" / "1", None)],
                    without_model=data.models / "guitar" / "1")
     assert not (data.models / "refused").exists()  # nothing half-written
+
+
+def test_exported_again_a_model_keeps_what_it_leaves_out(models):
+    """`stemlab export --model guitar --with-model guitar:13` (e.g. to take newer export code) keeps
+    guitar 13's exclusion; `--without-model` names another instead; disagreeing sources are refused."""
+    from model.export import export_saved_model
+    from model.network import build_network
+    from services.training.export import export_run
+
+    data, config = models
+    mix = (np.random.default_rng(5).standard_normal((1, 20_000)) * 0.2).astype(np.float32)
+
+    def export(*sources, without=None):
+        version = export_run(None, data.models, "guitar-kept", with_models=[(s, None) for s in sources],
+                             without_model=without)
+        return data.models / "guitar-kept" / str(version)
+
+    def info(folder):
+        return json.loads((folder / "assets.extra" / "stemlab.json").read_text())
+
+    def served(folder):
+        return tf.saved_model.load(str(folder)).signatures["serving_default"](waveform=tf.constant(mix))["instrument"]
+
+    first = export(data.models / "guitar" / "1", without=data.models / "piano" / "1")
+    again = export(first)
+    assert info(again)["excluded"] == info(first)["excluded"]
+    np.testing.assert_allclose(served(again).numpy(), served(first).numpy(), atol=1e-6)
+
+    tf.keras.utils.set_random_seed(7)
+    export_saved_model(build_network(config), config, data.models / "drums", {"instrument": "drums"})
+    other = export(first, without=data.models / "drums" / "1")
+    assert info(other)["excluded"]["model"] == "drums"
+    with pytest.raises(InvalidArgumentError, match="leave out different models.*--without-model"):
+        export(first, other)
+    assert "excluded" not in info(export(data.models / "guitar" / "1"))

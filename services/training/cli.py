@@ -128,7 +128,8 @@ def register(subparsers, groups: dict | None = None) -> None:
                         "(repeatable)")
     p.add_argument("--without-model", default=None, metavar="NAME[:VERSION]",
                    help="another instrument's exported model (e.g. piano): where its mask is the larger, this "
-                        "model leaves what it claims alone; its networks go into the export too")
+                        "model leaves what it claims alone; its networks go into the export too (default: "
+                        "what the --with-model models leave out, if they do)")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return")
     add_common_args(p, SERVICE)
     p.set_defaults(func=cmd_export)

@@ -22,6 +22,7 @@ from model.export import (
     ExportError,
     check_ensemble,
     export_saved_model,
+    load_excluded_networks,
     load_exported_networks,
     read_export_info,
 )
@@ -74,7 +75,8 @@ def export_run(run_dir: str | os.PathLike | None, models_root: str | os.PathLike
     `without_model`: an exported model of another instrument (version folder) whose mask is taken out
     of this one's at separation (model.export.Excluded), e.g. the piano model in the guitar model so
     that it leaves pianos alone; recorded under "excluded" in stemlab.json. Exporting such a model
-    again with --with-model takes its own networks only.
+    again with --with-model keeps what it leaves out (carried_exclusion) unless `without_model`
+    names another; a run fine-tuned from it leaves nothing out unless asked again.
     """
     run_dirs = [Path(r) for r in [run_dir, *(with_runs or [])] if r]
     if not run_dirs and not with_models:
@@ -129,9 +131,12 @@ def export_run(run_dir: str | os.PathLike | None, models_root: str | os.PathLike
         metadata = {**records[0], "code_version": code_version(), "exported": now()}
         if len(records) > 1:
             metadata["members"] = [{**r, "config": config_to_dict(c)} for r, c in zip(records, configs, strict=True)]
-        excluded = None
         if without_model is not None:
-            excluded, metadata["excluded"] = excluded_model(without_model, instruments, config)
+            excluded, record = excluded_model(without_model, instruments, config)
+        else:
+            excluded, record = carried_exclusion([d for d, _ in with_models or []], instruments, config)
+        if record:
+            metadata["excluded"] = record
         return export_saved_model(networks if len(networks) > 1 else networks[0], config, model_dir, metadata,
                                   excluded)
 
@@ -168,6 +173,35 @@ def excluded_model(version_dir: str | os.PathLike, instruments: set[str],
               else version_dir.name, "instrument": members[0].get("instrument"), "config": config_to_dict(applied),
               "members": [{"config": m["config"]} for m in members]}
     return Excluded(networks, applied, [config_from_dict(m["config"]) for m in members]), record
+
+
+def carried_exclusion(version_dirs: list[str | os.PathLike], instruments: set[str],
+                      config: ModelConfig) -> tuple[Excluded | None, dict[str, Any] | None]:
+    """What the exported models joining an export leave out, carried into it as they recorded it
+    (None, None when none leaves anything out). They must agree: two that leave out different
+    models are refused, since the user has to say which one the new export leaves out."""
+    found: dict[tuple, tuple[Path, dict[str, Any]]] = {}
+    for version_dir in map(Path, version_dirs):
+        record = read_export_info(version_dir).get("excluded")
+        if record:
+            found.setdefault((record.get("model"), record.get("version")), (version_dir, record))
+    if not found:
+        return None, None
+    if len(found) > 1:
+        names = ", ".join(f"{m}:{v}" for m, v in found)
+        raise InvalidArgumentError(f"the models joining this export leave out different models ({names}): "
+                                   "name the one to leave out with --without-model")
+    version_dir, record = next(iter(found.values()))
+    if record.get("instrument") in instruments:
+        raise InvalidArgumentError(f"{version_dir.parent.name}:{version_dir.name} leaves out {record['model']}, "
+                                   f"which separates {record['instrument']}, the instrument being exported")
+    try:
+        excluded = load_excluded_networks(version_dir)
+        check_ensemble([config, *excluded.member_configs])
+    except ExportError as e:
+        raise FailedPreconditionError(f"cannot keep what {version_dir.parent.name}:{version_dir.name} leaves out: "
+                                      f"{e}") from e
+    return excluded, record
 
 
 def run_instrument(info: dict[str, Any]) -> str | None:
