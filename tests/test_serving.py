@@ -356,6 +356,11 @@ def test_a_model_named_in_the_polled_config_file_is_served_and_a_bad_file_change
         for name in ("guitar", "bass"):
             assert rest(server, f"/v1/models/{name}:predict", {"instances": [[2.0]]})[0] == 200
 
+        save_gain_model(tmp_path / "elsewhere" / "stray" / "1", gain=1.0)  # beyond the served folders
+        write_config(config, {"guitar": tmp_path / "models" / "guitar", "stray": tmp_path / "elsewhere" / "stray"})
+        wait_until(lambda: "outside the model folders" in server.log(), interval=0.1)
+        assert rest(server, "/v1/models/stray")[0] == 404 and rest(server, "/v1/models/bass")[0] == 200
+
         write_config(config, {"guitar": tmp_path / "models" / "guitar"})  # taken out: unloaded
         wait_until(lambda: rest(server, "/v1/models/bass")[0] == 404, interval=0.1)
         assert rest(server, "/v1/models/guitar:predict", {"instances": [[2.0]]})[0] == 200

@@ -82,6 +82,17 @@ def specs_from_proto(
     return specs
 
 
+def outside_roots(named_paths: list[tuple[str, Path]], roots: list[Path]) -> str | None:
+    """Why the first (model name, base path) outside every one of ``roots`` may not be loaded, or
+    None when all are inside. Paths are resolved first, so ``..`` and links cannot leave them."""
+    for name, base_path in named_paths:
+        where = Path(base_path).resolve()
+        if not any(where == root or root in where.parents for root in roots):
+            return (f"model {name!r}: base_path {base_path} is outside the model folders this server may load "
+                    f"({', '.join(map(str, roots)) or 'none'})")
+    return None
+
+
 def load_model_config(path: str | Path, base_path_prefix: str | Path | None = None) -> list[ModelSpec]:
     """Read a ``model_config_list`` text proto file (the format of ``--model_config_file``)."""
     path = Path(path)

@@ -21,7 +21,7 @@ from tensorflow_serving.apis import (
     status_pb2,
 )
 
-from services.serving.config import ConfigError, specs_from_proto
+from services.serving.config import ConfigError, outside_roots, specs_from_proto
 from services.serving.errors import InvalidArgument, ServableError
 from services.serving.registry import ModelRegistry, Servable, numpy_dtype
 
@@ -170,12 +170,9 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
             return response
         # The paths as asked for (before any prefix re-roots them) and as they will be loaded.
         asked = [(m.name, Path(m.base_path)) for m in request.config.model_config_list.config]
-        for name, base_path in [*asked, *((spec.name, spec.base_path) for spec in specs)]:
-            where = base_path.resolve()
-            if not any(where == root or root in where.parents for root in self.allowed_roots):
-                context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                              f"model {name!r}: base_path {base_path} is outside the model folders "
-                              f"this server may load ({', '.join(map(str, self.allowed_roots)) or 'none'})")
+        outside = outside_roots([*asked, *((spec.name, spec.base_path) for spec in specs)], self.allowed_roots)
+        if outside:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, outside)
         self.registry.reload_config(specs)
         response.status.error_code = _error_code_value("OK")
         return response

@@ -28,7 +28,7 @@ from werkzeug.serving import make_server
 from services.common import auth
 from services.common.config import ConfigError as CommonConfigError
 from services.common.config import load_config
-from services.serving.config import ConfigError, ModelSpec, load_model_config, rebase
+from services.serving.config import ConfigError, ModelSpec, load_model_config, outside_roots, rebase
 from services.serving.grpc_api import DEFAULT_MAX_INPUT_ELEMENTS, ModelServicer, PredictionServicer
 from services.serving.registry import ModelRegistry
 from services.serving.rest_api import create_rest_app
@@ -92,7 +92,8 @@ class ModelServer:
         self.config = load_config()
         # A reloaded config may only point under the prefix, else beside the startup config's models.
         prefix = args.model_base_path_prefix
-        self.allowed_roots = [Path(prefix)] if prefix else sorted({spec.base_path.resolve().parent for spec in specs})
+        self.allowed_roots = ([Path(prefix).resolve()] if prefix
+                              else sorted({spec.base_path.resolve().parent for spec in specs}))
         self.registry = ModelRegistry(specs)
         self.stopping = threading.Event()
         self.grpc_server = None
@@ -173,6 +174,12 @@ class ModelServer:
             specs = load_model_config(self.args.model_config_file, self.args.model_base_path_prefix)
         except ConfigError as error:
             log.error("model config not reloaded: %s", error)
+            return
+        # The file is written while the stack runs (an export adds its name): held to the same
+        # folders as a HandleReloadConfigRequest.
+        outside = outside_roots([(spec.name, spec.base_path) for spec in specs], self.allowed_roots)
+        if outside:
+            log.error("model config not reloaded: %s", outside)
             return
         before = self.registry.model_names()
         self.registry.reload_config(specs)
