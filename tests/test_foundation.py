@@ -236,6 +236,18 @@ def test_cli_lists_gets_and_reports_errors_as_one_line(service):
     assert r.returncode == 0 and "SUCCEEDED" in r.stdout, r.stderr
 
 
+def test_a_job_result_prints_whole_numbers_as_integers():
+    """A script reading `stemlab export --json` builds models/<name>/<version>: 2, never 2.0."""
+    from services.common.cliutil import message_to_dict
+    from stemlab.v1 import jobs_pb2
+
+    job = jobs_pb2.Job(id="training-1")
+    job.result.update({"version": 2, "best_val_loss": 0.25, "members": [{"epoch": 3.0}], "path": "models/x/2"})
+    assert message_to_dict(job)["result"] == {"version": 2, "best_val_loss": 0.25, "members": [{"epoch": 3}],
+                                              "path": "models/x/2"}
+    assert isinstance(message_to_dict(job)["result"]["version"], int)
+
+
 def test_clients_default_to_the_configured_ports(monkeypatch):
     from services.common.cliutil import CliError, default_address
     from services.serving import client

@@ -87,7 +87,19 @@ def rpc_error_message(e: grpc.RpcError, addr: str | None = None) -> str:
 
 
 def message_to_dict(msg: Any) -> dict:
-    return json_format.MessageToDict(msg, preserving_proto_field_name=True)
+    # A job's params and result travel as google.protobuf.Struct, which holds every number as a
+    # double: whole ones are printed as integers, so an export's version reads 2, not 2.0.
+    return _whole_numbers(json_format.MessageToDict(msg, preserving_proto_field_name=True))
+
+
+def _whole_numbers(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _whole_numbers(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_whole_numbers(item) for item in value]
+    return value
 
 
 def print_result(args: argparse.Namespace, obj: Any, text: str | None = None) -> None:
