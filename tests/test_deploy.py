@@ -275,7 +275,8 @@ def test_up_after_a_pull_adds_the_newer_shipped_version_beside_the_shipped_ones(
 
 def test_up_keeps_the_names_a_user_exported_and_repairs_a_broken_config(tmp_path):
     """`stemlab export --model bass` adds bass to the serving config; a later `make up` points the
-    shipped names at this data root and keeps bass. A config that does not parse is rewritten."""
+    shipped names at this data root and keeps bass and an operator's version policy. A config that
+    does not parse is rewritten."""
     from types import SimpleNamespace
 
     from services.common import models_config
@@ -287,10 +288,15 @@ def test_up_keeps_the_names_a_user_exported_and_repairs_a_broken_config(tmp_path
     config, path = SimpleNamespace(data_root=data), models_config.config_path(data)
     stack.install_models(config, pretrained=pretrained)
     assert models_config.add_model(path, "bass", data / "models" / "bass")
+    # an operator's choice for guitar: serve its two newest versions
+    path.write_text(path.read_text().replace('name: "guitar"', 'name: "guitar" model_version_policy '
+                                             '{ latest { num_versions: 2 } }'))
     stack.install_models(config, pretrained=pretrained, models_root=tmp_path / "elsewhere")
-    assert {s.name: s.base_path for s in load_model_config(path)} == {
+    specs = {s.name: s for s in load_model_config(path)}
+    assert {name: spec.base_path for name, spec in specs.items()} == {
         "guitar": tmp_path / "elsewhere" / "guitar", "piano": tmp_path / "elsewhere" / "piano",
         "bass": data / "models" / "bass"}
+    assert (specs["guitar"].latest_count, specs["piano"].latest_count) == (2, 1)
 
     path.write_text("model_config_list { config { name: ")
     stack.install_models(config, pretrained=pretrained)

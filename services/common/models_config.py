@@ -47,21 +47,25 @@ def served_names(path: str | os.PathLike) -> list[str]:
 
 def set_models(path: str | os.PathLike, models: dict[str, Path]) -> None:
     """List ``models`` (name -> base path) first in the config at ``path``, at those paths, and
-    keep every other name it lists as it is; a missing file, or one that cannot be parsed, becomes
-    ``models`` alone (how ``make up`` repairs it). Written only when it changes."""
+    keep every other name it lists; a version policy or labels an operator gave any of them stay.
+    A missing file, or one that cannot be parsed, becomes ``models`` alone (how ``make up``
+    repairs it). Written only when it changes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _locked(path):
         text = _read(path)
         try:
-            kept = [] if text is None else [m for m in _parse(path, text).model_config_list.config
-                                            if m.name not in models]
+            listed = [] if text is None else list(_parse(path, text).model_config_list.config)
         except ModelsConfigError:
-            kept = []
+            listed = []
         config = model_server_config_pb2.ModelServerConfig()
         for name, base_path in models.items():
-            _add(config, name, base_path)
-        config.model_config_list.config.extend(kept)
+            entry = config.model_config_list.config.add()
+            previous = next((m for m in listed if m.name == name), None)
+            if previous is not None:
+                entry.CopyFrom(previous)
+            entry.name, entry.base_path, entry.model_platform = name, str(base_path), "tensorflow"
+        config.model_config_list.config.extend(m for m in listed if m.name not in models)
         new = text_format.MessageToString(config)
         if new != text:
             atomic_write_text(path, new)
