@@ -60,11 +60,7 @@ def set_models(path: str | os.PathLike, models: dict[str, Path]) -> None:
             listed = []
         config = model_server_config_pb2.ModelServerConfig()
         for name, base_path in models.items():
-            entry = config.model_config_list.config.add()
-            previous = next((m for m in listed if m.name == name), None)
-            if previous is not None:
-                entry.CopyFrom(previous)
-            entry.name, entry.base_path, entry.model_platform = name, str(base_path), "tensorflow"
+            _add(config, name, base_path, like=next((m for m in listed if m.name == name), None))
         config.model_config_list.config.extend(m for m in listed if m.name not in models)
         new = text_format.MessageToString(config)
         if new != text:
@@ -102,8 +98,13 @@ def _locked(path: Path):
         yield
 
 
-def _add(config: model_server_config_pb2.ModelServerConfig, name: str, base_path: str | os.PathLike) -> None:
+def _add(config: model_server_config_pb2.ModelServerConfig, name: str, base_path: str | os.PathLike,
+         like: model_server_config_pb2.ModelConfig | None = None) -> None:
+    """Append an entry serving ``name`` from ``base_path``; ``like``'s other fields (a version
+    policy, labels) carried over when it replaces an entry."""
     entry = config.model_config_list.config.add()
+    if like is not None:
+        entry.CopyFrom(like)
     entry.name, entry.base_path, entry.model_platform = name, str(base_path), "tensorflow"
 
 
