@@ -79,7 +79,8 @@ def make_slakh(root: Path, tracks: int = 2, seconds: float = 2.0) -> Path:
             "S03": {"program_num": 48, "is_drum": False, "inst_class": "Strings (continued)",
                     "midi_program_name": "String Ensemble 1", "audio_rendered": False},
         }
-        audio = {"S00": tone(seconds, 440), "S01": tone(seconds, 196), "S02": drums(seconds)}
+        # Each track sounds its own (the importer recognises the same audio from a second place).
+        audio = {"S00": tone(seconds, 440 + i), "S01": tone(seconds, 196 + i), "S02": drums(seconds, seed=i)}
         for key, a in audio.items():
             write(d / "stems" / f"{key}.flac", a)
         write(d / "mix.flac", sum(audio.values()) / 2)

@@ -197,3 +197,82 @@ def test_generated_medleydb_and_slakh_folders_import_completely(tmp_path, librar
         assert t.rate == 22050 and t.duration_seconds == pytest.approx(3.0, abs=0.01)
         assert "mix" in t.classes() and {"guitar", "piano"} & t.classes()
         assert all(s.cls is not None and not s.suggested for s in t.stems)
+
+
+def test_names_in_other_scripts_get_readable_ids_and_every_song_is_imported(tmp_path, library, mapping):
+    # Before, a folder named in Japanese stopped the whole import with "cannot make a track id".
+    root = tmp_path / "songs"
+    write(root / "日本の歌" / "ギター.wav", tone(1.0, 220))
+    write(root / "日本の歌" / "Drums.wav", drums(1.0))
+    write(root / "Песня" / "Guitar.wav", tone(1.0, 330))
+    write(root / "Zebra" / "Guitar.wav", tone(1.0, 440))
+    report = import_tracks(library, read_stem_folders(root, mapping))
+    assert sorted(report.added) == ["Pesnya", "RiBennoGe", "Zebra"] and not report.errors
+    track = library.load("RiBennoGe")
+    assert track.title == "日本の歌"
+    assert {Path(s.file).name: s.raw_instrument for s in track.stems} == {"gita.wav": "ギター", "Drums.wav": "Drums"}
+
+
+def test_every_audio_format_ffmpeg_reads_is_a_stem_and_other_files_are_reported(tmp_path, library, mapping):
+    song = tmp_path / "extra" / "Song9"
+    write(song / "GUITAR.WAV", tone(1.0, 220))
+    write(song / "Perc.w64", drums(1.0))
+    write(song / "Vocals.caf", tone(1.0, 440))
+    (song / "notes.txt").write_text("take 3")
+    (song / "Session.cpr").write_bytes(b"\0" * 10)
+    report = import_tracks(library, read_stem_folders(tmp_path / "extra", mapping))
+    track = library.load(report.added[0])
+    assert {Path(s.file).name: s.cls for s in track.stems} == {
+        "GUITAR.wav": "guitar", "Perc.w64": "percussion", "Vocals.caf": "vocals"}
+    assert report.ignored == [{"track": "Song9", "file": "Session.cpr"}, {"track": "Song9", "file": "notes.txt"}]
+    assert report.to_dict()["counts"]["ignored"] == 2
+
+
+def test_a_songs_stems_in_subfolders_are_one_song(tmp_path, library, mapping):
+    root = tmp_path / "sessions"
+    # The mix beside a Stems/ folder ...
+    write(root / "Song Six" / "Song Six (final mix).wav", tone(1.0, 220) + drums(1.0))
+    write(root / "Song Six" / "Stems" / "Guitar.wav", tone(1.0, 220))
+    write(root / "Song Six" / "Stems" / "Drums.wav", drums(1.0))
+    # ... stems grouped by instrument ...
+    write(root / "Song Seven" / "Guitars" / "DI.wav", tone(1.0, 220))
+    write(root / "Song Seven" / "Guitars" / "Amp.wav", tone(1.0, 221))
+    write(root / "Song Seven" / "Drums" / "Kick.wav", drums(1.0))
+    # ... while an album's songs stay songs of their own.
+    write(root / "Album" / "Song1" / "Guitar.wav", tone(1.0, 330))
+    write(root / "Album" / "Song2" / "Guitar.wav", tone(1.0, 340))
+    report = import_tracks(library, read_stem_folders(root, mapping))
+    assert sorted(report.added) == ["Album_Song1", "Album_Song2", "Song_Seven", "Song_Six"]
+    six = library.load("Song_Six")
+    assert {Path(s.file).name: s.cls for s in six.stems} == {
+        "Song_Six_final_mix.wav": "mix", "Stems_Guitar.wav": "guitar", "Stems_Drums.wav": "drums"}
+    seven = library.load("Song_Seven")
+    assert {Path(s.file).name: s.cls for s in seven.stems} == {
+        "Guitars_DI.wav": "guitar", "Guitars_Amp.wav": "guitar", "Drums_Kick.wav": "drums"}
+
+
+def test_the_same_song_from_a_second_place_is_not_added_twice(tmp_path, library, mapping):
+    write(tmp_path / "a" / "Song One" / "Guitar.wav", tone(1.0, 220))
+    write(tmp_path / "a" / "Song One" / "Drums.wav", drums(1.0))
+    assert import_tracks(library, read_stem_folders(tmp_path / "a", mapping)).added == ["Song_One"]
+    import shutil
+    shutil.copytree(tmp_path / "a" / "Song One", tmp_path / "moved" / "Song One")
+    write(tmp_path / "moved" / "Song Two" / "Guitar.wav", tone(1.0, 230))
+    report = import_tracks(library, read_stem_folders(tmp_path / "moved", mapping))
+    assert report.added == ["Song_Two"]
+    assert report.skipped == [{"track": "Song One", "reason": "the same audio as track Song_One (imported from "
+                                                              f"{tmp_path / 'a' / 'Song One'})"}]
+    assert library.ids() == ["Song_One", "Song_Two"]
+
+
+def test_a_collection_of_songs_named_for_instruments_is_not_one_song(tmp_path, library, mapping):
+    # Song folders whose names hold an instrument word, and a stray mix beside them, stay songs.
+    root = tmp_path / "collection"
+    write(root / "Playlist mix.wav", tone(1.0, 110))
+    write(root / "Guitar Song" / "Guitar.wav", tone(1.0, 220))
+    write(root / "Guitar Song" / "Drums.wav", drums(1.0))
+    write(root / "Piano Ballad" / "Piano.wav", tone(1.0, 330))
+    write(root / "Piano Ballad" / "Vocals.wav", tone(1.0, 440))
+    report = import_tracks(library, read_stem_folders(root, mapping))
+    assert sorted(report.added) == ["Guitar_Song", "Piano_Ballad", "collection"]
+    assert [s.file for s in library.load("collection").stems] == ["stems/Playlist_mix.wav"]

@@ -67,18 +67,20 @@ def _metadata(uuid: str, stems: dict) -> dict:
             "stems": stems, "target_peak": -1.0}
 
 
-def _audio(entry: dict, seconds: float, rate: int, n: int):
+def _audio(entry: dict, seconds: float, rate: int, n: int, track: int):
+    # Each track sounds its own (the importer recognises the same audio from a second place).
     if entry["is_drum"]:
-        return drums(seconds, rate=rate, channels=1, seed=n)
-    return tone(seconds, 110 * (1 + n % 5), rate=rate, channels=1)
+        return drums(seconds, rate=rate, channels=1, seed=n + 100 * track)
+    return tone(seconds, 110 * (1 + n % 5) + track, rate=rate, channels=1)
 
 
 def _write_track(d: Path, meta: dict, files: list[str], suffix: str, rate: int, seconds: float) -> Path:
     """TrackNNNNN/: metadata.yaml, stems/<file><suffix> for each of `files`, mix, MIDI/, all_src.mid."""
     mix = None
+    track = int(d.name.removeprefix("Track"))
     for n, key in enumerate(files):
         entry = meta["stems"].get(key, {"is_drum": False})
-        audio = _audio(entry, seconds, rate, n)
+        audio = _audio(entry, seconds, rate, n, track)
         write(d / "stems" / f"{key}{suffix}", audio, rate)
         mix = audio if mix is None else mix + audio
     write(d / f"mix{suffix}", mix / max(1, len(files)), rate)
@@ -154,7 +156,7 @@ def test_babyslakh_imports_every_stem_that_exists_and_reports_the_flags(tmp_path
     assert first["reason"] == "metadata.yaml says audio_rendered: false, but the file exists"
     assert (first["instrument"], first["class"]) == ("Distortion Guitar, program 30", "guitar")
     assert report.to_dict()["counts"] == {"added": 2, "updated": 0, "unchanged": 0, "errors": 0,
-                                          "disagreements": 13, "skipped": 0}
+                                          "disagreements": 13, "skipped": 0, "ignored": 0}
     assert [s.file for s in library.load("Track00002").stems] == ["stems/S00.wav", "stems/S02.wav", "stems/mix.wav"]
 
     # A second import changes nothing and still says where the metadata is wrong.

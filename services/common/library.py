@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import fcntl
+import hashlib
 import os
 import re
 from collections.abc import Iterator
@@ -36,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
+from anyascii import anyascii
 
 from services.common.errors import InvalidArgumentError, NotFoundError
 from services.common.paths import DataRoot, PathError, atomic_write_text, safe_join
@@ -65,11 +67,19 @@ def now_iso() -> str:
 
 
 def make_track_id(text: str) -> str:
-    """A folder-safe id from a title or folder name ("My Song (live)" -> "My_Song_live")."""
-    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._-")
-    cleaned = re.sub(r"_+", "_", cleaned)[:128]
-    if not cleaned:
+    """A folder-safe id from a title or folder name ("My Song (live)" -> "My_Song_live").
+
+    Other scripts are transliterated (anyascii: "Canción" -> "Cancion", "Гитара" -> "Gitara",
+    "ギター" -> "gita"), so a user's names stay readable; a name with nothing left to spell
+    gets "id-" and a hash of the name, so it still has an id of its own, the same every time.
+    Only an empty name is refused.
+    """
+    if not text.strip():
         raise LibraryError(f"cannot make a track id from {text!r}")
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", anyascii(text)).strip("._-")
+    cleaned = re.sub(r"_+", "_", cleaned)[:128]
+    if not re.search(r"[A-Za-z0-9]", cleaned):
+        cleaned = "id-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:10]
     return cleaned
 
 

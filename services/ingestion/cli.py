@@ -132,6 +132,11 @@ def _import_text(job_id: str, result: dict, dataset_stub) -> str:
             lines.append(f"{title} ({len(items)}):")
             lines += [f"  {e['track']}" + (f" {e['stem']}" if e.get("stem") else "") + f": {e['reason']}"
                       for e in items]
+    ignored = result.get("ignored", [])
+    if ignored:
+        shown = ", ".join(f"{i['track']}/{i['file']}" for i in ignored[:SHOWN_DISAGREEMENTS])
+        more = f" and {len(ignored) - SHOWN_DISAGREEMENTS} more" if len(ignored) > SHOWN_DISAGREEMENTS else ""
+        lines.append(f"files left out, not audio by their name ({len(ignored)}): {shown}{more}")
     if unmapped:
         lines.append("unmapped instrument names (stemlab dataset mapping set NAME=CLASS): "
                      + ", ".join(f"{name!r} ({int(n)} stems)" for name, n in sorted(unmapped.items())))

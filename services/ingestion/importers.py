@@ -30,7 +30,11 @@ from services.common.library import Library, Stem, Track, make_track_id
 from services.common.paths import PathError, atomic_dir, safe_join
 from services.ingestion.mapping import INSTRUMENT_SEPARATOR, Mapping
 
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".aif", ".aiff", ".m4a", ".opus")
+# What a stem folder's audio may be (everything is decoded by libsndfile or ffmpeg); a file with
+# another suffix is listed as ignored in the import's report.
+AUDIO_SUFFIXES = (".wav", ".wave", ".bwf", ".rf64", ".w64", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".mp2",
+                  ".aif", ".aiff", ".aifc", ".caf", ".m4a", ".aac", ".alac", ".wv", ".ape", ".wma", ".mka",
+                  ".ac3", ".au", ".snd")
 # Content fingerprint: size plus the first and last bytes (cheap on 100 GB datasets, and a
 # re-rendered or edited stem changes its size or its header/tail).
 _FINGERPRINT_BYTES = 1 << 16
@@ -65,6 +69,8 @@ class TrackSource:
     # Where metadata and files disagree: {stem, file, action (imported | skipped), reason,
     # instrument, class}; see the module docstring.
     disagreements: list[dict] = field(default_factory=list)
+    # Files beside the stems that are not audio by their suffix (listed in the report).
+    ignored: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -83,15 +89,18 @@ class ImportReport:
     unmapped: dict[str, int] = field(default_factory=dict)  # raw name -> number of stems
     disagreements: list[dict] = field(default_factory=list)  # {track, stem, file, action, reason, ...}
     skipped: list[dict] = field(default_factory=list)     # {track, reason}
+    ignored: list[dict] = field(default_factory=list)     # {track, file}: not audio by its suffix
     stopped: bool = False
 
     def to_dict(self) -> dict:
         return {"added": self.added, "updated": self.updated, "unchanged": self.unchanged,
                 "errors": self.errors, "unmapped": self.unmapped, "disagreements": self.disagreements,
-                "skipped": self.skipped, "stopped": self.stopped,
+                "skipped": self.skipped, "ignored": self.ignored,
+                "stopped": self.stopped,
                 "counts": {"added": len(self.added), "updated": len(self.updated),
                            "unchanged": len(self.unchanged), "errors": len(self.errors),
-                           "disagreements": len(self.disagreements), "skipped": len(self.skipped)}}
+                           "disagreements": len(self.disagreements), "skipped": len(self.skipped),
+                           "ignored": len(self.ignored)}}
 
 
 def sorted_dir(path: Path) -> list[Path]:
@@ -101,6 +110,12 @@ def sorted_dir(path: Path) -> list[Path]:
 
 def is_audio(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in AUDIO_SUFFIXES
+
+
+def has_audio(root: Path) -> bool:
+    """Whether any file under `root` (hidden folders aside) is audio; stops at the first."""
+    return any(is_audio(p) for p in root.rglob("*")
+               if not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 
 def stem_file_name(original: str) -> str:
@@ -354,37 +369,101 @@ RHYTHM_GAME_CLASSES = {"song": "other", "preview": "excluded"}
 
 
 def read_stem_folders(root: str | os.PathLike, mapping: Mapping) -> Iterator[TrackSource | dict]:
-    """Every folder under `root` that directly holds audio files is one track.
+    """Every folder under `root` that directly holds audio files is one track (a song), with two
+    exceptions where a person's layout puts one song's stems in subfolders (`song_folders`).
 
     Classes are suggested from the file names (whole words, longest match; see
-    Mapping.suggest_from_filename), in a rhythm game's song folder by RHYTHM_GAME_CLASSES first,
-    and stay `suggested` until a person confirms them.
+    Mapping.suggest_from_filename; a stem in a subfolder also by the subfolder's name, so
+    "Guitars/DI.wav" is guitar), in a rhythm game's song folder by RHYTHM_GAME_CLASSES first,
+    and stay `suggested` until a person confirms them. Files that are not audio by their suffix
+    are listed in the track's `ignored`, never dropped silently.
     Files that are symlinks leading out of `root` are refused.
     """
     root = _require_dir(root)
-    folders = [root] + sorted((p for p in root.rglob("*") if p.is_dir()
-                               and not any(part.startswith(".") for part in p.relative_to(root).parts)),
-                              key=lambda p: p.relative_to(root).as_posix())
-    for folder in folders:
-        files = [p for p in sorted_dir(folder) if is_audio(p)]
-        if not files:
-            continue
-        name = folder.name if folder != root else root.name
-        if folder != root:
-            name = "_".join(folder.relative_to(root).parts)
+    for folder, files in song_folders(root, mapping):
+        name = "_".join(folder.relative_to(root).parts) if folder != root else root.name
         track = TrackSource(name=name, source="stems", origin=str(folder), title=folder.name)
         game = (folder / "song.ini").is_file()
         try:
             for f in files:
                 path = safe_join(root, f.relative_to(root))
+                inner = f.relative_to(folder)
+                raw = " ".join([*inner.parent.parts, f.stem])
                 cls = (RHYTHM_GAME_CLASSES.get(f.stem.lower()) if game else None) or \
-                    mapping.suggest_from_filename(f.name).cls
-                track.stems.append(StemSource(path=path, name=stem_file_name(f.name),
-                                              raw_instrument=f.stem, cls=cls, suggested=cls is not None))
+                    mapping.suggest_from_filename(raw + f.suffix).cls
+                track.stems.append(StemSource(path=path, name=stem_file_name("_".join(inner.parts)),
+                                              raw_instrument=raw, cls=cls, suggested=cls is not None))
         except PathError as e:
             yield {"track": name, "stem": "", "reason": str(e)}
             continue
+        track.ignored = [f.relative_to(folder).as_posix() for d in {f.parent for f in files} | {folder}
+                         for f in sorted_dir(d) if f.is_file() and not is_audio(f)]
+        track.ignored.sort()
         yield track
+
+
+def _audio_folders(root: Path) -> dict[Path, list[Path]]:
+    """Every folder under `root` (itself included, hidden ones not) -> its audio files, for the
+    folders that directly hold any; in path order."""
+    folders = [root] + sorted((p for p in root.rglob("*") if p.is_dir()
+                               and not any(part.startswith(".") for part in p.relative_to(root).parts)),
+                              key=lambda p: p.relative_to(root).as_posix())
+    found = {}
+    for folder in folders:
+        files = [p for p in sorted_dir(folder) if is_audio(p)]
+        if files:
+            found[folder] = files
+    return found
+
+
+def song_folders(root: Path, mapping: Mapping) -> Iterator[tuple[Path, list[Path]]]:
+    """(song folder, its stem files) for every song under `root`.
+
+    A folder that holds audio is a song, except that one song's stems often sit in subfolders,
+    and a person would call these one song:
+    - a folder whose own audio is only the mix, beside one folder of stems ("Song/Song (final
+      mix).mp3" and "Song/Stems/", itself perhaps in subfolders) or folders named for instruments:
+      the audio of every folder below it is its stems;
+    - a folder with no audio of its own whose audio subfolders (two or more, directly below it)
+      are each named for an instrument ("Song/Guitars/", "Song/Drums/"): their audio is its stems.
+    Anywhere else a folder inside another is a song of its own ("Album/Song1/"), and a folder of
+    songs that have their own mix is never merged.
+    """
+    audio = _audio_folders(root)
+    merged: list[Path] = []
+    candidates = sorted({root, *audio, *(p for f in audio for p in f.parents if root in p.parents)},
+                        key=lambda p: p.relative_to(root).as_posix())
+    for folder in candidates:
+        if any(m in folder.parents for m in merged):
+            continue
+        below = [f for f in audio if folder in f.parents]
+        below_files = [f for sub in below for f in audio[sub]]
+        own = audio.get(folder, [])
+        if below and not any(_is_mix(f, mapping) for f in below_files) and (
+                (own and all(_is_mix(f, mapping) for f in own)
+                 and (_one_child(folder, below) or _instrument_subfolders(folder, below, mapping)))
+                or (not own and _instrument_subfolders(folder, below, mapping))):
+            merged.append(folder)
+            yield folder, own + below_files
+        elif own:
+            yield folder, own
+
+
+def _is_mix(path: Path, mapping: Mapping) -> bool:
+    return mapping.suggest_from_filename(path.name).cls == "mix"
+
+
+def _one_child(folder: Path, below: list[Path]) -> bool:
+    """Whether every folder in `below` lies in one child of `folder`."""
+    return len({sub.relative_to(folder).parts[0] for sub in below}) == 1
+
+
+def _instrument_subfolders(folder: Path, below: list[Path], mapping: Mapping) -> bool:
+    """Two or more audio folders, directly in `folder`, each named for an instrument (the whole
+    name: "Guitars", "Bass Guitar"; not "Guitar Song")."""
+    if len(below) < 2 or any(sub.parent != folder for sub in below):
+        return False
+    return all(mapping.instrument_named(sub.name) not in (None, "mix", "excluded") for sub in below)
 
 
 # --- writing into the library -----------------------------------------------------------------
@@ -447,6 +526,7 @@ def import_tracks(library: Library, sources: Iterable[TrackSource | SkippedTrack
     """
     report = ImportReport()
     by_origin = {t.origin: t for t in library.tracks() if t.origin}
+    contents = ContentIndex(library)
     done = 0
     for item in sources:
         if should_stop is not None and should_stop():
@@ -457,7 +537,7 @@ def import_tracks(library: Library, sources: Iterable[TrackSource | SkippedTrack
         elif isinstance(item, SkippedTrack):
             report.skipped.append({"track": item.name, "reason": item.reason})
         else:
-            _import_one(library, item, by_origin, link, report)
+            _import_one(library, item, by_origin, link, report, contents)
         done += 1
         if progress is not None:
             progress(done, max(total, done), f"{done} tracks read")
@@ -465,16 +545,60 @@ def import_tracks(library: Library, sources: Iterable[TrackSource | SkippedTrack
 
 
 def _import_one(library: Library, src: TrackSource, by_origin: dict[str, Track], link: bool,
-                report: ImportReport) -> None:
-    track_id = _import_stems(library, src, by_origin, link, report)
+                report: ImportReport, contents: ContentIndex) -> None:
+    track_id = _import_stems(library, src, by_origin, link, report, contents)
     # Named by the library's track id where there is one (it differs from the dataset's name
     # when another track already holds that name).
     report.disagreements.extend({"track": track_id or src.name, **d} for d in src.disagreements)
+    report.ignored.extend({"track": track_id or src.name, "file": f} for f in src.ignored)
+
+
+class ContentIndex:
+    """Recognises stems that are, one for one, the content of a track already in the library: the
+    same song imported from a second place. Tracks are keyed by their stems' sizes (read once
+    per import), so only tracks with files of the same sizes are fingerprinted."""
+
+    def __init__(self, library: Library):
+        self.library = library
+        self._by_sizes: dict[tuple[int, ...], list[Track]] | None = None
+
+    @staticmethod
+    def _sizes(paths: list[Path]) -> tuple[int, ...] | None:
+        try:
+            return tuple(sorted(p.stat().st_size for p in paths))
+        except OSError:
+            return None
+
+    def _paths(self, track: Track) -> list[Path]:
+        return [self.library.stem_path(track, st) for st in track.stems]
+
+    def _index(self) -> dict[tuple[int, ...], list[Track]]:
+        if self._by_sizes is None:
+            self._by_sizes = {}
+            for track in self.library.tracks():
+                self.add(track)
+        return self._by_sizes
+
+    def add(self, track: Track) -> None:
+        self._index().setdefault(self._sizes(self._paths(track)), []).append(track)
+
+    def same_as(self, paths: list[Path]) -> Track | None:
+        """A track whose stems have the content of these files, if there is one."""
+        key = self._sizes(paths)
+        candidates = self._index().get(key, []) if key is not None else []
+        if not candidates:
+            return None
+        mine = sorted(fingerprint(p) for p in paths)
+        return next((t for t in candidates if sorted(fingerprint(p) for p in self._paths(t)) == mine), None)
 
 
 def _import_stems(library: Library, src: TrackSource, by_origin: dict[str, Track], link: bool,
-                  report: ImportReport) -> str | None:
-    """Write (or recognise) one track; its id, or None when none of its stems could be read."""
+                  report: ImportReport, contents: ContentIndex) -> str | None:
+    """Write (or recognise) one track; its id, or None when none of its stems could be read.
+
+    A new origin whose stems are the content of a track already there (a folder moved or copied
+    and imported again) is not added a second time: two copies would feed one dataset twice,
+    and could land one in training and one in validation."""
     good: list[tuple[StemSource, tuple[int, int, int]]] = []
     for stem in src.stems:
         try:
@@ -497,8 +621,15 @@ def _import_stems(library: Library, src: TrackSource, by_origin: dict[str, Track
         # while a long import ran, or while this one is written, must survive an update.
         with library.locked(existing.id):
             return _update_track(library, src, stems, good, report, by_origin, link)
+    same = contents.same_as([s.path for s in stems])
+    if same is not None:
+        report.skipped.append({"track": src.name, "reason": f"the same audio as track {same.id} "
+                                                              f"(imported from {same.origin or 'elsewhere'})"})
+        return same.id
     track_id = _free_id(library, make_track_id(src.name))
-    return _store_track(library, src, stems, good, report, by_origin, link, track_id, None)
+    track_id = _store_track(library, src, stems, good, report, by_origin, link, track_id, None)
+    contents.add(library.load(track_id))
+    return track_id
 
 
 def _update_track(library, src, stems, good, report, by_origin, link) -> str:

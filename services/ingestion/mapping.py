@@ -109,6 +109,16 @@ class Mapping:
     def lookup(self, name: str) -> str | None:
         return self.entries.get(normalize_name(name))
 
+    def instrument_named(self, name: str) -> str | None:
+        """The class a whole name stands for ("Guitars", "Bass Guitar", "Drums"), or None when
+        the name is more than an instrument's ("Guitar Song")."""
+        words = filename_words(name + ".wav")
+        for form in (words, [_singular(w) for w in words]):
+            for key in (" ".join(form), "".join(form), "-".join(form)):
+                if key in self.entries:
+                    return self.entries[key]
+        return None
+
     def classify_instruments(self, names: list[str]) -> Match:
         """Class of a stem from its metadata instrument name(s): exact lookups only.
 
@@ -134,6 +144,17 @@ class Mapping:
         ("hi-hat"). Equally long runs that disagree leave the stem unmapped.
         """
         words = filename_words(file_name)
+        match = self._longest_run(words, file_name)
+        if match.cls is None and not match.reason.startswith("words disagree"):
+            # "Guitars.wav", "Pianos L.wav": a plural the mapping does not list is its singular.
+            singular = [_singular(w) for w in words]
+            if singular != words:
+                plural = self._longest_run(singular, file_name)
+                if plural.cls is not None:
+                    return plural
+        return match
+
+    def _longest_run(self, words: list[str], file_name: str) -> Match:
         found: dict[str, str] = {}
         for n in range(min(_MAX_WORDS, len(words)), 0, -1):
             for i in range(len(words) - n + 1):
@@ -151,6 +172,11 @@ class Mapping:
         if len(classes) > 1:
             return Match(None, words=sorted(found), reason=f"words disagree: {found}")
         return Match(classes[0], suggested=True, words=sorted(found))
+
+
+def _singular(word: str) -> str:
+    """"guitars" -> "guitar"; words ending in "ss" ("bass") and short ones are left alone."""
+    return word[:-1] if len(word) > 3 and word.endswith("s") and not word.endswith("ss") else word
 
 
 def user_entries(data: DataRoot) -> dict[str, str]:

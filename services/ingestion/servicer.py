@@ -6,7 +6,7 @@ from services.common.errors import InvalidArgumentError, NotFoundError
 from services.common.library import Library, Track
 from services.common.paths import resolve_allowed
 from services.common.server import Service, handle_errors
-from services.ingestion import labels, listening, marks
+from services.ingestion import importers, labels, listening, marks
 from services.ingestion.jobs import resolve_generate_dir, resolve_local_path, validate_import
 from services.ingestion.mapping import Mapping, update_user_mapping, user_entries
 from services.ingestion.synth.rendering import DEFAULT_SOUNDFONT
@@ -61,7 +61,17 @@ class DatasetServicer(ingestion_pb2_grpc.DatasetServiceServicer):
         for text in (request.path, request.search_root):
             if text:
                 self._check_local(text)
+        if request.format in ("medleydb", "slakh", "stems"):
+            self._check_dataset_folder(request.format, request.path)
         return self.svc.submit("ingestion.import", params)
+
+    def _check_dataset_folder(self, fmt: str, text: str) -> None:
+        """A dataset import reads a folder; refuse now a file, or a stem folder without audio."""
+        path = resolve_local_path(self.svc.data, text, self.import_roots)
+        if not path.is_dir():
+            raise InvalidArgumentError(f"{path} is a file: a {fmt} import reads the folder that holds the songs")
+        if fmt == "stems" and not importers.has_audio(path):
+            raise InvalidArgumentError(f"no audio files under {path} (audio is {', '.join(importers.AUDIO_SUFFIXES)})")
 
     @handle_errors
     def GenerateSynthetic(self, request, context):
