@@ -64,6 +64,14 @@ def test_cli_import_list_mark_and_grpc(service):
         stub.StartImport(ingestion_pb2.ImportRequest(format="solo", url="file:///etc/passwd", instrument="guitar"),
                          timeout=10)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # A wrong path is the caller's mistake, said before any job starts: a file, a folder without audio.
+    stem_file = next((mdb / "Artist1_Song1" / "Artist1_Song1_STEMS").iterdir())
+    (root / "empty" / "sub").mkdir(parents=True)
+    (root / "empty" / "sub" / "notes.txt").write_text("no audio here")
+    for path, said in ((stem_file, "is a file: a stems import reads the folder"),
+                       (root / "empty", "no audio files under")):
+        r = run_cli("dataset", "import", "stems", str(path), env=env)
+        assert r.returncode == 2 and "invalid_argument" in r.stderr and said in r.stderr, r.stderr
     with pytest.raises(grpc.RpcError) as e:
         stub.SetQualityMark(ingestion_pb2.QualityMarkRequest(track_id="Artist1_Song1", instrument="guitar",
                                                              mark="shiny"), timeout=10)
@@ -169,3 +177,30 @@ def test_cli_labelling_commands(service, tmp_path):
 
     r = run_cli("dataset", "check", track_id, "--json", env=env)
     assert r.returncode == 0 and json.loads(r.stdout.strip().splitlines()[-1])["result"]["tracks_checked"] == 1
+
+
+def test_ctrl_c_while_following_a_job_says_the_job_goes_on(service):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.servicetools import REPO
+
+    svc, root = service
+    env = {**os.environ, "PYTHONPATH": str(REPO), "STEMLAB_INGESTION_ADDRESS": svc.address}
+    proc = subprocess.Popen([sys.executable, "-m", "stemlab.cli", "synth", "synthetic/long", "--songs", "12",
+                             "--seconds", "30", "--seed", "3", "--rate", "22050"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while "RUNNING" not in proc.stderr.readline() and time.time() < deadline:
+        pass  # until the command follows the running job
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    job_id = err.split("the job ")[1].split()[0]
+    assert f"`stemlab jobs cancel {job_id}` to stop it" in err
+    jobs = run_cli("jobs", "get", job_id, "--json", env={"STEMLAB_INGESTION_ADDRESS": svc.address})
+    assert json.loads(jobs.stdout)["state"] in ("RUNNING", "SUCCEEDED")
+    run_cli("jobs", "cancel", job_id, env={"STEMLAB_INGESTION_ADDRESS": svc.address})

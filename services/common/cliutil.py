@@ -166,7 +166,13 @@ def start_and_follow(args: argparse.Namespace, service: str, job: Any, wait: boo
         print_result(args, job, text=job.id)
         return 0
     jobs = jobs_pb2_grpc.JobsStub(channel(address(args, service)))
-    final = follow_job(jobs, job.id, json_output=getattr(args, "json", False)) or job
+    try:
+        final = follow_job(jobs, job.id, json_output=getattr(args, "json", False)) or job
+    except KeyboardInterrupt:
+        # Ctrl-C stops the watching, not the job, which runs in the service: say so.
+        print(f"\nstopped watching; the job {job.id} goes on (`stemlab jobs watch {job.id}` to follow it, "
+              f"`stemlab jobs cancel {job.id}` to stop it)", file=sys.stderr)
+        raise
     if final.state not in TERMINAL_STATES:  # stream ended early (service went away)
         raise CliError(f"lost the job {job.id} before it ended; see `stemlab jobs get {job.id}`")
     print_result(args, final, text=_final_text(final))
