@@ -54,7 +54,7 @@ def test_planted_faults_are_suggested_with_evidence(library):
     _rewrite(library, t1, guitar, lambda a, r: (np.clip(a * 20, -1, 1), r))                 # clipped
     _rewrite(library, t1, bass, lambda a, r: (np.zeros_like(a), r))                         # silent
     _rewrite(library, t1, piano, lambda a, r: (a + 0.2, r))                                 # DC-shifted
-    _rewrite(library, t1, drums, lambda a, r: (a[:, : a.shape[1] - r], r))                  # 1 s short
+    _rewrite(library, t1, drums, lambda a, r: (a[:, : a.shape[1] - 2 * r], r))              # 2 s short
     result = check_library(library, track_id=t1.id)
     got = {(s["check"], s["stem"]) for s in library.load(t1.id).suggestions}
     assert ("clipping", guitar.file) in got
@@ -67,7 +67,7 @@ def test_planted_faults_are_suggested_with_evidence(library):
     by = {(s["check"], s["stem"]): s for s in library.load(t1.id).suggestions}
     assert by[("missing", bass.file)]["mark"] == "missing"
     assert by[("missing", bass.file)]["evidence"]["peak_dbfs"] < -60
-    assert by[("format", drums.file)]["evidence"]["longest_seconds"] - by[("format", drums.file)]["evidence"]["seconds"] == pytest.approx(1.0, abs=0.01)
+    assert by[("format", drums.file)]["evidence"]["longest_seconds"] - by[("format", drums.file)]["evidence"]["seconds"] == pytest.approx(2.0, abs=0.01)
     assert by[("clipping", guitar.file)]["instrument"] == "guitar"
     # Re-running replaces the automatic suggestions instead of piling them up.
     check_library(library, track_id=t1.id)
@@ -103,15 +103,18 @@ def test_bleed_inaudible_and_mislabeled(library):
     assert [x["check"] for x in check_track([feats])] == ["mislabeled"]
 
 
-def test_stems_with_different_rates_are_flagged():
+def test_other_rates_and_short_tails_are_not_suggested():
+    # Mixing resamples and pads stems exactly, so a 48 kHz DI in a 44.1 kHz session, or a stem
+    # whose export stopped half a second early, is no fault; a stem cut 2 s short is.
     rate = 8000
-    a = np.sin(np.arange(rate * 2) / rate * 2 * np.pi * 220)[None].astype(np.float32) * 0.5
+    a = np.sin(np.arange(rate * 4) / rate * 2 * np.pi * 220)[None].astype(np.float32) * 0.5
     f1 = stem_features(a, rate, "stems/a.wav", "guitar")
-    f2 = stem_features(a, rate, "stems/b.wav", "bass")
+    f2 = stem_features(a[:, : -rate // 2], rate, "stems/b.wav", "bass")
     f3 = stem_features(np.repeat(a, 2, axis=1), 2 * rate, "stems/c.wav", "drums")
-    out = check_track([f1, f2, f3])
-    assert [(s["check"], s["stem"], s["evidence"]["rate_hz"]) for s in out if s["check"] == "format"] == [
-        ("format", "stems/c.wav", 16000)]
+    assert [s for s in check_track([f1, f2, f3]) if s["check"] == "format"] == []
+    f4 = stem_features(a[:, : -2 * rate], rate, "stems/d.wav", "piano")
+    assert [(s["check"], s["stem"]) for s in check_track([f1, f4]) if s["check"] == "format"] == [
+        ("format", "stems/d.wav")]
 
 
 def test_longest_run():

@@ -15,8 +15,9 @@ The checks and their rules (thresholds in `Thresholds`):
 - dc_offset: |mean| of a channel above 0.1 (-20 dBFS). The network drops the DC bin, so only an
   offset that eats real headroom matters; FluidSynth's sweep pads carry up to ~0.06 of honest
   DC, which is not a fault worth a person's time.
-- format: a stem whose rate differs from the track's most common rate, or which is shorter
-  or longer than the longest stem by more than 0.05 s.
+- format: a stem shorter than the longest by more than 1 s (a stem cut short, or from another
+  take). A shorter tail is common in real exports and harmless (mixing pads it with silence), as
+  is a stem at another sample rate (mixing resamples it exactly): neither is suggested.
 - bleed: the stem's quiet-but-not-silent frames (between -90 dBFS and 25 dB under its median
   active level, at least 2 s of them) follow another stem's envelope *at a fixed gain*: over
   those frames the two dB envelopes correlate (Pearson r > 0.7), the stem's level moves dB for
@@ -57,7 +58,7 @@ class Thresholds:
     clip_level: float = 0.999
     clip_run_samples: int = 3
     dc_offset: float = 0.1
-    length_tolerance_seconds: float = 0.05
+    length_tolerance_seconds: float = 1.0
     bleed_floor_dbfs: float = -90.0
     bleed_quiet_below_db: float = 25.0
     bleed_min_quiet_seconds: float = 2.0
@@ -162,7 +163,6 @@ def check_track(stems: list[StemFeatures], th: Thresholds = Thresholds()) -> lis
     out: list[dict] = []
     if not stems:
         return out
-    rate_mode = Counter(s.rate for s in stems).most_common(1)[0][0]
     longest = max(s.seconds for s in stems)
     for s in stems:
         if s.peak_dbfs < th.missing_peak_dbfs:
@@ -172,8 +172,6 @@ def check_track(stems: list[StemFeatures], th: Thresholds = Thresholds()) -> lis
                                 clipped_runs=s.clip_runs))
         if s.dc_offset > th.dc_offset:
             out.append(_suggest("dc_offset", "bad_quality", s, dc_offset=s.dc_offset))
-        if s.rate != rate_mode:
-            out.append(_suggest("format", "bad_quality", s, rate_hz=s.rate, track_rate_hz=rate_mode))
         if longest - s.seconds > th.length_tolerance_seconds:
             out.append(_suggest("format", "bad_quality", s, seconds=s.seconds, longest_seconds=longest))
         if s.flatness is not None and s.flatness > th.flatness_max:
