@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import yaml
 
-from services.processing.mixing import mix
+from services.common.errors import FailedPreconditionError
+from services.common.library import Library
+from services.processing.mixing import mix, require_usable
 from tests.test_processing_support import make_track, read, sine
 
 RATE = 22050
@@ -162,3 +164,25 @@ def test_a_stop_request_ends_the_job_after_the_running_track(tmp_path):
                  should_stop=lambda: len(seen) >= 2)
     assert result["stopped"] and [r["track"] for r in result["tracks"]] == ["A"]
     assert seen == [(0, 3, "3 tracks to do"), (1, 3, "A: mixed")]
+
+
+def test_a_track_checked_for_the_instrument_without_its_stem_is_named_and_an_empty_mix_is_refused(tmp_path):
+    # Stems named "Guitars.wav" used to stay unmapped; a person checks the song for guitar and
+    # the mix used to leave it out without a word.
+    make_track(tmp_path, "Song10", {"Guitars.wav": (None, _noise(0.5, 1)), "d.wav": ("drums", _noise(0.5, 2))},
+               marks={"guitar": ["checked"]})
+    make_track(tmp_path, "Unchecked", {"g.wav": ("guitar", _noise(0.5, 3))})
+    library = Library(tmp_path)
+    with pytest.raises(FailedPreconditionError) as e:
+        require_usable(library, "guitar")
+    assert str(e.value) == (
+        "no track can be mixed for guitar: 1 checked for guitar, but no stem is classed guitar; 1 not checked "
+        "(confirm a track with `stemlab dataset mark TRACK --instrument guitar --mark checked`, or pass "
+        "--include-unchecked for generated songs)")
+    with pytest.raises(FailedPreconditionError, match="no track in the library has a stem classed piano"):
+        require_usable(library, "piano")
+    require_usable(library, "guitar", include_unchecked=True)
+    result = mix(tmp_path, "guitar", rates_hz=[RATE], include_unchecked=True, workers=1)
+    assert [r["track"] for r in result["tracks"]] == ["Unchecked"]
+    assert result["left_out"] == [{"track": "Song10", "reason": "checked for guitar, but no stem is classed guitar "
+                                   "(unmapped: Guitars.wav; stemlab dataset set-class)"}]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from services.common.jobs import item_function
+from services.common.library import Library
 from services.common.paths import DataRoot
 from services.processing import datasets, mixing, silence, silence_sets
 from services.processing.mixsets import MixSet
@@ -43,12 +44,14 @@ def _adjusted(params: dict, target_key: str, cutoff_key: str) -> tuple[float, fl
     return None if target is None else (float(target), float(cutoff if cutoff is not None else 0.0))
 
 
-def validate_mix(params: dict) -> None:
+def validate_mix(data: DataRoot, params: dict) -> None:
     from services.processing.mixsets import validate_instrument, validate_rate
 
     validate_instrument(params["instrument"], tuple(params.get("also") or ()))
     for rate in params.get("rates_hz") or []:
         validate_rate(int(rate))
+    mixing.require_usable(Library(data), params["instrument"], bool(params.get("include_unchecked")),
+                          bool(params.get("ignore_marks")), params.get("tracks") or ())
 
 
 def validate_silence_stats(data: DataRoot, params: dict) -> None:

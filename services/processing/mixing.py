@@ -11,6 +11,7 @@ skipped: stats.yaml records a fingerprint (files, classes, sizes, mtimes, parame
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -222,7 +223,8 @@ def select_tracks(library: Library, instrument: str, include_unchecked: bool = F
     """Tracks usable for `instrument` (the thesis' rule, Track.usable_for) and why others are not.
 
     Returns (selected tracks sorted by id, [{"track", "reason"}] for tracks that have the
-    instrument but are left out). `only` limits the choice to these ids (all must exist).
+    instrument, or are checked for it, but are left out). `only` limits the choice to these ids
+    (all must exist).
     """
     ids = library.ids()
     if only:
@@ -238,6 +240,12 @@ def select_tracks(library: Library, instrument: str, include_unchecked: bool = F
             left_out.append({"track": track_id, "reason": f"unreadable track.yaml: {e}"})
             continue
         if instrument not in track.classes():
+            if track.has_mark(instrument, "checked"):
+                # A person meant it for this instrument: say why it is not mixed.
+                unmapped = [Path(st.file).name for st in track.stems if st.cls is None]
+                left_out.append({"track": track_id, "reason": f"checked for {instrument}, but no stem is classed "
+                                 f"{instrument}" + (f" (unmapped: {', '.join(unmapped)}; stemlab dataset set-class)"
+                                                    if unmapped else "")})
             continue
         if track.usable_for(instrument, include_unchecked=include_unchecked, ignore_marks=ignore_marks):
             selected.append(track)
@@ -247,6 +255,21 @@ def select_tracks(library: Library, instrument: str, include_unchecked: bool = F
         reason = f"marked {', '.join(marks)}" if marks and not ignore_marks else "not checked"
         left_out.append({"track": track_id, "reason": reason})
     return selected, left_out
+
+
+def require_usable(library: Library, instrument: str, include_unchecked: bool = False, ignore_marks: bool = False,
+                   only: Sequence[str] = ()) -> None:
+    """Refuse a mix that would mix nothing, saying why no track is usable."""
+    selected, left_out = select_tracks(library, instrument, include_unchecked, ignore_marks, only)
+    if selected:
+        return
+    if not left_out:
+        raise FailedPreconditionError(f"no track in the library has a stem classed {instrument}")
+    reasons = Counter(row["reason"].split(" (")[0] for row in left_out)
+    why = "; ".join(f"{n} {reason}" for reason, n in reasons.most_common())
+    raise FailedPreconditionError(
+        f"no track can be mixed for {instrument}: {why} (confirm a track with `stemlab dataset mark TRACK "
+        f"--instrument {instrument} --mark checked`, or pass --include-unchecked for generated songs)")
 
 
 def mix(data_root: str | Path, instrument: str, rates_hz: Sequence[int] = (22050,), stereo: bool = False,

@@ -45,7 +45,7 @@ class ProcessingServicer(processing_pb2_grpc.ProcessingServiceServicer):
                   "rates_hz": sorted(set(request.rates_hz)) or [DEFAULT_RATE_HZ], "stereo": request.stereo,
                   "include_unchecked": request.include_unchecked, "ignore_marks": request.ignore_marks,
                   "tracks": list(request.tracks), "force": request.force}
-        jobs.validate_mix(params)
+        jobs.validate_mix(self.svc.data, params)
         return self.svc.submit(jobs.MIX, params)
 
     @handle_errors
