@@ -61,6 +61,9 @@ class EvaluationSettings:
         return EvaluationSettings(**{**asdict(self), "baselines": baselines})
 
 
+# Skipped tracks named with their reason in a job's summary (report.json lists every one).
+SHOWN_SKIPS = 10
+
 def new_report_id(label: str = "") -> str:
     stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     clean = re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-._")[:40]
@@ -110,8 +113,9 @@ def evaluate_dataset(
 ) -> dict:
     """Evaluate `source` (None: baselines only) on a dataset split; publish DATA/evaluations/<id>/.
 
-    Returns a summary: {"report_id", "report_dir", "tracks", "scored", "skipped", "absent", "medians",
-    "leakage"}. Tracks without the instrument (silent instrument reference) are "absent": scored by
+    Returns a summary: {"report_id", "report_dir", "tracks", "scored", "skipped", "skipped_tracks"
+    ([{track, reason}], the first SHOWN_SKIPS), "absent", "medians", "leakage"}. Tracks without
+    the instrument (silent instrument reference) are "absent": scored by
     the leakage of what the model returns, not by bss_eval.
     Raises EvaluationCancelled when should_stop() turns true (no report is published then).
     """
@@ -192,6 +196,8 @@ def evaluate_dataset(
         report.write_report(tmp, doc)
     return {"report_id": report_id, "report_dir": str(target), "tracks": len(pairs),
             "scored": doc["counts"]["scored"], "skipped": doc["counts"]["skipped"], "absent": doc["counts"]["absent"],
+            # Why, for the first few (all of them are in report.json).
+            "skipped_tracks": doc["skipped"][:SHOWN_SKIPS],
             "medians": report.json_safe(doc["medians"]), "leakage": report.json_safe(doc["leakage"])}
 
 
