@@ -199,3 +199,5 @@ def test_an_estimate_of_the_wrong_length_or_a_missing_one_skips_only_that_track(
     assert sorted(reasons) == ["A", "C"] and summary["scored"] == 1
     assert "estimates must cover the whole track" in reasons["A"]
     assert "no instrument estimate for track C" in reasons["C"]
+    # The job's summary (what `stemlab evaluate` prints) names them with the reason too.
+    assert summary["skipped_tracks"] == doc["skipped"] and summary["skipped"] == 2
