@@ -102,3 +102,16 @@ def test_bad_requests_get_clear_status_codes(service):
     out = run_cli("dataset", "build", "x", "--instrument", "guitar", "--json",
                   env={"STEMLAB_PROCESSING_ADDRESS": service.address})
     assert out.returncode == 2 and "stemlab mix" in out.stderr
+
+
+def test_the_mix_command_prints_counts_and_names_what_failed_or_was_left_out(service):
+    env = {"STEMLAB_PROCESSING_ADDRESS": service.address}
+    out = run_cli("mix", "--instrument", "guitar", "--rate", str(RATE), env=env)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].endswith(f"SUCCEEDED: 1 failed, 3 mixed; 1.5 s of audio mixed into mixes/guitar/{RATE}")
+    assert lines[1] == "failed (1):" and lines[2].startswith("  Broken: ")
+    assert lines[3:] == ["left out (1):", "  Bleeds: marked bleed"]
+    # Nothing left to mix for piano: refused with why, before a job starts.
+    out = run_cli("mix", "--instrument", "piano", "--rate", str(RATE), env=env)
+    assert out.returncode == 2 and "no track in the library has a stem classed piano" in out.stderr

@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -158,8 +159,12 @@ def follow_job(jobs_stub: Any, job_id: str, json_output: bool = False, out=None)
     return last
 
 
-def start_and_follow(args: argparse.Namespace, service: str, job: Any, wait: bool = True) -> int:
-    """After a Start… call: follow the job (unless --no-wait), print it, return the exit code."""
+def start_and_follow(args: argparse.Namespace, service: str, job: Any, wait: bool = True,
+                     summary: Callable[[str, dict], str] | None = None) -> int:
+    """After a Start… call: follow the job (unless --no-wait), print it, return the exit code.
+
+    `summary(job_id, result)`: the text a succeeded job prints instead of its result as JSON
+    (--json still prints the whole job)."""
     from stemlab.v1 import jobs_pb2_grpc
 
     if not wait or getattr(args, "no_wait", False):
@@ -175,7 +180,10 @@ def start_and_follow(args: argparse.Namespace, service: str, job: Any, wait: boo
         raise
     if final.state not in TERMINAL_STATES:  # stream ended early (service went away)
         raise CliError(f"lost the job {job.id} before it ended; see `stemlab jobs get {job.id}`")
-    print_result(args, final, text=_final_text(final))
+    text = _final_text(final)
+    if summary is not None and final.state == 3:
+        text = summary(final.id, message_to_dict(final).get("result", {}))
+    print_result(args, final, text=text)
     return 0 if final.state == 3 else 1
 
 

@@ -11,13 +11,8 @@ import sys
 from pathlib import Path
 
 from services.common.cliutil import (
-    JOB_STATE_NAMES,
-    TERMINAL_STATES,
     CliError,
     add_common_args,
-    address,
-    channel,
-    follow_job,
     get_group,
     message_to_dict,
     print_result,
@@ -84,19 +79,8 @@ def cmd_import(args) -> int:
     if args.format == "solo" and not args.instrument:
         raise CliError("a solo import needs --instrument (e.g. --instrument guitar)")
     job = _stub(args).StartImport(req, timeout=30)
-    if args.json or args.no_wait:
-        return start_and_follow(args, SERVICE, job)
-    from stemlab.v1 import jobs_pb2_grpc
-
-    final = follow_job(jobs_pb2_grpc.JobsStub(channel(address(args, SERVICE))), job.id) or job
-    if final.state not in TERMINAL_STATES:  # stream ended early (service went away)
-        raise CliError(f"lost the job {job.id} before it ended; see `stemlab jobs get {job.id}`")
-    state = JOB_STATE_NAMES.get(final.state, str(final.state))
-    if final.state != 3:
-        print(f"{final.id} {state}" + (f": {final.error}" if final.error else ""))
-        return 1
-    print(_import_text(final.id, message_to_dict(final).get("result", {}), _stub(args)))
-    return 0
+    return start_and_follow(args, SERVICE, job,
+                            summary=lambda job_id, result: _import_text(job_id, result, _stub(args)))
 
 
 def _import_text(job_id: str, result: dict, dataset_stub) -> str:

@@ -11,6 +11,8 @@ from pathlib import Path
 from services.common.cliutil import CliError, add_common_args, get_group, start_and_follow, stub
 
 SERVICE = "processing"
+# A mix's text output names this many failed and left-out tracks; --json has all of them.
+SHOWN_TRACKS = 20
 INSTRUMENTS = ("guitar", "piano", "bass", "drums", "percussion", "vocals", "other")
 
 
@@ -83,7 +85,25 @@ def cmd_mix(args) -> int:
         instrument=args.instrument, also=args.also, rates_hz=rates, stereo=args.stereo,
         include_unchecked=args.include_unchecked, ignore_marks=args.ignore_marks, tracks=args.track,
         force=args.force), timeout=30)
-    return start_and_follow(args, SERVICE, job)
+    return start_and_follow(args, SERVICE, job, summary=_mix_text)
+
+
+def _mix_text(job_id: str, result: dict) -> str:
+    """What a mix did, in a few lines however large the library: counts, then the tracks that
+    failed or were left out, with why."""
+    counts = result.get("counts", {})
+    done = ", ".join(f"{int(n)} {status}" for status, n in sorted(counts.items())) or "nothing to mix"
+    lines = [f"{job_id} SUCCEEDED: {done}; {result.get('seconds_mixed', 0):g} s of audio mixed into "
+             + ", ".join(result.get("mix_sets", []))
+             + (" (stopped before the end)" if result.get("stopped") else "")]
+    failed = [r for r in result.get("tracks", []) if r.get("status") == "failed"]
+    for title, rows, why in (("failed", failed, "error"), ("left out", result.get("left_out", []), "reason")):
+        if rows:
+            lines.append(f"{title} ({len(rows)}):")
+            lines += [f"  {r['track']}: {r.get(why, '')}" for r in rows[:SHOWN_TRACKS]]
+            if len(rows) > SHOWN_TRACKS:
+                lines.append(f"  ... and {len(rows) - SHOWN_TRACKS} more (all of them with --json)")
+    return "\n".join(lines)
 
 
 def cmd_silence_stats(args) -> int:
