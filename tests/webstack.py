@@ -67,9 +67,10 @@ class _Process:
 class WebProcess(_Process):
     def __init__(self, env: dict[str, str], log_path: Path, threads: int = 8):
         self.port = free_port()
-        super().__init__([sys.executable, "-m", "gunicorn", "-b", f"127.0.0.1:{self.port}", "-w", "1",
-                          "--threads", str(threads), "--timeout", "120", "services.frontend.app:create_app()"],
-                         env, log_path)
+        # The deployments' gunicorn settings (services/frontend/gunicorn_conf.py).
+        super().__init__([sys.executable, "-m", "gunicorn", "-c", "python:services.frontend.gunicorn_conf",
+                          "-b", f"127.0.0.1:{self.port}", "services.frontend.app:create_app()"],
+                         {**env, "STEMLAB_WEB_THREADS": str(threads)}, log_path)
 
     @property
     def url(self) -> str:

@@ -66,7 +66,7 @@ def programs(config) -> dict[str, dict]:
                             "check": ("grpc", serving_port)}
     if (REPO / "services" / "frontend" / "app.py").exists():
         web_port = config.port("web")
-        progs["web"] = {"command": f"{VENV_BIN / 'gunicorn'} --workers 1 --threads 8 --timeout 600 "
+        progs["web"] = {"command": f"{VENV_BIN / 'gunicorn'} -c python:services.frontend.gunicorn_conf "
                                    f"--bind {config.bind_host}:{web_port} 'services.frontend.app:create_app()'",
                         "check": ("http", f"http://127.0.0.1:{web_port}/healthz")}
     return progs

@@ -53,7 +53,9 @@ _FFMPEG_TIMEOUT_S = 600
 # The demuxers ffmpeg may use on a file: audio containers only. Not hls (m3u8 playlists), concat,
 # image sequences, lavfi, sdp/rtp or anything else that can name other files or the network.
 FFMPEG_DEMUXERS = ("wav", "w64", "flac", "mp3", "ogg", "mov", "matroska", "aac", "aiff", "caf", "au", "asf",
-                   "wv", "ape", "tta", "amr", "mpc", "mpc8", "ac3", "eac3", "dts", "truehd", "mlp", "loas", "rf64")
+                   "wv", "ape", "tta", "amr", "mpc", "mpc8", "ac3", "eac3", "dts", "truehd", "mlp", "loas", "rf64",
+                   # the audio of common video files (no playlists: hls, concat and the like stay out)
+                   "avi", "flv", "mpeg", "mpegts")
 FFMPEG_SAFE_INPUT = ("-protocol_whitelist", "file", "-format_whitelist", ",".join(FFMPEG_DEMUXERS))
 _BLOCK_FRAMES = 1 << 16
 
@@ -110,6 +112,10 @@ class AudioError(InvalidArgumentError):
 
 # ---------------------------------------------------------------------------------------------
 # Pure array helpers
+
+
+class DecoderStopped(RuntimeError):
+    """ffmpeg was killed by a signal while decoding: says nothing about the file."""
 
 
 def resampled_length(samples: int, from_hz: int, to_hz: int) -> int:
@@ -298,6 +304,11 @@ class AudioReader:
     def seconds(self) -> float:
         return self.frames / self.rate
 
+    @property
+    def exact_length(self) -> bool:
+        """Whether `frames` is the file's own count (libsndfile), not a compressed file's estimate."""
+        return self._soundfile is not None
+
     def blocks(self) -> Iterator[np.ndarray]:
         """The song's samples, (channels, k) float32 blocks; AudioError for undecodable or non-finite audio."""
         source = self._soundfile_blocks() if self._soundfile is not None else self._ffmpeg_blocks()
@@ -338,8 +349,11 @@ class AudioReader:
         # whole decode (for a stream: including the time the reader spends between blocks).
         timed_out = threading.Event()
         with tempfile.TemporaryFile() as errors:
+            # A session of its own: a signal to the service's process group (supervisord stopping
+            # the web) must stop the job through the service, not kill the decoder under it and
+            # make a good file look undecodable. close() kills it when the reading stops.
             self._process = process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors,
-                                                       stdin=subprocess.DEVNULL)
+                                                       stdin=subprocess.DEVNULL, start_new_session=True)
 
             def stop() -> None:
                 timed_out.set()
@@ -365,6 +379,8 @@ class AudioReader:
                     timer.cancel()
             if timed_out.is_set():
                 raise AudioError(self.path, f"ffmpeg decoding took longer than {self.limits.timeout_seconds:g} s")
+            if code < 0:
+                raise DecoderStopped(f"the decoder of {self.path.name} was stopped by signal {-code}")
             if code != 0:
                 errors.seek(0)
                 raise AudioError(self.path, f"ffmpeg could not decode it ({_last_line(errors.read(1 << 16), self.path)})")
@@ -455,7 +471,11 @@ def _ffprobe(path: Path) -> tuple[int, int, int]:
     except subprocess.TimeoutExpired as error:
         raise AudioError(path, "ffprobe timed out") from error
     if result.returncode != 0:
-        raise AudioError(path, f"not a readable audio file ({_last_line(result.stderr, path)})")
+        message = _last_line(result.stderr, path)
+        if message.endswith("Invalid argument"):
+            # What ffmpeg says of a file no accepted demuxer recognises.
+            message = "not in a format that is accepted (audio, or the sound of a common video file)"
+        raise AudioError(path, f"not a readable audio file: {message}")
     try:
         probe = json.loads(result.stdout or b"{}")
     except ValueError as error:

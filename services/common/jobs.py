@@ -13,7 +13,8 @@ is shared, requeues jobs whose worker died (or fails them after the configured a
 
 With SQLite (one process runs a store: `JobStore.claim`, a lock the kernel drops when the
 process dies) a job found RUNNING at start belonged to a process that died: it is marked FAILED
-with the error "interrupted", as before PostgreSQL. Long jobs may share their items with other
+with the error "interrupted", as before PostgreSQL — or, for a runner made with
+`requeue_interrupted` (the web's separations), queued again, as a shutdown leaves it. Long jobs may share their items with other
 replicas (`JobContext.items`, shared stores only); idle workers take them up.
 """
 
@@ -171,8 +172,11 @@ class JobRunner:
     """
 
     def __init__(self, store: SqlJobStore, service: str, workers: int = 1, data: Any = None,
-                 run: bool = True, settings: StoreSettings | None = None):
+                 run: bool = True, settings: StoreSettings | None = None, requeue_interrupted: bool = False):
         self.store = store
+        # Jobs that simply run again from the start (a web separation whose song is kept): cut
+        # short by a shutdown or a dead process they go back to the queue, not to "interrupted".
+        self.requeue_interrupted = requeue_interrupted
         self.service = service
         self.data = data
         self.runs = run
@@ -202,9 +206,16 @@ class JobRunner:
             # process's (a second copy of a service, a second web server on one data root), which
             # would also run queued jobs twice. That copy is refused with StoreInUseError instead.
             store.claim()
-            self.interrupted = store.mark_interrupted()
-            for job in self.interrupted:
-                log.warning("job %s (%s) was running when the service stopped: marked failed", job.id, job.kind)
+            if requeue_interrupted:
+                requeued, failed = store.requeue_interrupted(self.settings.max_attempts)
+                for job_id in requeued:
+                    log.warning("job %s was running when the service stopped: queued again", job_id)
+                for job_id in failed:
+                    log.warning("job %s was running when the service stopped, again: marked failed", job_id)
+            else:
+                self.interrupted = store.mark_interrupted()
+                for job in self.interrupted:
+                    log.warning("job %s (%s) was running when the service stopped: marked failed", job.id, job.kind)
 
     def register(self, kind: str, fn: JobFunction, lane: str = "") -> None:
         """Run `kind` with `fn`; in `lane`, a one-worker queue of its own, if named."""
@@ -302,7 +313,7 @@ class JobRunner:
         for job_id, ctx in list(self._contexts.items()):
             if ctx.cancel_reason == "cancelled":
                 self.store.finish(job_id, self.worker_id, state=CANCELLED, finished=time.time())
-            elif self.store.shared:
+            elif self.store.shared or self.requeue_interrupted:
                 self.store.release(job_id, self.worker_id)
             else:
                 self.store.finish(job_id, self.worker_id, state=FAILED, error=SHUTDOWN, finished=time.time())
@@ -395,8 +406,8 @@ class JobRunner:
         progress = live.progress if live else job.progress
         if final["state"] == SUCCEEDED:
             progress = replace(progress, fraction=1.0, eta_seconds=0.0)
-        if final.get("error") == SHUTDOWN and self.store.shared:
-            ended = False  # another replica takes it up (shutdown() gives it back)
+        if final.get("error") == SHUTDOWN and (self.store.shared or self.requeue_interrupted):
+            ended = False  # another replica, or this service's next start, takes it up (shutdown() gives it back)
         else:
             ended = self.store.finish(job.id, self.worker_id, finished=time.time(), progress=progress, **final)
             if not ended and ctx.cancel_reason != "shutdown":

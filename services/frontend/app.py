@@ -1,7 +1,8 @@
 """The web demo's application factory: `gunicorn 'services.frontend.app:create_app()'`.
 
 By default the process also runs the separations (`start_workers`), with their states in
-DATA/web/separations.sqlite: run it then with one gunicorn worker process (and several threads).
+DATA/web/separations.sqlite: run it then with one gunicorn worker process and many threads, as
+`gunicorn -c python:services.frontend.gunicorn_conf` does.
 With STEMLAB_WEB_START_WORKERS=false it only queues and serves them, separation workers
 (`python -m services.frontend.worker`) run them, and on the shared PostgreSQL store
 (STEMLAB_DATABASE_URL) any number of web processes and replicas answer (docs/scaling.md).
@@ -94,8 +95,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     if settings.start_workers:
         queue.start()
-        # gunicorn stops a worker with SIGTERM -> sys.exit: give running separations their grace
-        # period and record what was cut short, instead of leaving it "running" in the store.
+        # Under gunicorn the config's worker_exit hook stops the queue first (while the serving
+        # client can still work); this covers the development server and other hosts.
         atexit.register(queue.stop, 5.0)
     return app
 

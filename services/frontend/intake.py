@@ -64,8 +64,8 @@ def start_separation(settings: WebSettings, queue: SeparationQueue, models: Serv
         else:
             input_name = "input" + _suffix(upload.filename)
             upload.save(folder / input_name)
-            # The header only: decoding happens in the worker, after admission.
-            check_song(folder / input_name, settings.max_song_seconds, decode=False)
+            # The header (decoded only if it says too long): separating happens in the worker.
+            check_song(folder / input_name, settings.max_song_seconds, settings.decode_limits)
             params.update(input=input_name, title=_title(Path(upload.filename).name))
         return queue.submit(params)
     except BaseException:

@@ -8,6 +8,8 @@ ingestion service over gRPC; the automatic checks' suggestions are shown beside 
 from __future__ import annotations
 
 import hmac
+import re
+import urllib.parse
 
 from flask import (
     Blueprint,
@@ -63,11 +65,20 @@ def require_token():
     return render_template("login.html", message=message, next=request.full_path), 401
 
 
+def local_path(target: str) -> str:
+    """`target` if it is a path on this site, else "": never redirect to another site. Browsers
+    drop tabs and newlines and read "\\" as "/", so "/\tevil.example" or "/\\evil.example"
+    would lead to evil.example; only a plain absolute path passes."""
+    if not re.fullmatch(r"/(?![/\\])[\x21-\x7e]*", target or ""):
+        return ""
+    if "\\" in target or urllib.parse.urlsplit(target).netloc:
+        return ""
+    return target
+
+
 @bp.route("/login", methods=["GET", "POST"])
 def login():
-    target = request.values.get("next") or url_for("review.page")
-    if not target.startswith("/") or target.startswith("//"):
-        target = url_for("review.page")  # never redirect to another site
+    target = local_path(request.values.get("next", "")) or url_for("review.page")
     if request.method == "POST":
         if token_matches(_token(), "Bearer " + request.form.get("token", "")):
             session.clear()

@@ -3,7 +3,8 @@
 A separation's files live in DATA/web/separations/<folder>/ (the uploaded or downloaded song
 while it runs, then instrument/rest as WAV, FLAC and MP3 and a waveform picture). Job states
 are kept by the common job store: DATA/web/separations.sqlite by default, where a job that was
-running when the server died reads as failed; or the shared PostgreSQL database
+running when the server stopped or died is queued again (its song is kept until it succeeds);
+or the shared PostgreSQL database
 (STEMLAB_DATABASE_URL), where web replicas only queue and read jobs and separation workers
 (`python -m services.frontend.worker`) run them, a dead worker's job going to another.
 
@@ -25,7 +26,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from services.common import jobs as jobstore
-from services.common.audio import MP3_RATES_HZ, AudioError, audio_info, read_audio, resample, write_audio
+from services.common.audio import (
+    MP3_RATES_HZ,
+    AudioError,
+    AudioReader,
+    DecodeLimits,
+    DecoderStopped,
+    read_audio,
+    resample,
+    write_audio,
+)
 from services.common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from services.common.paths import PathError, safe_join
 from services.frontend import links
@@ -73,25 +83,46 @@ class SongInfo:
     seconds: float
 
 
-def check_song(path: Path, max_seconds: float, decode: bool = True) -> SongInfo:
-    """Decode `path` (formats are judged by decoding, not by name) and check its length.
+# A song may run this far past the length limit: headers and decoders round.
+LENGTH_SLACK_SECONDS = 0.5
 
+
+def check_song(path: Path, max_seconds: float, limits: DecodeLimits, count: bool = False) -> SongInfo:
+    """Check that `path` is audio no longer than `max_seconds` (formats are judged by content).
+
+    WAV, FLAC and AIFF headers give the length exactly. A compressed file's header only
+    estimates it (a VBR MP3 without its Xing header can be off by a third, either way), so its
+    samples are counted by decoding it — always with `count` (the worker, before it separates:
+    a song found too long at the end would waste the whole separation), else only when the
+    estimate says too long (the upload request: refusing a song that fits would be wrong).
     Raises SongRefused with the reason when the file is not audio or is longer than allowed.
-    The header is read first, so an hour-long file is refused without decoding it.
     """
+    counted = False
     try:
-        rate, channels, frames = audio_info(path)
-        if frames / rate > max_seconds + 0.5:
-            raise SongRefused(f"the song is {frames / rate:.0f} s long; at most {max_seconds:.0f} s are accepted")
-        if decode:
-            audio, rate = read_audio(path)
-            channels, frames = audio.shape
+        reader = AudioReader(path, limits=replace(limits, max_seconds=None))
+        try:
+            seconds = reader.seconds
+            if not reader.exact_length and (count or seconds > max_seconds + LENGTH_SLACK_SECONDS):
+                seconds, counted = _counted_seconds(reader, max_seconds + LENGTH_SLACK_SECONDS), True
+        finally:
+            reader.close()
     except AudioError as error:
         raise SongRefused(f"this file cannot be read as audio ({error.reason})") from None
-    seconds = frames / rate
-    if seconds > max_seconds:
-        raise SongRefused(f"the song is {seconds:.0f} s long; at most {max_seconds:.0f} s are accepted")
-    return SongInfo(rate=int(rate), channels=int(channels), seconds=float(seconds))
+    if seconds > max_seconds + LENGTH_SLACK_SECONDS:
+        # Counting stops at the limit: the whole length is not known then.
+        length = f"longer than {max_seconds:.0f} s" if counted else f"{seconds:.0f} s long"
+        raise SongRefused(f"the song is {length}; at most {max_seconds:.0f} s are accepted")
+    return SongInfo(rate=int(reader.rate), channels=int(reader.channels), seconds=float(seconds))
+
+
+def _counted_seconds(reader: AudioReader, stop_after: float) -> float:
+    """The decoded length in seconds, counted until it passes `stop_after`."""
+    frames = 0
+    for block in reader.blocks():
+        frames += block.shape[1]
+        if frames > stop_after * reader.rate:
+            break
+    return frames / reader.rate
 
 
 _mp3_locks: dict[Path, threading.Lock] = {}
@@ -134,7 +165,7 @@ def separate_song(song: Path, folder: Path, model: str, settings: WebSettings,
             progress(progress_start + (1 - progress_start) * fraction, 1.0, message)
 
     report(0.0, "reading the song")
-    check_song(song, settings.max_song_seconds, decode=False)
+    check_song(song, settings.max_song_seconds, settings.decode_limits, count=True)
     # The client decodes, separates and writes WAV and FLAC as one stream (the same path as
     # `stemlab separate`); MP3 is made on first request (ensure_mp3).
     try:
@@ -143,7 +174,7 @@ def separate_song(song: Path, folder: Path, model: str, settings: WebSettings,
             address=settings.serving_address if settings.serving_protocol == "grpc" else settings.serving_rest_address,
             protocol=settings.serving_protocol, segment_seconds=settings.segment_seconds,
             timeout_seconds=settings.serving_timeout_seconds, formats=EAGER_FORMATS,
-            max_seconds=settings.max_song_seconds, should_stop=should_stop,
+            max_seconds=settings.max_song_seconds + LENGTH_SLACK_SECONDS, should_stop=should_stop,
             # counted while decoding, at most 48 kHz and stereo; the length is the client's check
             limits=replace(settings.decode_limits, max_seconds=None),
             progress=lambda done, total, message: report(0.05 + 0.85 * done / max(total, 1e-9), message))
@@ -178,7 +209,9 @@ class SeparationQueue:
         self.root = settings.web_root / "separations"
         self.root.mkdir(parents=True, exist_ok=True)
         self.store = jobstore.open_store("web", settings.web_root / "separations.sqlite")
-        self.runner = jobstore.JobRunner(self.store, "web", workers=settings.workers, run=settings.start_workers)
+        # A separation cut short by a restart runs again when the server is back (its song is kept).
+        self.runner = jobstore.JobRunner(self.store, "web", workers=settings.workers, run=settings.start_workers,
+                                         requeue_interrupted=True)
         self.runner.register(JOB_KIND, self._job)
         self._submit_lock = threading.Lock()
         self._sweeper: threading.Thread | None = None
@@ -263,6 +296,7 @@ class SeparationQueue:
         try:
             from services.serving.client import SeparationCancelled, ServingError
 
+            self._wait_for_model(params["model"], progress, should_stop)
             if params.get("url"):
                 progress(0, 1, "downloading the song")
                 song = links.download(
@@ -285,16 +319,38 @@ class SeparationQueue:
             raise SeparationFailed(f"the model could not be reached or refused the song: {error}") from None
         except jobstore.JobCancelled:
             raise
-        except Exception:
-            log.exception("separation %s failed", ctx.job_id)
+        except Exception as error:
+            if ctx.cancel_reason == "shutdown":
+                # The server stops: what broke under the job (a decoder, the serving client's
+                # pool) is not the song's fault, and the job goes back in the queue.
+                raise jobstore.JobCancelled("shutdown") from None
+            if not isinstance(error, DecoderStopped):
+                log.exception("separation %s failed", ctx.job_id)
             raise SeparationFailed("the separation failed because of an internal error (see the server log)") from None
         finally:
-            # The song is not kept: instrument + rest add back up to it.
-            for leftover in ("download",):
-                shutil.rmtree(folder / leftover, ignore_errors=True)
-            if params.get("input"):
+            # The song is not kept (instrument + rest add back up to it), unless the server stops
+            # and the separation is to run again when it is back.
+            shutil.rmtree(folder / "download", ignore_errors=True)
+            if params.get("input") and ctx.cancel_reason != "shutdown":
                 (folder / params["input"]).unlink(missing_ok=True)
         return result
+
+    def _wait_for_model(self, model: str, progress: Progress, should_stop: Callable[[], bool]) -> None:
+        """Wait (up to `serving_wait_seconds`) while serving starts or loads the model: after a
+        restart of the stack the queue runs again before serving has loaded its models. What is
+        still unavailable then fails in the separation, with serving's own reason."""
+        from services.frontend.backends import BackendUnavailable, ServingModels
+
+        models = ServingModels(self.settings.serving_rest_address, lambda: [model], cache_seconds=0)
+        deadline = time.monotonic() + self.settings.serving_wait_seconds
+        while time.monotonic() < deadline and not should_stop():
+            try:
+                if models.status(model).available:
+                    return
+            except BackendUnavailable:
+                pass
+            progress(0, 1, f"waiting for the model {model} to be served")
+            time.sleep(1.0)
 
     # -- cleanup --------------------------------------------------------------------------
     def _owners(self) -> dict[str, jobstore.JobRecord]:

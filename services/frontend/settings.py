@@ -41,7 +41,8 @@ class WebSettings(BaseModel):
     models: list[str] = Field(default_factory=list)
     workers: int = Field(default=1, ge=1, le=32)  # separations running at once
     max_queued: int = Field(default=8, ge=1, le=10_000)  # separations waiting or running
-    max_upload_mb: float = Field(default=100.0, gt=0)
+    # 10 minutes of 24-bit 48 kHz stereo WAV (165 MiB) fit, as the song length limit promises.
+    max_upload_mb: float = Field(default=200.0, gt=0)
     max_song_seconds: float = Field(default=600.0, gt=0)
     download_max_mb: float = Field(default=100.0, gt=0)  # yt-dlp / direct link size limit
     download_timeout_seconds: float = Field(default=120.0, gt=0)
@@ -54,6 +55,11 @@ class WebSettings(BaseModel):
     segment_seconds: float = Field(default=10.0, gt=0)  # what the separation client sends at once
     model_status_cache_seconds: float = Field(default=5.0, ge=0)
     serving_timeout_seconds: float = Field(default=300.0, gt=0)
+    # How long a queued separation waits for serving to load its model (after a restart).
+    serving_wait_seconds: float = Field(default=120.0, ge=0)
+    # gunicorn threads of the web process (services/frontend/gunicorn_conf.py): uploads and
+    # downloads served at once, each holding one for as long as its client takes.
+    threads: int = Field(default=32, ge=1, le=1024)
     # Run separations in this process. False: the web only queues them, and worker processes
     # (`python -m services.frontend.worker`) on the same job store run them.
     start_workers: bool = True

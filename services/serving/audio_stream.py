@@ -32,7 +32,10 @@ class _Mp3Encoder:
             audio_io._tool("ffmpeg", final), "-nostdin", "-v", "error", "-y", "-f", "f32le", "-ar", str(rate),
             "-ac", str(channels), "-i", "pipe:0", "-c:a", "libmp3lame", "-b:a", "320k", "-f", "mp3", str(path),
         ]  # fmt: skip
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self.errors)
+        # Its own session, as the decoder's (services/common/audio.py): a signal to the caller's
+        # process group reaches the caller, which stops the encoder itself.
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self.errors,
+                                        start_new_session=True)
 
     def write(self, frames: np.ndarray) -> None:
         try:

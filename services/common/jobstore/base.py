@@ -183,6 +183,21 @@ class SqlJobStore(abc.ABC):
             now = time.time()
             return [self.update(r["id"], state=FAILED, error=INTERRUPTED, finished=now) for r in rows]
 
+    def requeue_interrupted(self, max_attempts: int) -> tuple[list[str], list[str]]:
+        """Jobs left RUNNING by a process that died go back to the queue (unshared stores, for job
+        kinds that simply run again), or fail "interrupted" after `max_attempts` claims: a job
+        that takes its process down each time must not do so forever. Returns (requeued, failed)."""
+        now = time.time()
+        with self._lock:
+            failed = self._execute(
+                "UPDATE jobs SET state = ?, error = ?, finished = ?, worker = '' WHERE service = ? AND state = ? "
+                "AND attempts >= ? RETURNING id",
+                (FAILED, f"{INTERRUPTED} (its process stopped {max_attempts} times)", now, self.service, RUNNING,
+                 max_attempts))
+            requeued = self._execute("UPDATE jobs SET state = ?, worker = '' WHERE service = ? AND state = ? "
+                                     "RETURNING id", (QUEUED, self.service, RUNNING))
+        return [r["id"] for r in requeued], [r["id"] for r in failed]
+
     # -- claims and leases ------------------------------------------------------------------
     @staticmethod
     def _kind_filter(kinds: tuple[str, ...], exclude: tuple[str, ...]) -> tuple[str, list[str]]:
