@@ -181,6 +181,7 @@ def test_link_is_downloaded_with_yt_dlp_and_separated(client, make_app, tmp_path
     served = tmp_path / "www"
     served.mkdir()
     (served / "song.wav").write_bytes(wav_bytes(song(2.0, rate=22050, channels=2), 22050))
+    (served / "a song é.wav").write_bytes((served / "song.wav").read_bytes())
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -194,12 +195,21 @@ def test_link_is_downloaded_with_yt_dlp_and_separated(client, make_app, tmp_path
         # A link that leads nowhere fails with a message, and the worker lives on.
         missing = client.post("/api/separations", data={"url": f"http://127.0.0.1:{port}/nothing.mp3", "model": "guitar"})
         failed = wait_done(client, missing.get_json()["id"])
-        assert failed["state"] == "failed" and "could not be downloaded" in failed["error"]
-        assert "Traceback" not in failed["error"]
+        assert failed["state"] == "failed" and failed["error"] == (
+            "the link could not be downloaded: the server answered 404 File not found"), failed
+        # A link's song is named by its file, not by the percent-encoded link.
+        named = client.post("/api/separations", data={"url": f"http://127.0.0.1:{port}/a%20song%20%C3%A9.wav",
+                                                      "model": "guitar"}).get_json()
+        assert named["title"] == "a song é"
+        done = wait_done(client, named["id"])
+        assert done["title"] == "a song é", done
+        download = client.get(done["links"]["rest"]["wav"] + "?download=1")
+        assert "filename*=UTF-8''a_song_%C3%A9-guitar-rest.wav" in download.headers["Content-Disposition"]
         again = client.post("/api/separations", data={"url": f"http://127.0.0.1:{port}/song.wav", "model": "guitar"})
         assert wait_done(client, again.get_json()["id"])["state"] == "succeeded"
         # Downloads obey their own limits: size, and the song length once decoded.
-        for limits, words in (({"download_max_mb": 0.05}, "larger than"), ({"max_song_seconds": 1.0}, "at most 1 s")):
+        for limits, words in (({"download_max_mb": 0.05}, "larger than the 0 MB accepted"),
+                              ({"max_song_seconds": 1.0}, "at most 1 s")):
             # A server of its own: one data root runs one web server's queue.
             limited = make_app(data_root=str(tmp_path / f"data-{next(iter(limits))}"), **limits).test_client()
             reply = limited.post("/api/separations", data={"url": f"http://127.0.0.1:{port}/song.wav", "model": "guitar"})
@@ -522,7 +532,9 @@ def test_full_queue_is_refused_until_a_place_frees(make_app):
     data = wav_bytes(song(1.0), 44100)
     first = upload(client, data).get_json()
     assert upload(client, data).status_code == 202
-    assert_refused(upload(client, data), 503, "try again")
+    full = upload(client, data)
+    assert_refused(full, 503, "try again")
+    assert full.headers["Retry-After"] == "60"  # what a client program waits before trying again
     client.post(first["links"]["cancel"])
     assert upload(client, data).status_code == 202
 
@@ -700,3 +712,21 @@ def test_the_sound_of_common_video_files_is_separated(client, tmp_path):
         assert job["state"] == "succeeded" and abs(job["result"]["seconds"] - 2.0) < 0.1, (suffix, job)
     reply = upload(client, b"RIFF\x00\x00\x00\x00AVI LIST" + bytes(4000), "broken.avi")
     assert reply.status_code == 400 and "Invalid argument" not in reply.get_json()["error"]
+
+
+def test_a_song_above_full_scale_gives_stems_that_do_not_clip_and_still_add_up(client, tmp_path):
+    hot = song(2.0, rate=44100, channels=2, noise=0.0)
+    hot = 4.0 * hot / np.abs(hot).max()  # a float WAV peaking 12 dB over full scale
+    job = wait_done(client, upload(client, wav_bytes(hot, 44100), "hot.wav").get_json()["id"])
+    assert job["state"] == "succeeded", job
+    gain = 10 ** (job["result"]["gain_db"] / 20)
+    assert -12.1 < job["result"]["gain_db"] < -3.0
+    for fmt, tolerance in (("wav", 1e-6), ("flac", 1e-4)):
+        instrument, _ = decode(client, job["links"]["instrument"][fmt], tmp_path)
+        rest, _ = decode(client, job["links"]["rest"][fmt], tmp_path)
+        assert max(np.abs(instrument).max(), np.abs(rest).max()) <= 1.0
+        fitted = float(np.sum((instrument + rest) * hot) / np.sum(hot * hot))  # one gain for the whole song
+        assert fitted == pytest.approx(gain, rel=1e-3)
+        np.testing.assert_allclose(instrument + rest, fitted * hot, atol=tolerance)
+    page = client.get(job["links"]["page"]).get_data(as_text=True)
+    assert "The song went above full scale" in page

@@ -20,6 +20,7 @@ the deadline passes, whatever yt-dlp's per-socket timeout says.
 from __future__ import annotations
 
 import ipaddress
+import re
 import select
 import socket
 import socketserver
@@ -349,6 +350,9 @@ def fetch(url: str, folder: Path, max_bytes: int, max_seconds_audio: float, time
         if guard.refusals:
             raise LinkError(guard.refusals[0]) from None
         message = str(error).replace("ERROR: ", "", 1).strip()
+        http = re.search(r"HTTP Error (\d{3}): ([^(\n]+)", message)
+        if http:  # what a person can act on, without yt-dlp's extractor prefix
+            message = f"the server answered {http.group(1)} {http.group(2).strip()}"
         raise LinkError(f"the link could not be downloaded: {message[:300]}") from None
     except Exception as error:  # yt-dlp raises many kinds; the user gets a message, never a trace
         cause = error
@@ -362,7 +366,8 @@ def fetch(url: str, folder: Path, max_bytes: int, max_seconds_audio: float, time
     files = sorted(p for p in folder.glob("download.*") if p.is_file() and not p.name.endswith((".part", ".ytdl")))
     if not files:
         raise LinkError(guard.refusals[0] if guard.refusals else
-                        "the download produced no file (it was larger than allowed, or empty)")
+                        f"nothing was downloaded: the file is larger than the {max_bytes / 1e6:.0f} MB accepted, "
+                        "or empty")
     if guard.cut:  # cut off: what is there is a truncated file
         raise LinkError(guard.cut)
     title = str((info or {}).get("title") or Path(urlsplit(url).path).stem or "download")

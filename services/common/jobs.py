@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
-from services.common.errors import FailedPreconditionError, InvalidArgumentError
+from services.common.errors import FailedPreconditionError, InvalidArgumentError, StemlabError
 from services.common.jobstore import (  # noqa: F401 - the names services import from here
     CANCELLED,
     FAILED,
@@ -397,7 +397,10 @@ class JobRunner:
             else:
                 final = {"state": CANCELLED}
         except Exception as e:  # a job's failure is recorded, never raised into the service
-            log.exception("job %s failed", job.id)
+            if isinstance(e, StemlabError):  # a failure the job explains (bad input): no traceback
+                log.warning("job %s failed: %s", job.id, e)
+            else:
+                log.exception("job %s failed", job.id)
             final = {"state": FAILED, "error": f"{type(e).__name__}: {e}" if str(e) else type(e).__name__}
         with self._changed:
             # Readers see the store from here on: get() reads the live record and then the store, so

@@ -88,7 +88,8 @@ def stem_file(job_id: str, stem: str, ext: str):
         path = ensure_mp3(wav.parent, stem)
     else:
         path, job = _result_file(job_id, f"{stem}.{ext}")
-    title = "".join(c if c.isalnum() or c in "-_" else "_" for c in job.params.get("title", ""))[:60].strip("_")
+    name = (job.result or {}).get("title") or job.params.get("title", "")
+    title = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:60].strip("_")
     download_name = f"{title or 'song'}-{job.params.get('model', '')}-{stem}.{ext}"
     # conditional=True answers Range requests (206), so players can seek without fetching it all.
     return send_file(path, mimetype=_MIMETYPES[ext], conditional=True, max_age=3600,

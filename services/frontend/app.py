@@ -15,7 +15,7 @@ import hmac
 import logging
 from typing import Any
 
-from flask import Flask, jsonify, render_template, request
+from flask import Flask, jsonify, make_response, render_template, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from services.common.auth import ensure_token
@@ -101,10 +101,18 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     return app
 
 
+# What a 503 (a full queue, serving down) tells a client to wait before it tries again.
+RETRY_AFTER_SECONDS = 60
+
+
 def _error_response(message: str, status: int):
     if wants_json():
-        return jsonify(error=message), status
-    return render_template("error.html", message=message, status=status), status
+        response = make_response(jsonify(error=message), status)
+    else:
+        response = make_response(render_template("error.html", message=message, status=status), status)
+    if status == 503:
+        response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+    return response
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import urllib.parse
 from pathlib import Path
 
 from werkzeug.datastructures import FileStorage
@@ -36,6 +37,14 @@ def _title(text: str) -> str:
     return re.sub(r"\s+", " ", text or "").strip()[:200]
 
 
+def link_title(url: str) -> str:
+    """What a person would call the song behind a link until the download names it: the file's
+    name ("a song é" for ".../a%20song%20%C3%A9.mp3"), else the site."""
+    parts = urllib.parse.urlsplit(url)
+    name = Path(urllib.parse.unquote(parts.path)).stem
+    return _title(name or parts.hostname or url)
+
+
 def start_separation(settings: WebSettings, queue: SeparationQueue, models: ServingModels,
                      upload: FileStorage | None, url: str | None, model: str | None) -> jobstore.JobRecord:
     """Validate the request and queue its separation; returns the queued job."""
@@ -60,13 +69,13 @@ def start_separation(settings: WebSettings, queue: SeparationQueue, models: Serv
     try:
         params = {"folder": name, "model": model}
         if url:
-            params.update(url=url, title=_title(url))
+            params.update(url=url, title=link_title(url))
         else:
             input_name = "input" + _suffix(upload.filename)
             upload.save(folder / input_name)
             # The header (decoded only if it says too long): separating happens in the worker.
             check_song(folder / input_name, settings.max_song_seconds, settings.decode_limits)
-            params.update(input=input_name, title=_title(Path(upload.filename).name))
+            params.update(input=input_name, title=_title(Path(upload.filename).stem))
         return queue.submit(params)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)

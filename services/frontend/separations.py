@@ -16,6 +16,7 @@ finished results are deleted first, and new work is refused while running ones f
 from __future__ import annotations
 
 import logging
+import math
 import re
 import secrets
 import shutil
@@ -24,6 +25,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+import numpy as np
 
 from services.common import jobs as jobstore
 from services.common.audio import (
@@ -36,7 +39,7 @@ from services.common.audio import (
     resample,
     write_audio,
 )
-from services.common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from services.common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, StemlabError
 from services.common.paths import PathError, safe_join
 from services.frontend import links
 from services.frontend.pictures import draw_waveforms
@@ -56,7 +59,7 @@ _FOLDER = re.compile(r"^[a-f0-9]{32}$")
 Progress = Callable[[float, float, str], None]
 
 
-class SeparationFailed(Exception):
+class SeparationFailed(StemlabError):
     """Why a separation failed, in words for the person who asked for it."""
 
 
@@ -187,10 +190,29 @@ def separate_song(song: Path, folder: Path, model: str, settings: WebSettings,
     report(0.96, "drawing the waveforms")
     instrument, rate = read_audio(folder / "instrument.wav")
     rest, _ = read_audio(folder / "rest.wav")
+    gain_db = _fit_full_scale(folder, {"instrument": instrument, "rest": rest}, rate)
+    if gain_db:
+        instrument, rest = (x * 10 ** (gain_db / 20) for x in (instrument, rest))
     draw_waveforms(folder / PICTURE, [("mix", instrument + rest), ("instrument", instrument), ("rest", rest)], rate)
     report(1.0, "done")
     return {"model": model, "version": result["version"], "rate": int(result["rate"]),
-            "channels": int(result["channels"]), "seconds": round(float(result["seconds"]), 3)}
+            "channels": int(result["channels"]), "seconds": round(float(result["seconds"]), 3),
+            **({"gain_db": round(gain_db, 2)} if gain_db else {})}
+
+
+def _fit_full_scale(folder: Path, stems: dict[str, np.ndarray], rate: int) -> float:
+    """A song above full scale (a float WAV, or a loud master's MP3 decoded) gives stems above it
+    too, which FLAC and MP3 cannot hold: they would clip. Then every stem file is written again
+    with one gain that brings the loudest peak to full scale, so instrument + rest still add up
+    (to the song that much quieter). Returns that gain in dB (0: nothing changed)."""
+    peak = max(float(np.max(np.abs(audio))) for audio in stems.values())
+    if peak <= 1.0:
+        return 0.0
+    gain = 1.0 / peak
+    for name, audio in stems.items():
+        for fmt in EAGER_FORMATS:
+            write_audio(folder / f"{name}.{fmt}", audio * gain, rate, subtype=SUBTYPES[fmt])
+    return 20 * math.log10(gain)
 
 
 def user_message(error: str) -> str:
@@ -299,7 +321,7 @@ class SeparationQueue:
             self._wait_for_model(params["model"], progress, should_stop)
             if params.get("url"):
                 progress(0, 1, "downloading the song")
-                song = links.download(
+                song, fetched_title = links.fetch(
                     params["url"], folder / "download", self.settings.download_max_bytes,
                     self.settings.max_song_seconds, self.settings.download_timeout_seconds,
                     self.settings.allow_hosts,
@@ -307,10 +329,11 @@ class SeparationQueue:
                     should_stop=should_stop)
                 start = 0.2
             else:
-                song = safe_join(folder, params["input"])
+                song, fetched_title = safe_join(folder, params["input"]), ""
                 start = 0.0
             result = separate_song(song, folder, params["model"], self.settings, progress, should_stop, start)
-            result["title"] = params.get("title", "")
+            # A link's song is named by its page (a video's title) once downloaded.
+            result["title"] = fetched_title or params.get("title", "")
         except (SongRefused, links.LinkError) as error:
             raise SeparationFailed(str(error)) from None
         except SeparationCancelled:

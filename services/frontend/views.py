@@ -22,7 +22,7 @@ def separation_json(queue: SeparationQueue, job: jobstore.JobRecord) -> dict:
         "queue_position": queue.queue_position(job),
         "error": user_message(job.error) if job.state == jobstore.FAILED else "",
         "model": job.params.get("model", ""),
-        "title": job.params.get("title", ""),
+        "title": (job.result or {}).get("title") or job.params.get("title", ""),
         "created": job.created,
         "finished": job.finished,
         "expired": expired,
