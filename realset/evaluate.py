@@ -163,8 +163,12 @@ def build_and_evaluate(stack: Stack, models: dict[str, Path], halves: list[str],
         for half in halves:
             tracks = REALSET / "lists" / f"{instrument}-{half}.txt"
             name = f"real-{instrument}-{half}"
-            stack.stemlab("dataset", "build", name, "--instrument", instrument, "--rate", str(RATE),
-                          "--tracks", str(tracks), "--validation-list", str(tracks), "--include-unchecked")
+            built = stack.stemlab("dataset", "build", name, "--instrument", instrument, "--rate", str(RATE),
+                                  "--tracks", str(tracks), "--validation-list", str(tracks), "--include-unchecked")
+            unknown = (built.get("result") or {}).get("unknown_tracks") or []
+            if unknown:  # a half scored without some of its tracks would not be the set's half
+                raise SystemExit(f"{name}: the list names tracks the import did not bring in "
+                                 f"({', '.join(unknown[:5])}); nothing was scored")
             result = stack.stemlab("evaluate", "--saved-model", str(model.resolve()), "--dataset", name,
                                    "--split", "validation", "--baselines", BASELINES,
                                    *(arg for kv in overrides for arg in ("--set", kv)))

@@ -156,7 +156,8 @@ def test_babyslakh_imports_every_stem_that_exists_and_reports_the_flags(tmp_path
     assert first["reason"] == "metadata.yaml says audio_rendered: false, but the file exists"
     assert (first["instrument"], first["class"]) == ("Distortion Guitar, program 30", "guitar")
     assert report.to_dict()["counts"] == {"added": 2, "updated": 0, "unchanged": 0, "errors": 0,
-                                          "disagreements": 13, "skipped": 0, "ignored": 0}
+                                          "disagreements": 13, "skipped": 0, "ignored": 0,
+                                          "duplicates": 0}
     assert [s.file for s in library.load("Track00002").stems] == ["stems/S00.wav", "stems/S02.wav", "stems/mix.wav"]
 
     # A second import changes nothing and still says where the metadata is wrong.

@@ -116,6 +116,13 @@ def _import_text(job_id: str, result: dict, dataset_stub) -> str:
             lines.append(f"{title} ({len(items)}):")
             lines += [f"  {e['track']}" + (f" {e['stem']}" if e.get("stem") else "") + f": {e['reason']}"
                       for e in items]
+    duplicates = result.get("duplicates", [])
+    if duplicates:
+        lines.append(f"the same audio as a track already in the library ({len(duplicates)}): check only one of "
+                     "each pair, or both may feed one dataset (training and validation alike):")
+        lines += [f"  {d['track']}: same stems as {d['same_as']}" for d in duplicates[:SHOWN_DISAGREEMENTS]]
+        if len(duplicates) > SHOWN_DISAGREEMENTS:
+            lines.append(f"  ... and {len(duplicates) - SHOWN_DISAGREEMENTS} more (all of them with --json)")
     ignored = result.get("ignored", [])
     if ignored:
         shown = ", ".join(f"{i['track']}/{i['file']}" for i in ignored[:SHOWN_DISAGREEMENTS])

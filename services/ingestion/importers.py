@@ -90,17 +90,18 @@ class ImportReport:
     disagreements: list[dict] = field(default_factory=list)  # {track, stem, file, action, reason, ...}
     skipped: list[dict] = field(default_factory=list)     # {track, reason}
     ignored: list[dict] = field(default_factory=list)     # {track, file}: not audio by its suffix
+    duplicates: list[dict] = field(default_factory=list)  # {track, same_as, origin}: see _import_stems
     stopped: bool = False
 
     def to_dict(self) -> dict:
         return {"added": self.added, "updated": self.updated, "unchanged": self.unchanged,
                 "errors": self.errors, "unmapped": self.unmapped, "disagreements": self.disagreements,
-                "skipped": self.skipped, "ignored": self.ignored,
+                "skipped": self.skipped, "ignored": self.ignored, "duplicates": self.duplicates,
                 "stopped": self.stopped,
                 "counts": {"added": len(self.added), "updated": len(self.updated),
                            "unchanged": len(self.unchanged), "errors": len(self.errors),
                            "disagreements": len(self.disagreements), "skipped": len(self.skipped),
-                           "ignored": len(self.ignored)}}
+                           "ignored": len(self.ignored), "duplicates": len(self.duplicates)}}
 
 
 def sorted_dir(path: Path) -> list[Path]:
@@ -597,8 +598,9 @@ def _import_stems(library: Library, src: TrackSource, by_origin: dict[str, Track
     """Write (or recognise) one track; its id, or None when none of its stems could be read.
 
     A new origin whose stems are the content of a track already there (a folder moved or copied
-    and imported again) is not added a second time: two copies would feed one dataset twice,
-    and could land one in training and one in validation."""
+    and imported again, or a set that files one recording under two names on purpose) is added
+    and reported under `duplicates`: two copies marked checked would feed one dataset twice, and
+    could land one in training and one in validation, so a person decides."""
     good: list[tuple[StemSource, tuple[int, int, int]]] = []
     for stem in src.stems:
         try:
@@ -622,12 +624,10 @@ def _import_stems(library: Library, src: TrackSource, by_origin: dict[str, Track
         with library.locked(existing.id):
             return _update_track(library, src, stems, good, report, by_origin, link)
     same = contents.same_as([s.path for s in stems])
-    if same is not None:
-        report.skipped.append({"track": src.name, "reason": f"the same audio as track {same.id} "
-                                                              f"(imported from {same.origin or 'elsewhere'})"})
-        return same.id
     track_id = _free_id(library, make_track_id(src.name))
     track_id = _store_track(library, src, stems, good, report, by_origin, link, track_id, None)
+    if same is not None:
+        report.duplicates.append({"track": track_id, "same_as": same.id, "origin": same.origin})
     contents.add(library.load(track_id))
     return track_id
 
