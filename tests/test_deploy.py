@@ -415,3 +415,42 @@ def test_local_stack_binds_loopback_unless_configured(tmp_path, monkeypatch):
         assert f"--model_base_path_prefix={tmp_path / 'models'}" in progs["serving"]["command"]
     monkeypatch.setenv("STEMLAB_BIND_HOST", "0.0.0.0")
     assert "--bind 0.0.0.0:" in stack.programs(load_config())["web"]["command"]
+
+
+def test_every_stemlab_setting_exported_for_make_up_reaches_the_services(tmp_path, monkeypatch):
+    from supervisor.datatypes import dict_of_key_value_pairs
+
+    from services.common.config import load_config
+
+    monkeypatch.setenv("STEMLAB_DATA", str(tmp_path))
+    monkeypatch.setenv("STEMLAB_WEB_MAX_SONG_SECONDS", "300")
+    monkeypatch.setenv("STEMLAB_WEB_ALLOW_HOSTS", "127.0.0.1,10.0.0.0/8")
+    odd = tmp_path / 'odd "name" 100%.yaml'
+    odd.write_text("{}\n")
+    monkeypatch.setenv("STEMLAB_CONFIG", str(odd))
+    stack = _stack_module()
+    config = load_config()
+    conf = stack.write_supervisor_config(config, stack.programs(config))
+    line = next(x for x in conf.read_text().splitlines() if x.startswith("environment="))
+    # supervisord's own parser reads back what was exported (its % interpolation done).
+    env = dict_of_key_value_pairs(line.removeprefix("environment=").replace("%%", "%"))
+    assert env["STEMLAB_WEB_MAX_SONG_SECONDS"] == "300" and env["STEMLAB_WEB_ALLOW_HOSTS"] == "127.0.0.1,10.0.0.0/8"
+    assert env["STEMLAB_CONFIG"] == str(tmp_path / 'odd "name" 100%.yaml')
+    assert "STEMLAB_MODE" not in env
+    # A changed value changes the file, so `up` on a running stack restarts the services it concerns.
+    before = conf.read_text()
+    monkeypatch.setenv("STEMLAB_WEB_MAX_SONG_SECONDS", "5")
+    assert stack.write_supervisor_config(config, stack.programs(config)).read_text() != before
+
+
+def test_an_invalid_setting_stops_make_up_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    import os
+
+    env = {**os.environ, "STEMLAB_DATA": str(tmp_path), "STEMLAB_LOG_LEVEL": "LOUD", "STEMLAB_MODE": "local"}
+    result = subprocess.run([sys.executable, "deploy/local/stack.py", "status", "--local"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "log_level must be DEBUG, INFO, WARNING or ERROR, not 'LOUD'" in result.stderr

@@ -33,7 +33,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.common import auth
 from services.common import jobs as jobstore
-from services.common.config import Config, load_config
+from services.common.config import Config, ConfigError, load_config
 from services.common.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
@@ -296,6 +296,9 @@ def run_service(build: Callable[[], Service]) -> None:
     try:
         svc = build()
         svc.serve()
+    except ConfigError as e:  # the operator's setting: one line, as the README promises
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     except Exception as e:
         logging.getLogger("stemlab").exception("service failed to start: %s", e)
         print(f"error: {e}", file=sys.stderr)

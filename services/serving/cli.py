@@ -38,8 +38,9 @@ def add_separate_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--format", action="append", choices=FORMATS, default=None,
                         help="output format; repeat for several (default wav)")
     parser.add_argument("--address", default=None,
-                        help="serving host:port (default: $STEMLAB_SERVING_ADDRESS or localhost:8500; "
-                             "with --rest $STEMLAB_SERVING_REST_ADDRESS or localhost:8501)")
+                        help="serving host:port (default: $STEMLAB_SERVING_ADDRESS, else localhost at "
+                             "$STEMLAB_SERVING_PORT or 8500; with --rest $STEMLAB_SERVING_REST_ADDRESS, else "
+                             "$STEMLAB_SERVING_REST_PORT or 8501)")
     parser.add_argument("--rest", action="store_true", help="use the REST API instead of gRPC")
     parser.add_argument("--segment-seconds", type=float, default=None, help="segment length sent to the model")
     parser.add_argument("--overlap", type=float, default=None, help="share of a segment overlapping the next")
