@@ -444,10 +444,9 @@ def test_every_stemlab_setting_exported_for_make_up_reaches_the_services(tmp_pat
 
 
 def test_an_invalid_setting_stops_make_up_with_one_line(tmp_path):
+    import os
     import subprocess
     import sys
-
-    import os
 
     env = {**os.environ, "STEMLAB_DATA": str(tmp_path), "STEMLAB_LOG_LEVEL": "LOUD", "STEMLAB_MODE": "local"}
     result = subprocess.run([sys.executable, "deploy/local/stack.py", "status", "--local"], cwd=REPO, env=env,
