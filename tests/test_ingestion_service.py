@@ -72,6 +72,11 @@ def test_cli_import_list_mark_and_grpc(service):
                        (root / "empty", "no audio files under")):
         r = run_cli("dataset", "import", "stems", str(path), env=env)
         assert r.returncode == 2 and "invalid_argument" in r.stderr and said in r.stderr, r.stderr
+    # An import of which nothing could be read has failed, and says why.
+    (root / "fake" / "Song").mkdir(parents=True)
+    (root / "fake" / "Song" / "Guitar.wav").write_text("not audio")
+    r = run_cli("dataset", "import", "stems", str(root / "fake"), env=env)
+    assert r.returncode == 1 and "FAILED" in r.stdout and "nothing was imported: Song Guitar.wav:" in r.stdout, r.stdout
     with pytest.raises(grpc.RpcError) as e:
         stub.SetQualityMark(ingestion_pb2.QualityMarkRequest(track_id="Artist1_Song1", instrument="guitar",
                                                              mark="shiny"), timeout=10)

@@ -44,6 +44,17 @@ def validate_import(params: dict, allow_hosts=(), allow_ports=solo.egress.DEFAUL
     return params
 
 
+def _imported(report: importers.ImportReport) -> dict:
+    """The import's result; a failed job when nothing came in and something failed (a solo file
+    whose every piece was refused used to end "succeeded" with the reason among its errors)."""
+    if report.errors and not (report.added or report.updated or report.unchanged or report.stopped):
+        first = report.errors[0]
+        where = first["track"] + (f" {first['stem']}" if first.get("stem") else "")
+        more = f" (and {len(report.errors) - 1} more errors)" if len(report.errors) > 1 else ""
+        raise importers.DatasetImportError(f"nothing was imported: {where}: {first['reason']}{more}")
+    return report.to_dict()
+
+
 class IngestionJobs:
     def __init__(self, data: DataRoot, import_roots: list[str] | None = None, allow_hosts=(),
                  allow_ports=solo.egress.DEFAULT_PORTS):
@@ -73,7 +84,7 @@ class IngestionJobs:
                 min_piece_seconds=float(params.get("min_piece_seconds") or 30.0),
                 title=params.get("title", ""), progress=progress, should_stop=should_stop,
                 allow_hosts=self.allow_hosts, allow_ports=self.allow_ports)
-            return report.to_dict()
+            return _imported(report)
         path = self._path(params["path"])
         limit = int(params.get("limit") or 0)
         if fmt == "tracklist":
@@ -90,7 +101,7 @@ class IngestionJobs:
         ctx.progress(0, total, f"importing {fmt} from {path}")
         report = importers.import_tracks(library, sources, link=link, progress=progress,
                                          should_stop=should_stop, total=total)
-        return report.to_dict()
+        return _imported(report)
 
     def run_generate(self, ctx, params: dict) -> dict:
         from services.ingestion.synth import generate_songs  # FluidSynth rendering; load on use
