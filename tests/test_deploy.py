@@ -431,7 +431,12 @@ def test_every_stemlab_setting_exported_for_make_up_reaches_the_services(tmp_pat
     stack = _stack_module()
     config = load_config()
     conf = stack.write_supervisor_config(config, stack.programs(config))
-    line = next(x for x in conf.read_text().splitlines() if x.startswith("environment="))
+    lines = conf.read_text().splitlines()
+    sections = {x[len("[program:"):-1]: lines[i + 3] for i, x in enumerate(lines) if x.startswith("[program:")}
+    assert all(line.startswith("environment=") for line in sections.values())
+    # The web's own settings reach the web alone: changing one restarts nothing else.
+    assert "STEMLAB_WEB_MAX_SONG_SECONDS" not in sections["ingestion"] and "STEMLAB_WEB_PORT" in sections["ingestion"]
+    line = sections["web"]
     # supervisord's own parser reads back what was exported (its % interpolation done).
     env = dict_of_key_value_pairs(line.removeprefix("environment=").replace("%%", "%"))
     assert env["STEMLAB_WEB_MAX_SONG_SECONDS"] == "300" and env["STEMLAB_WEB_ALLOW_HOSTS"] == "127.0.0.1,10.0.0.0/8"

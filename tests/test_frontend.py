@@ -250,18 +250,20 @@ def test_separation_running_when_the_server_died_runs_again_after_the_restart(ma
 
 
 def test_a_separation_cut_short_by_a_shutdown_keeps_its_song_and_runs_when_the_server_is_back(make_app, tmp_path):
-    first = make_app(segment_seconds=0.25)
+    first = make_app(segment_seconds=0.25, max_song_seconds=600)
     client = first.test_client()
-    job_id = upload(client, wav_bytes(song(19.0), 44100)).get_json()["id"]
+    job_id = upload(client, wav_bytes(song(240.0, rate=22050, channels=1), 22050, "FLAC"), "long.flac"
+                    ).get_json()["id"]
     wait_until(lambda: client.get(f"/api/separations/{job_id}").get_json()["progress"] > 0.2, 60)
+    assert client.get(f"/api/separations/{job_id}").get_json()["state"] == "running"
     first.extensions["stemlab_queue"].stop(5)
     store = first.extensions["stemlab_queue"].store
     assert store.get(job_id).state == jobstore.QUEUED and store.get(job_id).error == ""
-    assert [p.name for p in (tmp_path / "data" / "web" / "separations").glob("*/input.wav")] == ["input.wav"]
-    later = make_app().test_client()
+    assert [p.name for p in (tmp_path / "data" / "web" / "separations").glob("*/input.flac")] == ["input.flac"]
+    later = make_app(max_song_seconds=600).test_client()
     done = wait_done(later, job_id)
     assert done["state"] == "succeeded" and later.get(done["links"]["instrument"]["wav"]).status_code == 200
-    assert list((tmp_path / "data" / "web" / "separations").glob("*/input.wav")) == []
+    assert list((tmp_path / "data" / "web" / "separations").glob("*/input.*")) == []
 
 
 def test_a_queued_separation_waits_while_serving_loads_its_model(tmp_path):
@@ -730,3 +732,31 @@ def test_a_song_above_full_scale_gives_stems_that_do_not_clip_and_still_add_up(c
         np.testing.assert_allclose(instrument + rest, fitted * hot, atol=tolerance)
     page = client.get(job["links"]["page"]).get_data(as_text=True)
     assert "The song went above full scale" in page
+
+
+def test_a_separation_starts_again_when_serving_restarts_under_it(tmp_path, caplog):
+    models = build_models(tmp_path / "serving")
+    first = ServingProcess(models, tmp_path / "serving.log").__enter__()
+    app = create_app({"data_root": str(tmp_path / "data"), "serving_address": first.grpc_address,
+                      "serving_rest_address": first.rest_address, "model_status_cache_seconds": 0,
+                      "segment_seconds": 0.25})
+    second = None
+    caplog.set_level("WARNING", logger="services.frontend.separations")
+    try:
+        client = app.test_client()
+        job_id = upload(client, wav_bytes(song(240.0, rate=22050, channels=1), 22050, "FLAC"), "long.flac"
+                        ).get_json()["id"]
+        wait_until(lambda: client.get(f"/api/separations/{job_id}").get_json()["progress"] > 0.2, 60)
+        assert client.get(f"/api/separations/{job_id}").get_json()["state"] == "running"
+        first.__exit__()  # serving goes away mid-song (a restart of the stack) ...
+        second = ServingProcess(models, tmp_path / "serving2.log")
+        second.grpc_port, second.rest_port = first.grpc_port, first.rest_port
+        second.__enter__()  # ... and comes back on the same ports
+        done = wait_done(client, job_id, timeout=120)
+        assert done["state"] == "succeeded", done
+        assert "serving went away during a separation" in caplog.text
+    finally:
+        app.extensions["stemlab_queue"].stop(2)
+        for process in (first, second):
+            if process is not None:
+                process.__exit__()

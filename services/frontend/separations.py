@@ -86,6 +86,8 @@ class SongInfo:
     seconds: float
 
 
+# Times a separation starts again after serving went away under it (a restart of the stack).
+SERVING_RETRIES = 2
 # A song may run this far past the length limit: headers and decoders round.
 LENGTH_SLACK_SECONDS = 0.5
 
@@ -318,7 +320,6 @@ class SeparationQueue:
         try:
             from services.serving.client import SeparationCancelled, ServingError
 
-            self._wait_for_model(params["model"], progress, should_stop)
             if params.get("url"):
                 progress(0, 1, "downloading the song")
                 song, fetched_title = links.fetch(
@@ -331,7 +332,7 @@ class SeparationQueue:
             else:
                 song, fetched_title = safe_join(folder, params["input"]), ""
                 start = 0.0
-            result = separate_song(song, folder, params["model"], self.settings, progress, should_stop, start)
+            result = self._separate(song, folder, params["model"], progress, should_stop, start)
             # A link's song is named by its page (a video's title) once downloaded.
             result["title"] = fetched_title or params.get("title", "")
         except (SongRefused, links.LinkError) as error:
@@ -357,6 +358,22 @@ class SeparationQueue:
             if params.get("input") and ctx.cancel_reason != "shutdown":
                 (folder / params["input"]).unlink(missing_ok=True)
         return result
+
+    def _separate(self, song: Path, folder: Path, model: str, progress: Progress, should_stop: Callable[[], bool],
+                  start: float) -> dict:
+        """separate_song, once serving serves the model; started again (SERVING_RETRIES times) when
+        serving goes away under it, as a restart of the stack does."""
+        from services.serving.client import ServingUnavailable
+
+        for attempt in range(SERVING_RETRIES + 1):
+            self._wait_for_model(model, progress, should_stop)
+            try:
+                return separate_song(song, folder, model, self.settings, progress, should_stop, start)
+            except ServingUnavailable:
+                if attempt == SERVING_RETRIES or should_stop():
+                    raise
+                log.warning("serving went away during a separation; starting it again when serving is back")
+        raise AssertionError("unreachable")
 
     def _wait_for_model(self, model: str, progress: Progress, should_stop: Callable[[], bool]) -> None:
         """Wait (up to `serving_wait_seconds`) while serving starts or loads the model: after a

@@ -55,6 +55,10 @@ class ServingError(Exception):
     """Serving could not separate: unreachable server, unknown model, refused request."""
 
 
+class ServingUnavailable(ServingError):
+    """Serving did not answer at all (down, restarting): trying again later may work."""
+
+
 class SeparationCancelled(Exception):
     """``should_stop`` asked the separation to stop."""
 
@@ -203,7 +207,7 @@ class ServedModel:
 
     def _error(self, code: str, details: str) -> ServingError:
         if code == "UNAVAILABLE":
-            return ServingError(f"serving is not reachable at {self.address} ({self.protocol}): {details}")
+            return ServingUnavailable(f"serving is not reachable at {self.address} ({self.protocol}): {details}")
         if code == "NOT_FOUND":
             version = f" version {self.version}" if self.version is not None else ""
             return ServingError(f"model '{self.model}'{version} is not served at {self.address}: {details}")
