@@ -112,6 +112,13 @@ def test_the_mix_command_prints_counts_and_names_what_failed_or_was_left_out(ser
     assert lines[0].endswith(f"SUCCEEDED: 1 failed, 3 mixed; 1.5 s of audio mixed into mixes/guitar/{RATE}")
     assert lines[1] == "failed (1):" and lines[2].startswith("  Broken: ")
     assert lines[3:] == ["left out (1):", "  Bleeds: marked bleed"]
+    # A build says what it made, and that a training on it would have no validation pairs.
+    out = run_cli("dataset", "build", "allTrain", "--instrument", "guitar", "--rate", str(RATE),
+                  "--validation-ratio", "0", env=env)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert "dataset allTrain version 1 (a new version): 3 pairs, 3 training / 0 validation" in lines[0]
+    assert lines[-1].startswith("note: no validation pairs, which `stemlab train` needs")
     # Nothing left to mix for piano: refused with why, before a job starts.
     out = run_cli("mix", "--instrument", "piano", "--rate", str(RATE), env=env)
     assert out.returncode == 2 and "no track in the library has a stem classed piano" in out.stderr

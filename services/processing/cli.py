@@ -97,13 +97,18 @@ def _mix_text(job_id: str, result: dict) -> str:
              + ", ".join(result.get("mix_sets", []))
              + (" (stopped before the end)" if result.get("stopped") else "")]
     failed = [r for r in result.get("tracks", []) if r.get("status") == "failed"]
-    for title, rows, why in (("failed", failed, "error"), ("left out", result.get("left_out", []), "reason")):
-        if rows:
-            lines.append(f"{title} ({len(rows)}):")
-            lines += [f"  {r['track']}: {r.get(why, '')}" for r in rows[:SHOWN_TRACKS]]
-            if len(rows) > SHOWN_TRACKS:
-                lines.append(f"  ... and {len(rows) - SHOWN_TRACKS} more (all of them with --json)")
+    lines += _track_rows("failed", failed, "error") + _track_rows("left out", result.get("left_out", []), "reason")
     return "\n".join(lines)
+
+
+def _track_rows(title: str, rows: list[dict], why: str) -> list[str]:
+    """"title (n):" and a line per track with its `why`, the first SHOWN_TRACKS of them."""
+    if not rows:
+        return []
+    lines = [f"{title} ({len(rows)}):"] + [f"  {r['track']}: {r.get(why, '')}" for r in rows[:SHOWN_TRACKS]]
+    if len(rows) > SHOWN_TRACKS:
+        lines.append(f"  ... and {len(rows) - SHOWN_TRACKS} more (all of them with --json)")
+    return lines
 
 
 def cmd_silence_stats(args) -> int:
@@ -154,7 +159,31 @@ def cmd_dataset_build(args) -> int:
         if not only:
             raise CliError(f"the track list {args.tracks} names no track")
         req.tracks.extend(only)
-    return start_and_follow(args, SERVICE, _stub(args).StartDatasetBuild(req, timeout=30))
+    return start_and_follow(args, SERVICE, _stub(args).StartDatasetBuild(req, timeout=30), summary=_build_text)
+
+
+def _build_text(job_id: str, result: dict) -> str:
+    """What a build made, and what would stop a training on it (no validation or no training pairs)."""
+    if result.get("stopped"):
+        return f"{job_id} SUCCEEDED: stopped before the end; nothing was published"
+    version = int(result.get("version", 0))
+    made = "a new version" if result.get("created") else "the same pairs as before"
+    lines = [f"{job_id} SUCCEEDED: dataset {result.get('name')} version {version} ({made}): "
+             f"{int(result.get('pairs', 0))} pairs, {int(result.get('train', 0))} training / "
+             f"{int(result.get('validation', 0))} validation, {result.get('seconds', 0):g} s ({result.get('path')})"]
+    lines += _track_rows("left out", result.get("left_out") or [], "reason")
+    for title, key in (("listed but not mixed", "unknown_tracks"),
+                       ("in the validation list but not mixed", "unknown_validation_tracks")):
+        names = result.get(key) or []
+        if names:
+            lines.append(f"{title} ({len(names)}): {', '.join(names[:SHOWN_TRACKS])}"
+                         + (" ..." if len(names) > SHOWN_TRACKS else ""))
+    if not int(result.get("validation", 0)):
+        lines.append("note: no validation pairs, which `stemlab train` needs (early stopping): check more tracks, "
+                     "or raise --validation-ratio")
+    elif not int(result.get("train", 0)):
+        lines.append("note: no training pairs: this dataset can be evaluated, not trained on")
+    return "\n".join(lines)
 
 
 # -- registration -------------------------------------------------------------------------------
