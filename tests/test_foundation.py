@@ -324,3 +324,15 @@ def test_a_kind_in_its_own_lane_does_not_wait_behind_long_jobs(tmp_path):
     finally:
         release.set()
         runner.shutdown(5)
+
+
+def test_an_invalid_decode_cap_stops_a_service_at_start(monkeypatch):
+    # It used to mean the default 512 MiB without a word.
+    from services.common.config import ConfigError, load_config
+
+    for bad, said in (("abc", "is not a whole number"), ("0", "must be at least 1")):
+        monkeypatch.setenv("STEMLAB_MAX_DECODED_MB", bad)
+        with pytest.raises(ConfigError, match=said):
+            load_config()
+    monkeypatch.setenv("STEMLAB_MAX_DECODED_MB", "64")
+    load_config()

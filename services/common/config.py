@@ -166,6 +166,10 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
         raw["data_root"] = os.environ["STEMLAB_DATA"]
     if (mb := _env_int("STEMLAB_MAX_MESSAGE_MB")) is not None:
         raw["max_message_mb"] = mb
+    # Read where decodes start (services/common/audio.py); checked here so a wrong value stops the
+    # service at start instead of meaning the default.
+    if (decoded := _env_int("STEMLAB_MAX_DECODED_MB")) is not None and decoded <= 0:
+        raise ConfigError(f"STEMLAB_MAX_DECODED_MB={decoded} must be at least 1")
     if os.environ.get("STEMLAB_GRACE_SECONDS"):
         raw["grace_seconds"] = os.environ["STEMLAB_GRACE_SECONDS"]
     if os.environ.get("STEMLAB_LOG_LEVEL"):
