@@ -277,3 +277,19 @@ def test_progress_on_a_terminal_is_one_bar_redrawn_in_place():
     text = out.getvalue()
     assert text.count("\r") == 3 and text.count("\n") == 1
     assert "100.0%" in text.split("\r")[-1] and "#" * 10 in text.split("\r")[-1]
+
+
+def test_cli_separate_over_rest_reports_the_version_that_answered(server, tmp_path, capsys):
+    import json
+
+    from services.serving import cli
+
+    sf.write(tmp_path / "song.wav", np.zeros((22050, 1), np.float32), 22050)
+    grpc_code = cli.main([str(tmp_path / "song.wav"), "--model", "identity", "--address", server.grpc_address,
+                          "--out", str(tmp_path / "a"), "--json"])
+    via_grpc = json.loads(capsys.readouterr().out)
+    rest_code = cli.main([str(tmp_path / "song.wav"), "--model", "identity", "--address", server.rest_address, "--rest",
+                          "--out", str(tmp_path / "b"), "--json"])
+    via_rest = json.loads(capsys.readouterr().out)
+    assert grpc_code == rest_code == 0
+    assert via_rest["version"] == via_grpc["version"] is not None  # REST replies do not say; it used to be null

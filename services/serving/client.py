@@ -203,7 +203,21 @@ class ServedModel:
             outputs = outputs.get(output_name)
         if outputs is None:
             raise ServingError(f"model '{self.model}' returned no '{output_name}' output over REST")
+        if self.served_version is None:
+            # REST replies do not name the version (gRPC's do): the one asked for, else the newest
+            # AVAILABLE one, which is what serving's default policy answers with.
+            self.served_version = self.version if self.version is not None else self._newest_rest_version()
         return np.asarray(outputs, dtype=np.float32 if output_name != "sample_rate" else np.int64)
+
+    def _newest_rest_version(self) -> int | None:
+        try:
+            with urllib.request.urlopen(f"http://{self.address}/v1/models/{self.model}",
+                                        timeout=self.timeout_seconds) as reply:
+                statuses = json.loads(reply.read()).get("model_version_status") or []
+        except (OSError, ValueError, AttributeError):
+            return None  # the separation stands; only its record lacks the version
+        versions = [int(s["version"]) for s in statuses if s.get("state") == "AVAILABLE" and str(s.get("version")).isdigit()]
+        return max(versions) if versions else None
 
     def _error(self, code: str, details: str) -> ServingError:
         if code == "UNAVAILABLE":
