@@ -77,7 +77,8 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
             failures.append(f"{service}: {rpc_error_message(e)}")
         except ValueError as e:
             raise CliError(f"unknown state: {e}") from e
-    rows.sort(key=lambda j: j.created.ToNanoseconds(), reverse=True)
+    # Each service gave its newest `limit`; the newest `limit` of them all is what was asked for.
+    rows = sorted(rows, key=lambda j: j.created.ToNanoseconds(), reverse=True)[:args.limit]
     if args.json:
         print(json.dumps({"jobs": [message_to_dict(j) for j in rows], "unreachable": failures}))
     else:
@@ -126,7 +127,7 @@ def _register_jobs(subparsers) -> None:
     common(p)
     p.add_argument("--state", action="append", default=[], help="only jobs in this state (repeatable)")
     p.add_argument("--kind", default="", help="only jobs of this kind")
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--limit", type=int, default=50, help="at most this many, newest first (default 50)")
     p.set_defaults(func=cmd_jobs_list)
     for name, func, helptext in (("get", cmd_jobs_get, "one job"),
                                  ("watch", cmd_jobs_watch, "follow a job until it ends"),

@@ -148,6 +148,9 @@ def test_a_song_walks_through_every_service(running_stack, tmp_path):
                   "--steps-per-epoch", "4", "--batch-size", "2", "--run-id", "e2e-run")
     assert trained["state"] == "SUCCEEDED", trained
     assert (data / "runs" / "e2e-run").is_dir()
+    # Jobs of every service, newest first, as many as asked for in all (not that many per service).
+    newest = cli(env, "jobs", "list", "--limit", "2")["jobs"]
+    assert [j["kind"] for j in newest] == ["training.train", "processing.dataset_build"], newest
 
     evaluated = cli(env, "evaluate", "--run", "e2e-run", "--dataset", "e2e", "--split", "all")
     assert evaluated["state"] == "SUCCEEDED", evaluated
