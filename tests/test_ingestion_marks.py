@@ -53,7 +53,8 @@ def test_marks_round_trip_through_csv_and_thesis_names(two_song_library, tmp_pat
     # Unknown tracks are reported, not guessed; titles match too.
     res = import_marks(two_song_library, yaml.safe_dump({"Song 1": {"checked": True}, "NoSuchSong": {"checked": True}}),
                        "drums")
-    assert res == {"updated": ["Artist1_Song1"], "unchanged": [], "unmatched": ["NoSuchSong"], "ignored": []}
+    assert res == {"updated": ["Artist1_Song1"], "unchanged": [], "unmatched": ["NoSuchSong"], "ignored": [],
+                   "changes": ["Artist1_Song1 drums +checked"]}
 
 
 def test_bad_marks_files_are_refused_before_anything_changes(two_song_library):
@@ -61,7 +62,33 @@ def test_bad_marks_files_are_refused_before_anything_changes(two_song_library):
         import_marks(two_song_library, "Artist1_Song1: {checked: maybe}", "guitar")
     with pytest.raises(MarksError):
         import_marks(two_song_library, "Artist1_Song1: {checked: true}", "kazoo")
+    # A misspelt mark used to be dropped without a word ("updated 0").
+    with pytest.raises(MarksError, match="'chekced' is not a mark"):
+        import_marks(two_song_library, "Artist1_Song1: {chekced: true, bleed: true}", "guitar")
+    with pytest.raises(MarksError, match="'chekced' is not a mark"):
+        import_marks(two_song_library, "track,instrument,chekced\nArtist1_Song1,guitar,1\n", "", "csv")
     assert not two_song_library.load("Artist1_Song1").marks
+
+
+def test_a_spreadsheet_csv_is_read_as_written(two_song_library):
+    # Excel's "CSV UTF-8": a byte order mark, Windows line ends, headers in any case with spaces,
+    # and a notes column beside the marks.
+    text = "\ufeffTrack, Instrument, Checked, Notes\r\nArtist1_Song1,guitar,1,sounds great\r\n\r\n"
+    result = import_marks(two_song_library, text, "", "csv")
+    assert result["changes"] == ["Artist1_Song1 guitar +checked"] and result["ignored"] == ["notes"]
+    assert two_song_library.load("Artist1_Song1").has_mark("guitar", "checked")
+
+
+def test_a_title_two_tracks_share_is_refused_and_an_id_wins(two_song_library):
+    # Song 1 imported twice (from two places): Artist1_Song1 and Copy, both titled "Song 1".
+    copy = two_song_library.load("Artist1_Song1")
+    copy.id = "Copy"
+    two_song_library.save(copy)
+    with pytest.raises(MarksError, match="'Song 1' is the title of several tracks"):
+        import_marks(two_song_library, "Song 1: {checked: true}", "guitar")
+    result = import_marks(two_song_library, "Artist1_Song1: {checked: true}", "guitar")
+    assert result["changes"] == ["Artist1_Song1 guitar +checked"]
+    assert not two_song_library.load("Copy").marks
 
 
 def _thesis_list(tmp_path, audio_root):

@@ -215,7 +215,7 @@ def cmd_marks_import(args) -> int:
     from stemlab.v1 import ingestion_pb2
 
     try:
-        content = Path(args.file).read_text(encoding="utf-8")
+        content = Path(args.file).read_text(encoding="utf-8-sig")  # a spreadsheet's "CSV UTF-8" has a BOM
     except OSError as e:
         raise CliError(f"cannot read {args.file}: {e.strerror}") from e
     fmt = args.format or ("csv" if args.file.lower().endswith(".csv") else "yaml")
@@ -223,8 +223,10 @@ def cmd_marks_import(args) -> int:
         raise CliError("a YAML marks file is per instrument: give --instrument")
     resp = _stub(args).ImportMarks(ingestion_pb2.ImportMarksRequest(instrument=args.instrument or "", format=fmt,
                                                                     content=content), timeout=60)
-    text = (f"updated {len(resp.updated)}, unchanged {len(resp.unchanged)}, unmatched {len(resp.unmatched)}"
-            + (f": {', '.join(resp.unmatched)}" if resp.unmatched else ""))
+    text = "\n".join([f"updated {len(resp.updated)}, unchanged {len(resp.unchanged)}, unmatched {len(resp.unmatched)}"
+                      + (f": {', '.join(resp.unmatched)}" if resp.unmatched else ""),
+                      *(f"  {change}" for change in resp.changes),
+                      *([f"left alone (not marks): {', '.join(resp.ignored)}"] if resp.ignored else [])])
     print_result(args, resp, text=text)
     return 0
 

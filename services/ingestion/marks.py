@@ -37,6 +37,8 @@ from services.ingestion.mapping import Mapping
 
 THESIS_KEYS = ("audible", "bad_quality", "bleed", "checked", "detailed", "inaudible", "mislabeled", "missing")
 FORMATS = ("yaml", "csv")
+# Keys a marks file may hold that are not marks: the thesis' "audible", and a person's notes.
+NOT_MARKS = ("audible", "notes", "note", "comment", "comments")
 _TRUE = {"1", "true", "yes", "y", "x"}
 _FALSE = {"0", "false", "no", "n", ""}
 
@@ -89,7 +91,11 @@ def _as_bool(value, where: str) -> bool:
 
 
 def _parse(text: str, fmt: str, instrument: str) -> Iterator[tuple[str, str, dict[str, bool]]]:
-    """(track name, instrument, {mark: bool}) per entry of a marks file."""
+    """(track name, instrument, {mark: bool}) per entry of a marks file.
+
+    A key that is neither a mark nor in NOT_MARKS is refused: a misspelt mark ("chekced") must not
+    be dropped without a word. CSV headers are read as a spreadsheet writes them (a UTF-8 byte
+    order mark, any case, spaces around)."""
     if fmt == "yaml":
         try:
             data = yaml.safe_load(text) or {}
@@ -100,47 +106,65 @@ def _parse(text: str, fmt: str, instrument: str) -> Iterator[tuple[str, str, dic
         for name, marks in data.items():
             if not isinstance(marks, dict):
                 raise MarksError(f"track {name!r}: marks must be a mapping of mark -> true/false")
-            yield str(name), instrument, {str(k): _as_bool(v, f"{name}.{k}") for k, v in marks.items()}
+            keys = {str(k): v for k, v in marks.items()}
+            _check_keys(keys, f"track {name!r}")
+            yield str(name), instrument, {k: _as_bool(v, f"{name}.{k}") for k, v in keys.items() if k in MARKS}
     elif fmt == "csv":
-        reader = csv.DictReader(io.StringIO(text))
-        if not reader.fieldnames or "track" not in reader.fieldnames:
+        reader = csv.reader(io.StringIO(text.lstrip("\ufeff")))
+        header = [h.strip().lower() for h in next(reader, [])]
+        if "track" not in header:
             raise MarksError("a marks CSV needs a 'track' column")
-        for n, row in enumerate(reader, start=2):
-            inst = (row.pop("instrument", None) or instrument).strip()
-            name = row.pop("track")
-            yield name, inst, {k: _as_bool(v, f"line {n} {k}") for k, v in row.items() if k}
+        _check_keys({h: None for h in header if h and h not in ("track", "instrument")}, "the header")
+        for n, values in enumerate(reader, start=2):
+            if not any(v.strip() for v in values):
+                continue  # a blank line
+            row = dict(zip(header, values, strict=False))
+            inst = (row.get("instrument") or instrument).strip()
+            yield row["track"].strip(), inst, {k: _as_bool(v, f"line {n} {k}") for k, v in row.items() if k in MARKS}
     else:
         raise MarksError(f"unknown format {fmt!r}; use yaml or csv")
 
 
-def _index(tracks: list[Track]) -> dict[str, Track]:
-    """Track lookup by id, by title, and by the id a name would get (the thesis used folder names)."""
-    index: dict[str, Track] = {}
-    for t in tracks:
-        for key in (t.title, make_track_id(t.title) if t.title else "", t.id):
-            if key:
-                index[key] = t
-    return index
+def _check_keys(keys: dict, where: str) -> None:
+    unknown = sorted(k for k in keys if k not in MARKS and k not in NOT_MARKS)
+    if unknown:
+        raise MarksError(f"{where}: {', '.join(repr(k) for k in unknown)} is not a mark; marks are "
+                         f"{', '.join(MARKS)} ({', '.join(NOT_MARKS)} are read and left alone); nothing was changed")
 
 
-def _find(index: dict[str, Track], name: str) -> Track | None:
-    if name in index:
-        return index[name]
-    try:
-        return index.get(make_track_id(name))
-    except ValueError:
-        return None
+class _Tracks:
+    """Track lookup by id, else by title or the id a title would get (the thesis used folder
+    names). An id always wins; a title that several tracks share is refused, never guessed."""
+
+    def __init__(self, tracks: list[Track]):
+        self.by_id = {t.id: t for t in tracks}
+        self.by_title: dict[str, dict[str, Track]] = {}
+        for t in tracks:
+            for key in {t.title, make_track_id(t.title) if t.title.strip() else ""} - {""}:
+                self.by_title.setdefault(key, {})[t.id] = t
+
+    def find(self, name: str) -> Track | None:
+        if name in self.by_id:
+            return self.by_id[name]
+        found: dict[str, Track] = {}
+        for key in {name, make_track_id(name) if name.strip() else ""} - {""}:
+            found.update(self.by_title.get(key, {}))
+        if len(found) > 1:
+            raise MarksError(f"{name!r} is the title of several tracks ({', '.join(sorted(found))}): name it by its "
+                             "track id; nothing was changed")
+        return next(iter(found.values()), None)
 
 
 def import_marks(library: Library, text: str, instrument: str, fmt: str = "yaml") -> dict:
     """Apply a marks file: true sets a mark (keeping an older timestamp), false clears it.
 
-    Marks not named in the file are left alone. Returns {updated, unchanged, unmatched, ignored}.
+    Marks not named in the file are left alone. A file with a key that is not a mark, or a title
+    several tracks share, changes nothing (MarksError). Returns {updated, unchanged, unmatched,
+    ignored, changes} (changes: "TRACK INSTRUMENT +mark" or "-mark", each set or cleared).
     """
     if fmt != "csv" or instrument:
         _check_instrument(instrument)  # CSV rows may name their own instrument instead
-    tracks = library.tracks()
-    index = _index(tracks)
+    tracks = _Tracks(library.tracks())
     changed: dict[str, Track] = {}
     edits: dict[str, list] = {}
     matched: set[str] = set()
@@ -148,13 +172,14 @@ def import_marks(library: Library, text: str, instrument: str, fmt: str = "yaml"
     entries = list(_parse(text, fmt, instrument))  # parse everything before changing anything
     for name, inst, marks in entries:
         _check_instrument(inst)
-        track = _find(index, name)
+        track = tracks.find(name)
         if track is None:
             unmatched.append(name)
             continue
         matched.add(track.id)
-        ignored.update(mark for mark in marks if mark not in MARKS)
         edits.setdefault(track.id, []).append((inst, marks))
+    ignored.update(_not_marks(text, fmt))
+    done: list[str] = []
     for track_id, changes in edits.items():
         # Applied to the track as it is now, under its lock: marks set meanwhile are kept.
         with library.locked(track_id):
@@ -162,17 +187,26 @@ def import_marks(library: Library, text: str, instrument: str, fmt: str = "yaml"
             before = {k: dict(v) for k, v in track.marks.items()}
             for inst, marks in changes:
                 for mark, value in marks.items():
-                    if mark not in MARKS:
-                        continue
                     if value and not track.has_mark(inst, mark):
                         track.set_mark(inst, mark)
-                    elif not value:
+                        done.append(f"{track.id} {inst} +{mark}")
+                    elif not value and track.has_mark(inst, mark):
                         track.clear_mark(inst, mark)
+                        done.append(f"{track.id} {inst} -{mark}")
             if track.marks != before:
                 library.save(track)
                 changed[track.id] = track
     return {"updated": sorted(changed), "unchanged": sorted(matched - set(changed)),
-            "unmatched": sorted(set(unmatched)), "ignored": sorted(ignored)}
+            "unmatched": sorted(set(unmatched)), "ignored": sorted(ignored), "changes": done}
+
+
+def _not_marks(text: str, fmt: str) -> set[str]:
+    """The keys of a marks file that are read and left alone (NOT_MARKS) — said in the reply."""
+    if fmt == "csv":
+        header = next(csv.reader(io.StringIO(text.lstrip("\ufeff"))), [])
+        return {h.strip().lower() for h in header} & set(NOT_MARKS)
+    data = yaml.safe_load(text) or {}
+    return {str(k) for marks in data.values() if isinstance(marks, dict) for k in marks} & set(NOT_MARKS)
 
 
 # --- track lists ------------------------------------------------------------------------------
