@@ -665,6 +665,19 @@ def test_marks_are_saved_through_the_ingestion_service(review_client, ingestion)
     assert not library.load("Synth_Song002").has_mark("guitar", "bleed")
 
 
+def test_the_review_list_shows_what_is_left_to_check(review_client, ingestion):
+    _, library = ingestion
+    review_client.put("/api/review/tracks/Synth_Song001/marks/checked?instrument=guitar")
+    try:
+        left = review_client.get("/api/review/tracks?instrument=guitar&unchecked=1").get_json()["tracks"]
+        assert [t["id"] for t in left] == ["Synth_Song002"]
+        page = review_client.get("/review?instrument=guitar&unchecked=1").get_data(as_text=True)
+        assert "Synth Song 002" in page and "Synth Song 001" not in page and "<strong>not yet checked</strong>" in page
+        assert len(review_client.get("/api/review/tracks?instrument=guitar").get_json()["tracks"]) == 2
+    finally:
+        review_client.delete("/api/review/tracks/Synth_Song001/marks/checked?instrument=guitar")
+
+
 def test_review_refusals(review_client):
     assert_refused(review_client.put("/api/review/tracks/Synth_Song001/marks/audible?instrument=guitar"), 400, "unknown mark")
     assert_refused(review_client.put("/api/review/tracks/Nope/marks/checked?instrument=guitar"), 404, "Nope")

@@ -100,6 +100,14 @@ def test_listening_parts_trim_silence_and_return_bounded_wav(tmp_path):
     assert not p.truncated
     small = listening_parts(lib, "Song", "guitar", parts=1, part_index=0, max_bytes=4096)
     assert small.truncated and len(small.wav) <= 4096
+    # A part too long for the byte bound at the file's rate comes whole at a lower one (the review
+    # page heard only the first 33 s of an 84 s part).
+    write(tmp_path / "s2" / "Hi" / "guitar.wav", tone(6.0, 220, rate=22050), rate=22050)
+    import_tracks(lib, read_stem_folders(tmp_path / "s2", Mapping.defaults()))
+    lower = listening_parts(lib, "Hi", "guitar", parts=1, part_index=0, mono=True, max_bytes=150_000)
+    data, rate = sf.read(io.BytesIO(lower.wav))
+    assert not lower.truncated and 8000 <= rate < 22050 and len(lower.wav) <= 150_000
+    assert len(data) / rate == pytest.approx(lower.parts[0][1] - lower.parts[0][0], abs=0.02)
     with pytest.raises(NotFoundError):
         listening_parts(lib, "Song", "piano")
     with pytest.raises(InvalidArgumentError):

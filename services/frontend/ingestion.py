@@ -91,14 +91,16 @@ class IngestionClient:
         if mark is not None and mark not in MARKS:
             raise InvalidArgumentError(f"unknown mark {mark!r}; marks are {', '.join(MARKS)}")
 
-    def list_tracks(self, instrument: str) -> list[dict]:
-        """Tracks with a stem of `instrument`, in the library's (sorted) order."""
+    def list_tracks(self, instrument: str, unchecked: bool = False) -> list[dict]:
+        """Tracks with a stem of `instrument` (`unchecked`: only those not yet checked for it), in
+        the library's (sorted) order."""
         self._check(instrument)
         pb2, _ = _protos()
+        only = {"instrument": instrument, "mark": "checked", "without_mark": True} if unchecked else {}
         tracks, token = [], ""
         while len(tracks) < MAX_TRACKS:
             reply = self._call("ListTracks", pb2.ListTracksRequest(has_class=instrument, page_size=1000,
-                                                                  page_token=token))
+                                                                  page_token=token, **only))
             tracks.extend(track_dict(t, instrument) for t in reply.tracks)
             token = reply.next_page_token
             if not token:

@@ -110,21 +110,26 @@ def _instrument() -> str:
     return instrument
 
 
+def _unchecked() -> bool:
+    """?unchecked=1: only the tracks nobody has checked yet (what is left to review)."""
+    return request.args.get("unchecked", "") in ("1", "true", "yes")
+
+
 @bp.get("/review")
 def page():
-    instrument = _instrument()
+    instrument, unchecked = _instrument(), _unchecked()
     try:
-        tracks = _client().list_tracks(instrument)
+        tracks = _client().list_tracks(instrument, unchecked)
         error = ""
     except BackendUnavailable as unavailable:
         tracks, error = [], str(unavailable)
-    return render_template("review.html", instrument=instrument, tracks=tracks, error=error,
+    return render_template("review.html", instrument=instrument, tracks=tracks, error=error, unchecked=unchecked,
                            marks=MARKS, keys=MARK_KEYS, instruments=REVIEWED_CLASSES)
 
 
 @bp.get("/api/review/tracks")
 def tracks():
-    return jsonify(tracks=_client().list_tracks(_instrument()))
+    return jsonify(tracks=_client().list_tracks(_instrument(), _unchecked()))
 
 
 @bp.get("/api/review/tracks/<track_id>")

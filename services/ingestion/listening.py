@@ -105,13 +105,28 @@ def wav_bytes(audio: np.ndarray, rate: int) -> bytes:
         return path.read_bytes()
 
 
+# A part is sent at a lower rate rather than cut short, down to this one (what a listener
+# judging bleed or a wrong class still hears well enough); below it, it is cut short.
+MIN_LISTENING_RATE_HZ = 8000
+
+
+def _fitting_rate(piece: np.ndarray, rate: int, max_bytes: int) -> int:
+    """The file's rate, or a lower one at which the whole part fits `max_bytes` as 16-bit WAV."""
+    fits = (max_bytes - _WAV_HEADER_BYTES) // (2 * piece.shape[0])
+    if piece.shape[1] <= fits:
+        return rate
+    return max(MIN_LISTENING_RATE_HZ, int(rate * fits / piece.shape[1]) // 100 * 100)
+
+
 def listening_parts(library: Library, track_id: str, instrument: str, parts: int = 5,
                     part_index: int = -1, rate: int = 0, mono: bool = False,
                     max_bytes: int = DEFAULT_MAX_WAV_BYTES) -> Parts:
     """Part boundaries of an instrument's stems and, with part_index >= 0, that part's audio.
 
-    The audio is 16-bit WAV, optionally resampled (`rate`) and downmixed (`mono`); a part longer
-    than `max_bytes` allows is cut short and `truncated` is set.
+    The audio is 16-bit WAV, optionally resampled (`rate`) and downmixed (`mono`). Without a
+    `rate`, a part longer than `max_bytes` allows at the file's rate comes at a lower one (down to
+    MIN_LISTENING_RATE_HZ) so it is heard whole; only what still does not fit is cut short, and
+    `truncated` is set.
     """
     audio, file_rate, stem_files = instrument_audio(library, track_id, instrument)
     duration = audio.shape[1] / file_rate
@@ -131,9 +146,9 @@ def listening_parts(library: Library, track_id: str, instrument: str, parts: int
     piece = audio[:, int(round(a * file_rate)): int(round(b * file_rate))]
     if mono:
         piece = to_mono(piece)
-    out_rate = file_rate
-    if rate and rate != file_rate:
-        piece, out_rate = resample(piece, file_rate, rate), rate
+    out_rate = rate or _fitting_rate(piece, file_rate, max_bytes)
+    if out_rate != file_rate:
+        piece = resample(piece, file_rate, out_rate)
     limit = (max_bytes - _WAV_HEADER_BYTES) // (2 * piece.shape[0])
     if piece.shape[1] > limit:
         piece, result.truncated = piece[:, :limit], True
