@@ -44,6 +44,8 @@ def test_url_is_downloaded_cut_into_pieces_and_not_fetched_twice(tmp_path, serve
     report = import_solo(lib, url, "guitar", piece_seconds=30, min_piece_seconds=15, allow_hosts=["127.0.0.1"])
     # 70 s -> 30 + 30 + 10; the 10 s rest is shorter than the minimum and dropped.
     assert report.added == ["solo_guitar_001", "solo_guitar_002"], report.to_dict()
+    assert report.skipped == [{"track": "solo guitar", "reason": "its last 10.0 s are left out "
+                                                                 "(shorter than 15 s, --min-piece-seconds)"}]
     t = lib.load("solo_guitar_001")
     assert t.source == "solo" and t.duration_seconds == pytest.approx(30.0, abs=0.05)
     assert [(s.file, s.cls) for s in t.stems] == [("stems/guitar.wav", "guitar")]
@@ -71,3 +73,22 @@ def test_only_http_urls_and_instrument_classes(tmp_path):
             import_solo(lib, bad, "guitar")
     with pytest.raises(SoloImportError):
         import_solo(lib, "http://127.0.0.1:9/a.wav", "mix")
+
+
+def test_a_title_given_for_a_folder_names_each_recording(tmp_path):
+    lib = Library(DataRoot(tmp_path / "data").ensure())
+    write(tmp_path / "takes" / "take one.wav", tone(12.0, 220))
+    write(tmp_path / "takes" / "take two.wav", tone(12.0, 330))
+    report = import_solo(lib, str(tmp_path / "takes"), "guitar", piece_seconds=30, min_piece_seconds=5,
+                         title="My Take")
+    assert report.added == ["My_Take_take_one_001", "My_Take_take_two_001"]
+    assert lib.load("My_Take_take_two_001").title == "My Take take two (1/1)"
+
+
+def test_a_minimum_longer_than_a_piece_is_refused_before_the_job():
+    from services.common.errors import InvalidArgumentError
+    from services.ingestion.jobs import validate_import
+
+    with pytest.raises(InvalidArgumentError, match="nothing could be kept"):
+        validate_import({"format": "solo", "path": "x.wav", "instrument": "guitar", "piece_seconds": 60,
+                         "min_piece_seconds": 100})

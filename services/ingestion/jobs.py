@@ -25,6 +25,11 @@ def resolve_local_path(data: DataRoot, text: str, allowed_roots: list[str] | Non
     return resolve_allowed(text, data.root, allowed_roots or [])
 
 
+# Solo recordings are cut into pieces this long; a last piece shorter than the minimum is left out.
+DEFAULT_PIECE_SECONDS = 180.0
+DEFAULT_MIN_PIECE_SECONDS = 30.0
+
+
 def validate_import(params: dict, allow_hosts=(), allow_ports=solo.egress.DEFAULT_PORTS) -> dict:
     """Check an import request before it becomes a job (bad requests fail at once)."""
     fmt = params.get("format", "")
@@ -41,6 +46,12 @@ def validate_import(params: dict, allow_hosts=(), allow_ports=solo.egress.DEFAUL
         raise InvalidArgumentError(f"a {fmt} import needs a path")
     if int(params.get("limit") or 0) < 0:
         raise InvalidArgumentError("limit must not be negative")
+    if fmt == "solo":
+        piece = float(params.get("piece_seconds") or DEFAULT_PIECE_SECONDS)
+        shortest = float(params.get("min_piece_seconds") or DEFAULT_MIN_PIECE_SECONDS)
+        if shortest > piece:
+            raise InvalidArgumentError(f"the shortest piece kept ({shortest:g} s, --min-piece-seconds) is longer "
+                                       f"than a piece ({piece:g} s, --piece-seconds): nothing could be kept")
     return params
 
 
@@ -80,8 +91,8 @@ class IngestionJobs:
             target = params.get("url") or str(self._path(params["path"]))
             report = solo.import_solo(
                 library, target, params["instrument"],
-                piece_seconds=float(params.get("piece_seconds") or 180.0),
-                min_piece_seconds=float(params.get("min_piece_seconds") or 30.0),
+                piece_seconds=float(params.get("piece_seconds") or DEFAULT_PIECE_SECONDS),
+                min_piece_seconds=float(params.get("min_piece_seconds") or DEFAULT_MIN_PIECE_SECONDS),
                 title=params.get("title", ""), progress=progress, should_stop=should_stop,
                 allow_hosts=self.allow_hosts, allow_ports=self.allow_ports)
             return _imported(report)

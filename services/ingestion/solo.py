@@ -91,16 +91,25 @@ def cut_pieces(path: Path, out_dir: Path, piece_seconds: float, min_piece_second
     if result.returncode != 0:
         message = result.stderr.decode("utf-8", "replace").strip().splitlines()
         raise SoloImportError(f"{path.name}: ffmpeg cannot read it ({message[-1] if message else 'no message'})")
-    pieces = sorted(out_dir.glob("piece*.wav"))
-    kept = []
-    for piece in pieces:
+    return [piece for piece, seconds in _pieces(out_dir) if seconds >= min_piece_seconds]
+
+
+def _pieces(out_dir: Path) -> list[tuple[Path, float]]:
+    """The cut pieces with their lengths (an empty trailing segment left out)."""
+    found = []
+    for piece in sorted(out_dir.glob("piece*.wav")):
         try:
             rate, _, frames = audio_info(piece)
         except AudioError:
-            continue  # an empty trailing segment
-        if frames / rate >= min_piece_seconds:
-            kept.append(piece)
-    return kept
+            continue
+        found.append((piece, frames / rate))
+    return found
+
+
+def dropped_tail(out_dir: Path, min_piece_seconds: float) -> float:
+    """Seconds of the last piece `cut_pieces` left out for being shorter than the minimum (0: none)."""
+    pieces = _pieces(out_dir)
+    return pieces[-1][1] if pieces and pieces[-1][1] < min_piece_seconds else 0.0
 
 
 def _origin(base: str, index: int, piece_seconds: float) -> str:
@@ -157,7 +166,8 @@ def import_solo(library: Library, target: str, instrument: str, piece_seconds: f
                                                    if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES]
             if not files:
                 raise SoloImportError(f"no audio files in {path}")
-            inputs = [(f, title or f.stem,
+            # A title given for a folder of several recordings names each with its file too.
+            inputs = [(f, f"{title} {f.stem}" if title and len(files) > 1 else title or f.stem,
                        f"file://{f.resolve()}?sha256={fingerprint(f)[:16]}") for f in files]
         sources: list[TrackSource] = []
         report = ImportReport()
@@ -175,10 +185,14 @@ def import_solo(library: Library, target: str, instrument: str, piece_seconds: f
             if not pieces:
                 report.errors.append({"track": piece_title, "stem": file.name,
                                       "reason": f"shorter than {min_piece_seconds:g} s"})
+            elif tail := dropped_tail(work / f"pieces{n:03d}", min_piece_seconds):
+                report.skipped.append({"track": piece_title, "reason": f"its last {tail:.1f} s are "
+                                       f"left out (shorter than {min_piece_seconds:g} s, --min-piece-seconds)"})
             sources.extend(_sources(pieces, piece_title, base, instrument, piece_seconds))
         done = import_tracks(library, sources, link=True, should_stop=should_stop, total=len(sources),
                              progress=(lambda d, t, m="": progress(2 + d / max(t, 1), 3, m)) if progress else None)
         done.errors = report.errors + done.errors
+        done.skipped = report.skipped + done.skipped
         return done
     finally:
         shutil.rmtree(work, ignore_errors=True)
