@@ -22,7 +22,8 @@ class ModelConfig(BaseModel):
     `freq_rows = n_fft // 2` (the DC bin is dropped; the mask puts 0 there).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan: a learning rate of inf passed "> 0" and trained to NaN, reported as succeeded.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     rate_hz: int = Field(22050, ge=4000, le=192000)
     n_fft: int = Field(1536, ge=16)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 
 import grpc
@@ -169,6 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("stemlab: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `stemlab jobs list | head`: the reader has what it wanted. Python would report the pipe
+        # again when it flushes stdout at exit, so stdout goes nowhere from here.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2
 from stemlab.v1 import jobs_pb2, jobs_pb2_grpc
 from tests.fixtures.demo_service import submit
 from tests.polling import wait_until
-from tests.servicetools import ServiceProcess, health_status, run_cli, wait_job
+from tests.servicetools import REPO, ServiceProcess, health_status, run_cli, wait_job
 
 DEMO = "tests.fixtures.demo_service"
 
@@ -336,3 +336,31 @@ def test_an_invalid_decode_cap_stops_a_service_at_start(monkeypatch):
             load_config()
     monkeypatch.setenv("STEMLAB_MAX_DECODED_MB", "64")
     load_config()
+
+
+def test_the_cli_prints_a_job_whose_result_holds_nan(tmp_path):
+    # A diverged run's metrics: MessageToDict refused them, and `stemlab jobs list --json` failed for every job.
+    from services.common.cliutil import message_to_dict
+    from stemlab.v1 import jobs_pb2
+
+    job = jobs_pb2.Job(id="training-0123456789ab")
+    job.result.update({"loss": float("nan"), "history": [{"val_loss": float("inf")}, {"val_loss": 0.5}], "epochs": 2.0})
+    assert message_to_dict(job)["result"] == {"loss": "nan", "history": [{"val_loss": "inf"}, {"val_loss": 0.5}],
+                                              "epochs": 2}
+
+
+def test_a_listing_cut_short_by_head_ends_without_a_traceback():
+    import subprocess
+    import sys
+
+    # What `stemlab jobs list | head` does: the reader goes away while the command still writes.
+    script = ("import stemlab.cli as cli\n"
+              "def many(args):\n"
+              "    for _ in range(200000):\n"
+              "        print('web-0123456789ab  web.separate  SUCCEEDED')\n"
+              "cli.cmd_jobs_list = many\n"
+              "raise SystemExit(cli.main(['jobs', 'list']))\n")
+    result = subprocess.run(f"{sys.executable} -c \"{script}\" | head -n 1", shell=True, cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "web-0123456789ab  web.separate  SUCCEEDED"
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr

@@ -508,6 +508,17 @@ def test_the_service_checks_init_from_when_the_job_is_asked_for(dataset, trained
         jobs.validate_train(data, {**asked, "init_from": "no-such-run"})
     with pytest.raises(FailedPreconditionError, match="hourglass_filters 8 there, 12 here"):
         jobs.validate_train(data, {**asked, "init_from": "tiny-source", "overrides": {"hourglass_filters": 12}})
+    # Refused before a job (and its run folder, which kept the id) exists.
+    from services.common.errors import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match="at 22050 Hz but the model runs at 16000 Hz"):
+        jobs.validate_train(data, {**asked, "overrides": {"rate_hz": 16000}})
+    with pytest.raises(InvalidArgumentError, match="seed must be between"):
+        jobs.validate_train(data, {**asked, "seed": -1})
+    done = jobs.trainer.read_run(data.runs / "tiny-source")["epochs_completed"]
+    with pytest.raises(InvalidArgumentError, match=f"has done {done} epochs already"):
+        jobs.validate_resume(data, {"run_id": "tiny-source", "epochs": done})
+    assert jobs.validate_resume(data, {"run_id": "tiny-source", "epochs": done + 1})
 
 
 def test_a_new_run_can_start_from_an_exported_model(dataset, trained, tmp_path):
@@ -963,3 +974,40 @@ def test_an_exported_model_alone_is_exported_again_with_the_same_separation(data
         jobs.validate_export(data, {"run_id": "", "model_name": "older", "with_models": []})
     with pytest.raises(InvalidArgumentError, match="nothing to export"):
         export_run(None, data.models, "older")
+
+
+def test_a_run_interrupted_again_and_again_is_not_resumed_at_every_start(tmp_path):
+    # A run that takes the service down (out of memory) was resumed at every start, forever.
+    from services.common.jobs import FAILED, JobStore
+    from services.common.paths import DataRoot
+    from services.training.jobs import RESUME, TRAIN, resumable_runs
+
+    data = DataRoot(tmp_path).ensure()
+    store = JobStore(tmp_path / "jobs.sqlite", service="training")
+    for run_id, interruptions in (("twice", 2), ("thrice", 3)):
+        (tmp_path / "runs" / run_id).mkdir(parents=True)
+        (tmp_path / "runs" / run_id / "run.yaml").write_text("state: running\n")
+        for n in range(interruptions):
+            job_id = f"training-{run_id[:5]}{n:07d}"
+            store.create(job_id, TRAIN if n == 0 else RESUME, {"run_id": run_id})
+            store.update(job_id, state=FAILED, error="interrupted")
+    assert resumable_runs(store, data, max_attempts=3) == ["twice"]
+    assert resumable_runs(store, data, max_attempts=4) == ["thrice", "twice"]
+    store.close()
+
+
+def test_a_run_that_diverges_fails_and_keeps_its_last_good_epoch(tmp_path):
+    from model.checkpoint import read_run
+    from model.config import ConfigError
+    from services.training.trainer import TrainingDiverged
+
+    root = tmp_path / "data"
+    manifest = make_dataset(root)
+    with pytest.raises(ConfigError, match="finite"):
+        make_config("tiny", {"learning_rate": float("inf")})
+    run_dir = tmp_path / "wild"
+    with pytest.raises(TrainingDiverged, match="diverged in epoch 1") as e:
+        train_run(run_dir, manifest, root, epochs=2, overrides={"learning_rate": 1e30}, **FAST)
+    assert "stemlab resume wild --set learning_rate=" in str(e.value)
+    record = read_run(run_dir)
+    assert record.get("epochs_completed", 0) == 0 and not (run_dir / "best.weights.h5").exists()

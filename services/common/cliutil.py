@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -90,7 +91,41 @@ def rpc_error_message(e: grpc.RpcError, addr: str | None = None) -> str:
 def message_to_dict(msg: Any) -> dict:
     # A job's params and result travel as google.protobuf.Struct, which holds every number as a
     # double: whole ones are printed as integers, so an export's version reads 2, not 2.0.
-    return _whole_numbers(json_format.MessageToDict(msg, preserving_proto_field_name=True))
+    try:
+        data = json_format.MessageToDict(msg, preserving_proto_field_name=True)
+    except json_format.SerializeToJsonError:
+        # A Struct holding NaN or infinity (a diverged run's metrics) cannot be JSON: such numbers
+        # are written as the strings "nan" / "inf", instead of every listing failing.
+        copy = type(msg)()
+        copy.CopyFrom(msg)
+        _finite_values(copy)
+        data = json_format.MessageToDict(copy, preserving_proto_field_name=True)
+    return _whole_numbers(data)
+
+
+def _finite_values(msg: Any) -> None:
+    """Replace every non-finite number of the google.protobuf.Value fields in `msg` by its text."""
+    if msg.DESCRIPTOR.full_name == "google.protobuf.Value":
+        if msg.WhichOneof("kind") == "number_value" and not math.isfinite(msg.number_value):
+            msg.string_value = str(msg.number_value)
+            return
+    for field, value in msg.ListFields():
+        if field.message_type is None:
+            continue
+        if field.message_type.GetOptions().map_entry:
+            items = value.values()
+        elif _repeated(field):
+            items = value
+        else:
+            items = [value]
+        for item in items:
+            if hasattr(item, "DESCRIPTOR"):
+                _finite_values(item)
+
+
+def _repeated(field: Any) -> bool:
+    # protobuf 6 has is_repeated; 5 only the label (3 = LABEL_REPEATED)
+    return bool(getattr(field, "is_repeated", False)) or getattr(field, "label", None) == 3
 
 
 def _whole_numbers(value: Any) -> Any:

@@ -230,8 +230,9 @@ class ServedModelSource(ModelSource):
 
     kind = "served_model"
 
-    def __init__(self, name: str, version: int | None, address: str):
+    def __init__(self, name: str, version: int | None, address: str, models_root: Path | None = None):
         self.name, self.version, self.address = name, version, address
+        self.models_root = models_root  # where this data root's exports are (served from here, most often)
         try:
             from services.serving import client
         except ImportError as e:
@@ -253,6 +254,23 @@ class ServedModelSource(ModelSource):
             rate_hz = None
         return {"kind": self.kind, "model": self.name, "version": self.version,
                 "served_version": self._served.served_version, "address": self.address, "rate_hz": rate_hz}
+
+    def model_config(self) -> dict | None:
+        """The served version's network config, from its export in this data root: the oracle and
+        the other baselines are computed on the model's own STFT grid (with the defaults, a model of
+        another n_fft got another oracle than the same weights evaluated as a run). None when
+        that export is not here (a model served from elsewhere): the defaults then."""
+        if self.models_root is None:
+            return None
+        try:
+            version = self.version or self._served.served_version
+            if version is None:
+                _ = self._served.sample_rate_hz  # one call; the reply names the version that answered
+                version = self._served.served_version
+        except self._client.ServingError:
+            return None
+        folder = self.models_root / self.name / str(version)
+        return _export_info(folder).get("config") if version is not None and folder.is_dir() else None
 
     def separate(self, mix, rate_hz, track):
         # The client resamples, splits long audio and overlap-adds; it answers at the rate it was given.
@@ -330,7 +348,7 @@ def open_source(data: DataRoot, *, model: str = "", run: str = "", estimates_dir
                                    "folder only (export with them to change a served model)")
     if model:
         name, version = parse_model_ref(model)
-        return ServedModelSource(name, version, serving_address)
+        return ServedModelSource(name, version, serving_address, data.models)
     if run:
         return RunSource(data, run, overrides)
     if estimates_dir:

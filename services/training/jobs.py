@@ -6,6 +6,7 @@ and again by the job functions, since queued jobs survive restarts. Runs live in
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid
 from datetime import UTC, datetime
@@ -17,9 +18,11 @@ from model.export import ExportError, check_ensemble, versions
 from services.common import models_config
 from services.common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from services.common.jobs import INTERRUPTED, QUEUED, RUNNING, JobStore
-from services.common.manifest import ManifestError, find_manifest
+from services.common.manifest import ManifestError, find_manifest, load_manifest
 from services.common.paths import DataRoot, PathError, parse_model_ref, safe_join, split_member
 from services.training import export, trainer
+
+log = logging.getLogger(__name__)
 
 TRAIN = "training.train"
 RESUME = "training.resume"
@@ -120,10 +123,17 @@ def validate_train(data: DataRoot, params: dict) -> dict:
     for key in ("epochs", "patience", "batch_size", "steps_per_epoch"):
         if int(params[key]) < 1:
             raise InvalidArgumentError(f"{key} must be positive, got {params[key]}")
+    if not 0 <= int(params["seed"]) < 2**32:
+        raise InvalidArgumentError(f"seed must be between 0 and 2**32 - 1, got {params['seed']}")
     config, _ = trainer.split_overrides(params["preset"], params.get("overrides"))
     if source:
         trainer.check_init_from(source, config, member)
-    _manifest(data, params)
+    manifest = _manifest(data, params)
+    # Found only after the job had started and the run folder existed, which then kept the id.
+    rate = int(load_manifest(manifest).rate)
+    if rate != config.rate_hz:
+        raise InvalidArgumentError(f"dataset {params['dataset']} is at {rate} Hz but the model runs at {config.rate_hz}"
+                                   f" Hz: build the dataset at {config.rate_hz} Hz or pass --set rate_hz={rate}")
     return params
 
 
@@ -132,6 +142,12 @@ def validate_resume(data: DataRoot, params: dict) -> dict:
     for key in ("epochs", "patience"):
         if int(params.get(key) or 0) < 0:
             raise InvalidArgumentError(f"{key} must not be negative")
+    done = int(trainer.read_run(path).get("epochs_completed") or 0)
+    if 0 < int(params.get("epochs") or 0) <= done:
+        # --epochs counts every epoch of the run: this one used to "succeed" doing nothing and
+        # rewrite the run's target below what it had done.
+        raise InvalidArgumentError(f"run {params['run_id']} has done {done} epochs already; --epochs counts them all, "
+                                   f"so give more than {done}")
     if params.get("overrides"):
         info = trainer.read_run(path)
         trainer.apply_changes(config_from_dict(info["config"]), trainer.TrainingOptions(**info.get("options", {})),
@@ -188,23 +204,32 @@ def validate_without_model(data: DataRoot, params: dict, instruments: set[str], 
     export.check_excluded(path, instruments, config)  # export_run checks again; here it fails the request
 
 
-def resumable_runs(store: JobStore, data: DataRoot) -> list[str]:
+def resumable_runs(store: JobStore, data: DataRoot, max_attempts: int = 3) -> list[str]:
     """Runs whose latest training job was interrupted (service died or shut down) and are unfinished.
 
     Scans every training job, newest first; a run whose newest job is still queued needs nothing.
+    A run whose last `max_attempts` jobs were all interrupted is left alone (logged): a run that
+    takes the service down each time (out of memory) would otherwise do so at every start, and
+    keep every other training off the service. `stemlab resume RUN` still tries it again.
     """
-    latest: dict[str, Any] = {}
+    recent: dict[str, list[Any]] = {}
     cursor = None
     while True:
         page, cursor = store.list(page_size=500, before_seq=cursor)
         for job in page:
-            if job.kind in TRAINING_KINDS and job.params.get("run_id") and job.params["run_id"] not in latest:
-                latest[job.params["run_id"]] = job
+            run_id = job.params.get("run_id") if job.kind in TRAINING_KINDS else None
+            if run_id and len(recent.setdefault(run_id, [])) < max_attempts:
+                recent[run_id].append(job)
         if cursor is None:
             break
     runs = []
-    for run_id, job in latest.items():
+    for run_id, jobs in recent.items():
+        job = jobs[0]
         if job.state in (QUEUED, RUNNING) or not job.error.startswith(INTERRUPTED):
+            continue
+        if len(jobs) >= max_attempts and all(j.error.startswith(INTERRUPTED) for j in jobs):
+            log.warning("run %s was interrupted %d times in a row: not resumed again (stemlab resume %s to try)",
+                        run_id, max_attempts, run_id)
             continue
         try:
             state = trainer.read_run(run_dir(data, run_id)).get("state")

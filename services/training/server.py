@@ -23,7 +23,7 @@ def build() -> Service:
         svc.register_job(kind, fn, lane="export" if kind == jobs.EXPORT else "")
     svc.add_servicer(training_pb2_grpc.add_TrainingServiceServicer_to_server, TrainingServicer(svc),
                      "stemlab.v1.TrainingService")
-    for run_id in jobs.resumable_runs(svc.store, svc.data):
+    for run_id in jobs.resumable_runs(svc.store, svc.data, svc.runner.settings.max_attempts):
         job = svc.runner.submit(jobs.RESUME, {"run_id": run_id, "epochs": 0, "patience": 0})
         log.info("run %s was interrupted: resuming it as job %s", run_id, job.id)
     return svc

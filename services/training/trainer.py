@@ -26,6 +26,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -90,7 +91,8 @@ RESUME_KEYS = ("learning_rate", "lr_plateau_patience", "lr_plateau_factor", "min
 class TrainingOptions(BaseModel):
     """Training knobs that are not part of the network (overridable like the model config)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan: a learning rate of inf passed "> 0" and trained to NaN, reported as succeeded.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     augment_gain_db: float = Field(6.0, ge=0.0, le=40.0)
     remix_probability: float = Field(0.25, ge=0.0, le=1.0)
@@ -578,6 +580,10 @@ def train_epoch(run: Run, learner: Learner, sampler: sampling.ChunkSampler, epoc
     return not stop_requested()
 
 
+class TrainingDiverged(FailedPreconditionError):
+    """The losses of an epoch are not finite numbers."""
+
+
 def close_epoch(run: Run, learner: Learner, epoch: int, seconds: float, skip: int) -> tuple[float, float]:
     """Validate, keep the best weights, maybe lower the learning rate, checkpoint, and record the
     epoch (history, run.yaml, TensorBoard); returns (training loss, validation loss).
@@ -591,6 +597,13 @@ def close_epoch(run: Run, learner: Learner, epoch: int, seconds: float, skip: in
         val_loss = _validation_loss(learner)
         train_loss = float(state.loss_sum.numpy()) / run.steps_per_epoch
         learning_rate = float(learner.optimizer.learning_rate.numpy())
+        if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+            # Nothing of this epoch is kept: its weights are NaN, and a checkpoint of them would
+            # replace the last good one (the run used to end "succeeded" with no best weights).
+            raise TrainingDiverged(
+                f"training diverged in epoch {epoch} (loss {train_loss}, val_loss {val_loss}); the run is kept as it "
+                f"was after epoch {epoch - 1}: resume it with a lower learning rate "
+                f"(stemlab resume {run.dir.name} --set learning_rate=…; it was {learning_rate:.3g})")
         history.append({"epoch": epoch, "loss": round(train_loss, 6), "val_loss": round(val_loss, 6),
                         "seconds": round(seconds, 3),
                         "steps_per_second": round((run.steps_per_epoch - skip) / seconds, 3),
