@@ -36,12 +36,14 @@ def make_library(data: Path):
 
     library = Library(data)
     track = Track(id="Review_Song", source="synthetic", title="Review Song", rate=22050, channels=1,
-                  duration_seconds=5.0, stems=[Stem("stems/S01.wav", "acoustic guitar", "guitar")],
+                  duration_seconds=5.0, stems=[Stem("stems/S01.wav", "acoustic guitar", "guitar"),
+                                               Stem("stems/Keys.wav", "Keys", "piano", suggested=True)],
                   suggestions=[{"check": "inaudible", "instrument": "guitar", "mark": "inaudible",
                                 "stem": "stems/S01.wav", "evidence": {"peak_dbfs": -41.5}}])
     folder = library.track_dir(track.id) / "stems"
     folder.mkdir(parents=True)
     sf.write(folder / "S01.wav", song(5.0, rate=22050, channels=1)[0], 22050)
+    sf.write(folder / "Keys.wav", 0.5 * song(5.0, rate=22050, channels=1, seed=2)[0], 22050)
     library.save(track)
     return library
 
@@ -222,3 +224,9 @@ def test_review_page_plays_parts_and_sets_marks_by_key(site, page):
     page.keyboard.press("b")
     page.wait_for_selector('button.mark[data-mark=bleed][aria-pressed=false]')
     assert not site["library"].load("Review_Song").has_mark("guitar", "bleed")
+    # A class guessed from a file name is confirmed on the page (it needed the command line).
+    assert page.locator("#stem-classes select").count() == 2
+    page.click("button.confirm-class")
+    page.wait_for_function("!document.querySelector('button.confirm-class')")
+    keys = next(s for s in site["library"].load("Review_Song").stems if s.file == "stems/Keys.wav")
+    assert (keys.cls, keys.suggested) == ("piano", False)

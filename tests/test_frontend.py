@@ -678,6 +678,25 @@ def test_the_review_list_shows_what_is_left_to_check(review_client, ingestion):
         review_client.delete("/api/review/tracks/Synth_Song001/marks/checked?instrument=guitar")
 
 
+def test_a_reviewer_confirms_or_changes_a_stems_class(review_client, ingestion):
+    _, library = ingestion
+    track = review_client.get("/api/review/tracks/Synth_Song001?instrument=guitar").get_json()
+    assert {s["file"]: (s["class"], s["suggested"]) for s in track["all_stems"]} == {
+        "stems/S01.wav": ("guitar", False), "stems/S02.wav": ("bass", False)}
+    url = "/api/review/tracks/Synth_Song001/stems/stems/S02.wav/class?instrument=guitar"
+    try:
+        changed = review_client.put(url, json={"class": None}).get_json()
+        assert [s["class"] for s in changed["all_stems"]] == ["guitar", None]
+        assert library.load("Synth_Song001").stems[1].cls is None
+        assert_refused(review_client.put(url, json={"class": "kazoo"}), 400, "unknown class 'kazoo'")
+        assert_refused(review_client.put(url, data="bass"), 400, 'send JSON {"class": CLASS}')
+    finally:
+        assert review_client.put(url, json={"class": "bass"}).status_code == 200
+    assert library.load("Synth_Song001").stems[1].cls == "bass"
+    page = review_client.get("/review?instrument=guitar").get_data(as_text=True)
+    assert 'id="stem-classes"' in page and "guitar,bass,drums" in page
+
+
 def test_review_refusals(review_client):
     assert_refused(review_client.put("/api/review/tracks/Synth_Song001/marks/audible?instrument=guitar"), 400, "unknown mark")
     assert_refused(review_client.put("/api/review/tracks/Nope/marks/checked?instrument=guitar"), 404, "Nope")

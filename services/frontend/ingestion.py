@@ -42,6 +42,9 @@ def track_dict(track, instrument: str) -> dict:
         "source": track.source,
         "duration_seconds": round(track.duration_seconds, 2),
         "stems": [s.file for s in track.stems if s.class_name == instrument],
+        # Every stem with its class, so a reviewer can confirm a class guessed from a file name.
+        "all_stems": [{"file": s.file, "name": s.raw_instrument, "class": s.class_name or None,
+                       "suggested": s.suggested} for s in track.stems],
         "classes": list(track.classes),
         "marks": sorted(m.mark for m in track.marks if m.instrument == instrument),
         "suggestions": [
@@ -141,6 +144,13 @@ class IngestionClient:
         pb2, _ = _protos()
         return track_dict(self._call("SetQualityMark", pb2.QualityMarkRequest(
             track_id=track_id, instrument=instrument, mark=mark)), instrument)
+
+    def set_class(self, track_id: str, instrument: str, stem: str, cls: str | None) -> dict:
+        """Confirm or change a stem's class (None: unmapped); the track as the page shows it."""
+        self._check(instrument)
+        pb2, _ = _protos()
+        return track_dict(self._call("SetStemClass", pb2.SetStemClassRequest(
+            track_id=track_id, stem=stem, class_name=cls or "")), instrument)
 
     def clear_mark(self, track_id: str, instrument: str, mark: str) -> dict:
         self._check(instrument, mark)

@@ -124,7 +124,7 @@ def page():
     except BackendUnavailable as unavailable:
         tracks, error = [], str(unavailable)
     return render_template("review.html", instrument=instrument, tracks=tracks, error=error, unchecked=unchecked,
-                           marks=MARKS, keys=MARK_KEYS, instruments=REVIEWED_CLASSES)
+                           marks=MARKS, keys=MARK_KEYS, instruments=REVIEWED_CLASSES, classes=CLASSES)
 
 
 @bp.get("/api/review/tracks")
@@ -141,6 +141,20 @@ def track(track_id: str):
 def part_audio(track_id: str, part: int):
     data = _client().part_audio(track_id, _instrument(), part)
     return Response(data, mimetype="audio/wav", headers={"Cache-Control": "max-age=600"})
+
+
+@bp.put("/api/review/tracks/<track_id>/stems/<path:stem>/class")
+def stem_class(track_id: str, stem: str):
+    """Confirm or change a stem's class: JSON {"class": "guitar"} (null or "none": unmapped)."""
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict) or "class" not in body:
+        raise InvalidArgumentError('send JSON {"class": CLASS} (null or "none" leaves the stem unmapped)')
+    cls = body["class"]
+    if cls in (None, "none"):
+        cls = None
+    elif cls not in CLASSES:
+        raise InvalidArgumentError(f"unknown class {cls!r}; classes are {', '.join(CLASSES)} or none")
+    return jsonify(_client().set_class(track_id, _instrument(), stem, cls))
 
 
 @bp.route("/api/review/tracks/<track_id>/marks/<mark>", methods=["PUT", "DELETE"])

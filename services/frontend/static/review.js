@@ -31,6 +31,50 @@
     if (row) row.querySelector(".track-marks").textContent = track.marks.join(", ");
   }
 
+  const classTable = document.getElementById("stem-classes");
+  const classNames = classTable.dataset.classes.split(",");
+
+  function showClasses(track) {
+    const body = classTable.querySelector("tbody");
+    body.innerHTML = "";
+    track.all_stems.forEach(function (stem) {
+      const row = document.createElement("tr");
+      const name = document.createElement("td");
+      name.textContent = stem.file.replace(/^stems\//, "") + (stem.name ? " (" + stem.name + ")" : "");
+      const choice = document.createElement("select");
+      choice.setAttribute("aria-label", "class of " + stem.file);
+      ["none"].concat(classNames).forEach(function (c) {
+        const option = document.createElement("option");
+        option.value = c;
+        option.textContent = c === "none" ? "— unmapped —" : c;
+        option.selected = (stem.class || "none") === c;
+        choice.appendChild(option);
+      });
+      choice.addEventListener("change", function () { setClass(stem.file, choice.value); });
+      const state = document.createElement("td");
+      if (stem.suggested) {
+        const confirm = document.createElement("button");
+        confirm.type = "button";
+        confirm.className = "confirm-class";
+        confirm.textContent = "confirm " + stem.class + " (guessed from the name)";
+        confirm.addEventListener("click", function () { setClass(stem.file, stem.class); });
+        state.appendChild(confirm);
+      }
+      const cell = document.createElement("td");
+      cell.appendChild(choice);
+      row.append(name, cell, state);
+      body.appendChild(row);
+    });
+  }
+
+  function setClass(file, cls) {
+    if (!current) return;
+    api(trackUrl(current.id) + "/stems/" + file.split("/").map(encodeURIComponent).join("/") + "/class",
+        {method: "PUT", headers: {"Content-Type": "application/json"}, body: JSON.stringify({"class": cls})})
+      .then(function () { open(current.id); })  // its stems of this instrument may have changed
+      .catch(showError);
+  }
+
   function playPart(index, autoplay) {
     if (!current || !current.parts.length) return;
     part = Math.max(0, Math.min(index, current.parts.length - 1));
@@ -62,6 +106,7 @@
         list.appendChild(item);
       });
       rows.forEach(function (r) { r.classList.toggle("open", r.dataset.track === track.id); });
+      showClasses(track);
       showMarks(track);
       playPart(0, false);
     }).catch(showError);
@@ -96,7 +141,7 @@
   const keys = {};
   document.querySelectorAll("button.mark").forEach(function (b) { keys[b.dataset.key] = b.dataset.mark; });
   document.addEventListener("keydown", function (e) {
-    if (e.target.tagName === "INPUT" || e.ctrlKey || e.metaKey || e.altKey) return;
+    if (e.target.tagName === "INPUT" || e.target.tagName === "SELECT" || e.ctrlKey || e.metaKey || e.altKey) return;
     if (keys[e.key]) { toggle(keys[e.key]); }
     else if (e.key === "n") { playPart(part + 1, true); }
     else if (e.key === "j") { step(1); }
