@@ -703,6 +703,8 @@ def test_review_refusals(review_client):
     assert_refused(review_client.get("/api/review/tracks?instrument=kazoo"), 400, "unknown instrument")
     assert_refused(review_client.get("/api/review/tracks/Synth_Song001/parts/7.wav?instrument=guitar"), 400, "part")
     assert_refused(review_client.get("/api/review/tracks/Synth_Song001?instrument=piano"), 404, "no piano stems")
+    assert_refused(review_client.put("/api/review/tracks/Synth_Song001/marks/checked?instrument=vocals"), 409,
+                   "has no vocals stem")
 
 
 def test_review_page_says_when_ingestion_is_down(tmp_path):

@@ -52,6 +52,12 @@ def test_marks_record_when_and_clear(two_song_library):
         set_mark(two_song_library, "Nope", "guitar", "bleed")
     with pytest.raises(InvalidArgumentError):
         set_mark(two_song_library, "Artist1_Song1", "guitar", "shiny")
+    # A mark for an instrument the track has no stem of is used by nothing: refused, saying why.
+    from services.common.errors import FailedPreconditionError
+
+    with pytest.raises(FailedPreconditionError, match="has no vocals stem .*give a stem that class first"):
+        set_mark(two_song_library, "Artist1_Song1", "vocals", "checked")
+    assert "vocals" not in two_song_library.load("Artist1_Song1").marks
 
 
 def test_unmapped_names_are_fixed_by_mapping_and_reapply(two_song_library):

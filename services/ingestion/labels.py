@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
-from services.common.errors import InvalidArgumentError, NotFoundError
+from services.common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from services.common.library import CLASSES, MARKS, SOURCES, Library, LibraryError, Track
 from services.ingestion.mapping import Mapping, split_instruments
 
@@ -91,7 +92,13 @@ def set_stem_class(library: Library, track_id: str, stem_file: str, cls: str | N
 
 def set_mark(library: Library, track_id: str, instrument: str, mark: str, on: bool = True) -> Track:
     """Set or clear one mark: load, change and save under the track's lock (concurrent marks all land)."""
-    get_track(library, track_id)  # NOT_FOUND / INVALID_ARGUMENT before taking the lock
+    found = get_track(library, track_id)  # NOT_FOUND / INVALID_ARGUMENT before taking the lock
+    if on and instrument not in found.classes():
+        # A mark for an instrument the track has no stem of would be used by nothing (mix skips
+        # the track); most often the stem is there under no class or another one.
+        stems = ", ".join(f"{Path(st.file).name} ({st.cls or 'unmapped'})" for st in found.stems)
+        raise FailedPreconditionError(f"track {track_id} has no {instrument} stem ({stems}): give a stem that class "
+                                      f"first (stemlab dataset set-class, or the review page)")
     try:
         with library.edit(track_id) as track:
             if on:
