@@ -360,7 +360,12 @@ def test_a_listing_cut_short_by_head_ends_without_a_traceback():
               "        print('web-0123456789ab  web.separate  SUCCEEDED')\n"
               "cli.cmd_jobs_list = many\n"
               "raise SystemExit(cli.main(['jobs', 'list']))\n")
-    result = subprocess.run(f"{sys.executable} -c \"{script}\" | head -n 1", shell=True, cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
-    assert result.stdout.strip() == "web-0123456789ab  web.separate  SUCCEEDED"
-    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
+    writer = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    head = subprocess.Popen(["head", "-n", "1"], stdin=writer.stdout, stdout=subprocess.PIPE, text=True)
+    writer.stdout.close()  # head alone holds the pipe: when it exits, the writer's next write breaks
+    first, _ = head.communicate(timeout=120)
+    errors = writer.stderr.read()
+    writer.wait(timeout=120)
+    assert first.strip() == "web-0123456789ab  web.separate  SUCCEEDED"
+    assert "Traceback" not in errors and "BrokenPipe" not in errors, errors

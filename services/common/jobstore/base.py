@@ -187,15 +187,19 @@ class SqlJobStore(abc.ABC):
         """Jobs left RUNNING by a process that died go back to the queue (unshared stores, for job
         kinds that simply run again), or fail "interrupted" after `max_attempts` claims: a job
         that takes its process down each time must not do so forever. Returns (requeued, failed)."""
+        return self._requeue_running("", (), max_attempts, f"its process stopped {max_attempts} times")
+
+    def _requeue_running(self, where: str, args: tuple, max_attempts: int, why: str) -> tuple[list[str], list[str]]:
+        """RUNNING jobs (and `where`) back to the queue, those claimed `max_attempts` times failed
+        "interrupted (`why`)". Returns (requeued ids, failed ids)."""
         now = time.time()
         with self._lock:
             failed = self._execute(
                 "UPDATE jobs SET state = ?, error = ?, finished = ?, worker = '' WHERE service = ? AND state = ? "
-                "AND attempts >= ? RETURNING id",
-                (FAILED, f"{INTERRUPTED} (its process stopped {max_attempts} times)", now, self.service, RUNNING,
-                 max_attempts))
-            requeued = self._execute("UPDATE jobs SET state = ?, worker = '' WHERE service = ? AND state = ? "
-                                     "RETURNING id", (QUEUED, self.service, RUNNING))
+                f"{where} AND attempts >= ? RETURNING id",
+                (FAILED, f"{INTERRUPTED} ({why})", now, self.service, RUNNING, *args, max_attempts))
+            requeued = self._execute(f"UPDATE jobs SET state = ?, worker = '' WHERE service = ? AND state = ? {where} "
+                                     "RETURNING id", (QUEUED, self.service, RUNNING, *args))
         return [r["id"] for r in requeued], [r["id"] for r in failed]
 
     # -- claims and leases ------------------------------------------------------------------
@@ -234,17 +238,8 @@ class SqlJobStore(abc.ABC):
     def requeue_expired(self, max_attempts: int) -> tuple[list[str], list[str]]:
         """Running jobs whose lease ran out (their worker died) go back to the queue, or fail after
         `max_attempts` claims. Returns (requeued ids, failed ids)."""
-        now = time.time()
-        with self._lock:
-            failed = self._execute(
-                "UPDATE jobs SET state = ?, error = ?, finished = ?, worker = '' WHERE service = ? AND state = ? "
-                "AND lease_until < ? AND attempts >= ? RETURNING id",
-                (FAILED, f"{INTERRUPTED} (its worker was lost {max_attempts} times)", now, self.service, RUNNING,
-                 now, max_attempts))
-            requeued = self._execute(
-                "UPDATE jobs SET state = ?, worker = '' WHERE service = ? AND state = ? AND lease_until < ? "
-                "RETURNING id", (QUEUED, self.service, RUNNING, now))
-        return [r["id"] for r in requeued], [r["id"] for r in failed]
+        return self._requeue_running("AND lease_until < ?", (time.time(),), max_attempts,
+                                     f"its worker was lost {max_attempts} times")
 
     def release(self, job_id: str, worker: str) -> bool:
         """Give a running job back to the queue (its worker shuts down); False if not held."""
