@@ -1011,3 +1011,17 @@ def test_a_run_that_diverges_fails_and_keeps_its_last_good_epoch(tmp_path):
     assert "stemlab resume wild --set learning_rate=" in str(e.value)
     record = read_run(run_dir)
     assert record.get("epochs_completed", 0) == 0 and not (run_dir / "best.weights.h5").exists()
+
+
+def test_a_run_being_trained_is_not_resumed_beside_itself(tmp_path):
+    from services.common.errors import FailedPreconditionError
+    from services.common.jobs import RUNNING, JobStore
+    from services.training.jobs import TRAIN, require_idle_run
+
+    store = JobStore(tmp_path / "jobs.sqlite", service="training")
+    store.create("training-000000000001", TRAIN, {"run_id": "busy"})
+    store.update("training-000000000001", state=RUNNING)
+    with pytest.raises(FailedPreconditionError, match="run busy is being trained by training-000000000001"):
+        require_idle_run(store, "busy")
+    require_idle_run(store, "other")
+    store.close()

@@ -155,6 +155,16 @@ def validate_resume(data: DataRoot, params: dict) -> dict:
     return params
 
 
+def require_idle_run(store: JobStore, run_id: str) -> None:
+    """Refuse a resume of a run that a queued or running job already trains (it used to queue a
+    second job that then did nothing)."""
+    active, _ = store.list(states=(QUEUED, RUNNING), page_size=1000)
+    busy = [j.id for j in active if j.kind in TRAINING_KINDS and j.params.get("run_id") == run_id]
+    if busy:
+        raise FailedPreconditionError(f"run {run_id} is being trained by {busy[0]}; cancel it first "
+                                      f"(stemlab jobs cancel {busy[0]}) to resume with other settings")
+
+
 def validate_export(data: DataRoot, params: dict) -> dict:
     # No run: the exported models' networks alone, exported again (export.export_run).
     run_ids = [r for r in [params.get("run_id", ""), *(params.get("with_runs") or [])] if r]

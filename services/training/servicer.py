@@ -45,6 +45,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         params = {"run_id": request.run_id, "epochs": request.epochs, "patience": request.patience,
                   "overrides": parse_overrides(dict(request.overrides))}
         jobs.validate_resume(self.svc.data, params)
+        jobs.require_idle_run(self.svc.store, params["run_id"])
         return self.svc.submit(jobs.RESUME, params)
 
     @handle_errors
