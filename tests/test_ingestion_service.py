@@ -209,3 +209,17 @@ def test_ctrl_c_while_following_a_job_says_the_job_goes_on(service):
     jobs = run_cli("jobs", "get", job_id, "--json", env={"STEMLAB_INGESTION_ADDRESS": svc.address})
     assert json.loads(jobs.stdout)["state"] in ("RUNNING", "SUCCEEDED")
     run_cli("jobs", "cancel", job_id, env={"STEMLAB_INGESTION_ADDRESS": svc.address})
+
+
+def test_a_solo_import_keeps_a_short_last_piece_when_asked_with_zero(service):
+    # --min-piece-seconds 0 used to travel as "unset" and mean the default 30 s.
+    from tests.ingestion_data import tone, write
+
+    svc, root = service
+    env = {"STEMLAB_INGESTION_ADDRESS": svc.address}
+    write(root / "solo" / "Riff Take.wav", tone(70.0, 196, channels=1))
+    r = run_cli("dataset", "import", "solo", str(root / "solo" / "Riff Take.wav"), "--instrument", "guitar",
+                "--piece-seconds", "30", "--min-piece-seconds", "0", "--json", env=env)
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert json.loads(r.stdout.strip().splitlines()[-1])["result"]["added"] == [
+        "Riff_Take_001", "Riff_Take_002", "Riff_Take_003"]

@@ -92,3 +92,9 @@ def test_a_minimum_longer_than_a_piece_is_refused_before_the_job():
     with pytest.raises(InvalidArgumentError, match="nothing could be kept"):
         validate_import({"format": "solo", "path": "x.wav", "instrument": "guitar", "piece_seconds": 60,
                          "min_piece_seconds": 100})
+    # 0 is a value, not "the default": --min-piece-seconds 0 keeps every piece; --piece-seconds 0 is refused.
+    from services.ingestion.jobs import _piece_lengths
+
+    assert _piece_lengths({"min_piece_seconds": 0.0}) == (180.0, 0.0)
+    with pytest.raises(InvalidArgumentError, match="--piece-seconds must be above 0"):
+        validate_import({"format": "solo", "path": "x.wav", "instrument": "guitar", "piece_seconds": 0.0})

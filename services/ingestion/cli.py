@@ -68,8 +68,7 @@ def cmd_import(args) -> int:
     req = ingestion_pb2.ImportRequest(format=args.format, limit=args.limit or 0, copy=args.copy,
                                       instrument=args.instrument or "", root_map=args.root_map,
                                       source=args.source or "", title=args.title or "",
-                                      piece_seconds=args.piece_seconds or 0,
-                                      min_piece_seconds=args.min_piece_seconds or 0)
+                                      piece_seconds=args.piece_seconds, min_piece_seconds=args.min_piece_seconds)
     if args.format == "solo" and "://" in args.target:
         req.url = args.target
     else:

@@ -30,6 +30,13 @@ DEFAULT_PIECE_SECONDS = 180.0
 DEFAULT_MIN_PIECE_SECONDS = 30.0
 
 
+def _piece_lengths(params: dict) -> tuple[float, float]:
+    """(piece length, shortest piece kept) of a solo import: the defaults where not given."""
+    piece, shortest = params.get("piece_seconds"), params.get("min_piece_seconds")
+    return (float(DEFAULT_PIECE_SECONDS if piece is None else piece),
+            float(DEFAULT_MIN_PIECE_SECONDS if shortest is None else shortest))
+
+
 def validate_import(params: dict, allow_hosts=(), allow_ports=solo.egress.DEFAULT_PORTS) -> dict:
     """Check an import request before it becomes a job (bad requests fail at once)."""
     fmt = params.get("format", "")
@@ -47,8 +54,10 @@ def validate_import(params: dict, allow_hosts=(), allow_ports=solo.egress.DEFAUL
     if int(params.get("limit") or 0) < 0:
         raise InvalidArgumentError("limit must not be negative")
     if fmt == "solo":
-        piece = float(params.get("piece_seconds") or DEFAULT_PIECE_SECONDS)
-        shortest = float(params.get("min_piece_seconds") or DEFAULT_MIN_PIECE_SECONDS)
+        piece, shortest = _piece_lengths(params)
+        if piece <= 0 or shortest < 0:
+            raise InvalidArgumentError(f"--piece-seconds must be above 0 and --min-piece-seconds at least 0, "
+                                       f"got {piece:g} and {shortest:g}")
         if shortest > piece:
             raise InvalidArgumentError(f"the shortest piece kept ({shortest:g} s, --min-piece-seconds) is longer "
                                        f"than a piece ({piece:g} s, --piece-seconds): nothing could be kept")
@@ -91,8 +100,7 @@ class IngestionJobs:
             target = params.get("url") or str(self._path(params["path"]))
             report = solo.import_solo(
                 library, target, params["instrument"],
-                piece_seconds=float(params.get("piece_seconds") or DEFAULT_PIECE_SECONDS),
-                min_piece_seconds=float(params.get("min_piece_seconds") or DEFAULT_MIN_PIECE_SECONDS),
+                piece_seconds=_piece_lengths(params)[0], min_piece_seconds=_piece_lengths(params)[1],
                 title=params.get("title", ""), progress=progress, should_stop=should_stop,
                 allow_hosts=self.allow_hosts, allow_ports=self.allow_ports)
             return _imported(report)

@@ -50,7 +50,9 @@ class DatasetServicer(ingestion_pb2_grpc.DatasetServiceServicer):
     def StartImport(self, request, context):
         params = {"format": request.format, "path": request.path, "url": request.url,
                   "instrument": request.instrument, "limit": request.limit,
-                  "piece_seconds": request.piece_seconds, "min_piece_seconds": request.min_piece_seconds,
+                  # unset: the defaults; 0 is a value (--min-piece-seconds 0 keeps every piece)
+                  **{key: getattr(request, key) for key in ("piece_seconds", "min_piece_seconds")
+                     if request.HasField(key)},
                   "copy": request.copy, "root_map": list(request.root_map),
                   "search_root": request.search_root, "source": request.source, "title": request.title}
         validate_import(params, self.allow_hosts, self.allow_ports)
