@@ -21,6 +21,7 @@ from services.common.cliutil import (
     CliError,
     add_common_args,
     channel,
+    exit_on_terminate,
     follow_job,
     job_line,
     message_to_dict,
@@ -139,8 +140,18 @@ def _register_jobs(subparsers) -> None:
         p.set_defaults(func=func)
 
 
+def _installed_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("stemlab")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stemlab", description="stemlab: extract guitar or piano from a mix")
+    parser.add_argument("--version", action="version", version=f"stemlab {_installed_version()}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     groups: dict[str, argparse._SubParsersAction] = {}
     for module_name in CLIENT_MODULES:
@@ -158,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    exit_on_terminate()
     try:
         return int(args.func(args) or 0)
     except CliError as e:

@@ -293,3 +293,59 @@ def test_cli_separate_over_rest_reports_the_version_that_answered(server, tmp_pa
     via_rest = json.loads(capsys.readouterr().out)
     assert grpc_code == rest_code == 0
     assert via_rest["version"] == via_grpc["version"] is not None  # REST replies do not say; it used to be null
+
+
+def test_arrays_in_the_layouts_and_kinds_programs_hold_are_taken_or_refused(server):
+    song = band_limited_song(1.0, rate=22050)
+    as_float, _ = separate_array(song, 22050, "half", address=server.grpc_address)
+    # int16 PCM (soundfile's dtype="int16") is scaled, not sent at ±32767.
+    pcm = np.round(song * 32767).astype(np.int16)
+    as_pcm, _ = separate_array(pcm, 22050, "half", address=server.grpc_address)
+    np.testing.assert_allclose(as_pcm, as_float, atol=1e-4)
+    # soundfile.read's (samples, channels) used to come back as 22050 two-sample "channels".
+    with pytest.raises(ValueError, match=r"22050 channels of 2 samples; pass \(channels, samples\).*audio.T"):
+        separate_array(song.T, 22050, "half", address=server.grpc_address)
+    for bad, said in (({"rate": 0}, "rate must be a whole number"), ({"segment_seconds": float("inf")}, "between"),
+                      ({"segment_seconds": 0.0}, "between"), ({"overlap": 0.999}, "overlap must be between")):
+        with pytest.raises(ValueError, match=said):
+            separate_array(song, **{"rate": 22050, "model": "half", "address": server.grpc_address, **bad})
+    with pytest.raises(ValueError, match="float or integer PCM"):
+        separate_array(song > 0, 22050, "half", address=server.grpc_address)
+
+
+def test_cli_separate_says_what_is_wrong_with_its_arguments(server, tmp_path, capsys):
+    from services.serving import cli
+
+    sf.write(tmp_path / "song.wav", np.zeros((2205, 1), np.float32), 22050)
+    (tmp_path / "afile").write_text("x")
+    for extra, said in ((["--out", str(tmp_path / "afile")], "is a file, not a folder"),
+                        (["--segment-seconds", "inf"], "--segment-seconds must be between 0.1 and 600"),
+                        (["--overlap", "1"], "--overlap must be between 0 and 0.95")):
+        code = cli.main([str(tmp_path / "song.wav"), "--model", "identity", "--address", server.grpc_address,
+                         "--out", str(tmp_path / "out"), *extra])
+        assert code == 2 and said in capsys.readouterr().err, extra
+
+
+def test_a_separation_stopped_by_sigterm_leaves_no_half_written_file(server, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.servicetools import REPO
+
+    sf.write(tmp_path / "long.wav", band_limited_song(120.0, rate=22050, channels=1).T, 22050)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "services.serving.cli", str(tmp_path / "long.wav"), "--model",
+                             "identity", "--address", server.grpc_address, "--out", str(out), "--format", "mp3",
+                             "--segment-seconds", "0.1"], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while not list(out.glob(".*.partial")) and time.time() < deadline:
+        time.sleep(0.05)
+    assert list(out.glob(".*.partial")), "the separation did not start writing"
+    proc.send_signal(signal.SIGTERM)  # what kill, timeout and systemd send
+    proc.wait(timeout=60)
+    assert proc.returncode == 143
+    assert list(out.iterdir()) == []

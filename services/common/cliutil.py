@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -86,6 +87,15 @@ def rpc_error_message(e: grpc.RpcError, addr: str | None = None) -> str:
         return f"service unreachable{where}: is it running? (make up)"
     detail = e.details() if hasattr(e, "details") else str(e)
     return f"{code.name.lower() if code else 'error'}: {detail}"
+
+
+def exit_on_terminate() -> None:
+    """SIGTERM (kill, timeout, systemd) ends a command as Ctrl-C does: the stack unwinds, so the
+    files being written are discarded instead of left half-written (exit status 143)."""
+    def terminate(signum, frame):
+        raise SystemExit(128 + signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, terminate)
 
 
 def message_to_dict(msg: Any) -> dict:

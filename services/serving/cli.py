@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
-from services.common.cliutil import CliError
+from services.common.cliutil import CliError, exit_on_terminate
 
 FORMATS = ("wav", "flac", "mp3")
 
@@ -34,7 +35,8 @@ def add_separate_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="served model name, e.g. guitar or piano")
     parser.add_argument("--version", type=int, default=None, help="model version (default: the latest)")
     parser.add_argument("--out", metavar="DIR", default=None,
-                        help="output folder (default: separated/<model>/<song name>)")
+                        help="output folder (default: separated/<model>/<song name>); stems of the same names "
+                             "there are replaced")
     parser.add_argument("--format", action="append", choices=FORMATS, default=None,
                         help="output format; repeat for several (default wav)")
     parser.add_argument("--address", default=None,
@@ -42,8 +44,10 @@ def add_separate_parser(subparsers) -> argparse.ArgumentParser:
                              "$STEMLAB_SERVING_PORT or 8500; with --rest $STEMLAB_SERVING_REST_ADDRESS, else "
                              "$STEMLAB_SERVING_REST_PORT or 8501)")
     parser.add_argument("--rest", action="store_true", help="use the REST API instead of gRPC")
-    parser.add_argument("--segment-seconds", type=float, default=None, help="segment length sent to the model")
-    parser.add_argument("--overlap", type=float, default=None, help="share of a segment overlapping the next")
+    parser.add_argument("--segment-seconds", type=float, default=None,
+                        help="segment length sent to the model (0.1 to 600; default 10)")
+    parser.add_argument("--overlap", type=float, default=None,
+                        help="share of a segment overlapping the next (0 to 0.95; default 0.25)")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
     parser.set_defaults(func=cmd_separate)
     return parser
@@ -97,6 +101,19 @@ def bound_allocator() -> None:
     mallopt(m_arena_max, 2)
 
 
+def _check_out_dir(out_dir: Path) -> None:
+    """Say what is wrong with --out before the song is read (an OSError named a temporary file)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CliError(f"--out {out_dir} is a file, not a folder")
+    nearest = out_dir.absolute()
+    while not nearest.exists():  # made when the stems are written; nothing is made before
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        raise CliError(f"--out {out_dir}: {nearest} is a file, not a folder")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise CliError(f"cannot write into {nearest} (no permission, or a read-only file system)")
+
+
 def cmd_separate(args: argparse.Namespace) -> int:
     from services.common.audio import AudioError
     from services.serving import client
@@ -105,11 +122,18 @@ def cmd_separate(args: argparse.Namespace) -> int:
 
     song = Path(args.song)
     out_dir = Path(args.out) if args.out else Path("separated") / args.model / song.stem
+    _check_out_dir(out_dir)
     options = {}
     if args.segment_seconds is not None:
         options["segment_seconds"] = args.segment_seconds
     if args.overlap is not None:
         options["overlap"] = args.overlap
+    try:
+        client.check_segments(options.get("segment_seconds", client.DEFAULT_SEGMENT_SECONDS),
+                              options.get("overlap", client.DEFAULT_OVERLAP))
+    except ValueError as error:  # named as the flags are
+        raise CliError(str(error).replace("segment_seconds", "--segment-seconds").replace("overlap", "--overlap")) \
+            from None
     printer = _ProgressPrinter(quiet=args.json)
     try:
         result = client.separate_file(
@@ -134,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="stemlab")
     add_separate_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["separate", *(sys.argv[1:] if argv is None else argv)])
+    exit_on_terminate()
     try:
         return cmd_separate(args)
     except CliError as error:

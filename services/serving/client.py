@@ -30,11 +30,16 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from model.windows import triangle as segment_window  # the cross-fade model/separate.py uses too
-from services.common.audio import AudioError, DecodeLimits, StreamResampler
+from services.common.audio import MAX_CHANNELS, AudioError, DecodeLimits, StreamResampler
 from services.common.config import load_config
 
 DEFAULT_SEGMENT_SECONDS = 10.0
 DEFAULT_OVERLAP = 0.25
+# A segment the model sees: at least a few STFT frames, at most what one request of a many-channel
+# song can carry; the overlap leaves a hop of at least a twentieth of a segment.
+MIN_SEGMENT_SECONDS = 0.1
+MAX_SEGMENT_SECONDS = 600.0
+MAX_OVERLAP = 0.95
 DEFAULT_BATCH_SEGMENTS = 2
 # Requests sent before the first answer is awaited: the server computes one while the client
 # prepares the next and writes the last.
@@ -516,6 +521,28 @@ def separate_stream(
     return song_samples
 
 
+def check_segments(segment_seconds: float, overlap: float) -> None:
+    """Refuse segment settings that cannot work (or would send a song as millions of requests)."""
+    if not (np.isfinite(segment_seconds) and MIN_SEGMENT_SECONDS <= segment_seconds <= MAX_SEGMENT_SECONDS):
+        raise ValueError(f"segment_seconds must be between {MIN_SEGMENT_SECONDS:g} and {MAX_SEGMENT_SECONDS:g}, "
+                         f"got {segment_seconds}")
+    if not (np.isfinite(overlap) and 0 <= overlap <= MAX_OVERLAP):
+        raise ValueError(f"overlap must be between 0 and {MAX_OVERLAP:g}, got {overlap}")
+
+
+def _float_samples(audio) -> np.ndarray:
+    """float32 samples: integer PCM (a WAV read as int16) scaled to [-1, 1], other kinds refused."""
+    array = np.asarray(audio)
+    if array.dtype.kind == "f":
+        return array.astype(np.float32, copy=False)
+    if array.dtype.kind == "i":
+        return (array / float(-np.iinfo(array.dtype).min)).astype(np.float32)
+    if array.dtype.kind == "u":  # unsigned PCM (8-bit WAV) is centred on the middle of its range
+        middle = (np.iinfo(array.dtype).max + 1) / 2
+        return ((array - middle) / middle).astype(np.float32)
+    raise ValueError(f"audio must be float or integer PCM samples, got {array.dtype}")
+
+
 def separate_array(
     audio: np.ndarray,
     rate: int,
@@ -544,16 +571,22 @@ def separate_array(
     each, raising SeparationCancelled when it returns True. ``served_model`` reuses a connection.
     For a file, ``separate_file`` streams instead of holding the whole song.
     """
-    audio = np.asarray(audio, dtype=np.float32)
+    audio = _float_samples(audio)
     one_dimensional = audio.ndim == 1
     if one_dimensional:
         audio = audio[np.newaxis, :]
     if audio.ndim != 2 or audio.shape[0] == 0:
         raise ValueError(f"audio must have shape (channels, samples), got {audio.shape}")
-    if not 0 <= overlap < 1:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-    if segment_seconds <= 0 or batch_segments < 1:
-        raise ValueError("segment_seconds must be positive and batch_segments at least 1")
+    if audio.shape[0] > MAX_CHANNELS:
+        # soundfile.read gives (samples, channels): separated as thousands of 2-sample "channels",
+        # it returned nonsense without a word.
+        raise ValueError(f"audio has {audio.shape[0]} channels of {audio.shape[1]} samples; pass (channels, samples) "
+                         f"(for soundfile's (samples, channels) arrays, audio.T)")
+    check_segments(segment_seconds, overlap)
+    if batch_segments < 1:
+        raise ValueError(f"batch_segments must be at least 1, got {batch_segments}")
+    if not (np.isfinite(rate) and rate > 0 and float(rate).is_integer()):
+        raise ValueError(f"rate must be a whole number of Hz above 0, got {rate}")
     rate = int(rate)
     channels, samples = audio.shape
     instrument = np.empty_like(audio)
@@ -615,6 +648,7 @@ def separate_file(
     from services.common.audio import AudioReader
     from services.serving.audio_stream import StemWriter
 
+    check_segments(segment_seconds, overlap)
     formats = [str(fmt).lower().lstrip(".") for fmt in formats]
     unknown = [fmt for fmt in formats if fmt not in OUTPUT_FORMATS]
     if not formats or unknown:
