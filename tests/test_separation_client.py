@@ -349,3 +349,16 @@ def test_a_separation_stopped_by_sigterm_leaves_no_half_written_file(server, tmp
     proc.wait(timeout=60)
     assert proc.returncode == 143
     assert list(out.iterdir()) == []
+
+
+def test_a_96_khz_song_gets_its_mp3_stems_at_48_khz_and_the_others_at_its_own_rate(server, tmp_path):
+    # MP3 has no 96 kHz: the whole command used to fail, WAV included.
+    song = band_limited_song(2.0, rate=96000, channels=2)
+    sf.write(tmp_path / "hi.wav", song.T, 96000, subtype="PCM_24")
+    result = separate_file(tmp_path / "hi.wav", tmp_path / "out", "identity", address=server.grpc_address,
+                           formats=("wav", "mp3"))
+    wav, wav_rate = sf.read(result["paths"]["instrument"]["wav"])
+    mp3, mp3_rate = sf.read(result["paths"]["instrument"]["mp3"])
+    assert (wav_rate, mp3_rate) == (96000, 48000)
+    assert abs(len(mp3) / mp3_rate - 2.0) < 0.06  # the whole song, the encoder's padding aside
+    assert abs(np.sqrt(np.mean(mp3**2)) - np.sqrt(np.mean(wav**2))) < 0.01

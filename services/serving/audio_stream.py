@@ -55,12 +55,21 @@ class _Mp3Encoder:
             raise AudioError(self.final, f"ffmpeg could not encode MP3 ({audio_io._last_line(message, self.final)})")
 
 
+def mp3_rate(rate: int) -> int:
+    """`rate` where MP3 has it, else the highest MP3 rate below it (the lowest, below them all)."""
+    if rate in audio_io.MP3_RATES_HZ:
+        return rate
+    below = [r for r in audio_io.MP3_RATES_HZ if r < rate]
+    return max(below) if below else min(audio_io.MP3_RATES_HZ)
+
+
 class StemWriter:
     """instrument.<format> and rest.<format> in ``folder``, written block by block.
 
     ``write(instrument, mix)`` takes (channels, k) blocks at ``rate``; rest is ``mix - instrument``
     in float32, so a FLOAT WAV pair adds up to the mix bit for bit. WAV is FLOAT, FLAC 24-bit,
-    MP3 320 kbit/s (integer formats and MP3 clip to full scale). ``commit()`` renames every file
+    MP3 320 kbit/s at the song's rate or the nearest MP3 rate below it (integer formats and MP3
+    clip to full scale). ``commit()`` renames every file
     into place; leaving the block without it removes them all.
     """
 
@@ -71,18 +80,19 @@ class StemWriter:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.rate, self.channels = int(rate), int(channels)
+        # MP3 knows some rates only: a 96 kHz song's MP3 stems are written at 48 kHz (the WAV and
+        # FLAC ones keep the song's rate), resampled block by block as the rest is written.
+        self.mp3_rate = mp3_rate(self.rate)
+        self._mp3_resamplers = {stem: audio_io.StreamResampler(self.rate, self.mp3_rate, self.channels)
+                                for stem in stems}
         self.paths: dict[str, dict[str, Path]] = {stem: {} for stem in stems}
         self._files: list[tuple[str, str, Path, object]] = []  # (stem, format, temporary, handle)
         try:
             for stem in stems:
                 for fmt in formats:
                     final = self.folder / f"{stem}.{fmt}"
-                    if fmt == "mp3":
-                        if self.channels > 2:
-                            raise AudioError(final, f"MP3 holds 1 or 2 channels, got {self.channels}")
-                        if self.rate not in audio_io.MP3_RATES_HZ:
-                            raise AudioError(final, f"MP3 does not support {self.rate} Hz; "
-                                                    f"resample to one of {audio_io.MP3_RATES_HZ}")
+                    if fmt == "mp3" and self.channels > 2:
+                        raise AudioError(final, f"MP3 holds 1 or 2 channels, got {self.channels}")
                     temporary = self._temporary(final)
                     self._files.append((stem, fmt, temporary, self._open(fmt, temporary, final)))
                     self.paths[stem][fmt] = final
@@ -98,10 +108,10 @@ class StemWriter:
     def _open(self, fmt: str, temporary: Path, final: Path):
         if fmt == "mp3":
             if "MP3" in sf.available_formats():
-                return sf.SoundFile(str(temporary), "w", samplerate=self.rate, channels=self.channels,
+                return sf.SoundFile(str(temporary), "w", samplerate=self.mp3_rate, channels=self.channels,
                                     format="MP3", subtype="MPEG_LAYER_III", compression_level=0.0,
                                     bitrate_mode="CONSTANT")
-            return _Mp3Encoder(temporary, final, self.rate, self.channels)
+            return _Mp3Encoder(temporary, final, self.mp3_rate, self.channels)
         handle = sf.SoundFile(str(temporary), "w", samplerate=self.rate, channels=self.channels,
                               subtype=self.SUBTYPES[fmt], format=fmt.upper())
         if fmt == "wav":
@@ -122,13 +132,22 @@ class StemWriter:
                 if stem not in clipped:
                     clipped[stem] = np.clip(frames, -1.0, 1.0)
                 frames = clipped[stem]
-            try:
-                handle.write(np.ascontiguousarray(frames, dtype=np.float32))
-            except (sf.LibsndfileError, RuntimeError, OSError) as error:
-                raise AudioError(self.paths[stem][fmt], f"write failed: {error}") from error
+            if fmt == "mp3":
+                frames = self._mp3_resamplers[stem].push(frames.T).T
+            self._write(stem, fmt, handle, frames)
+
+    def _write(self, stem: str, fmt: str, handle, frames: np.ndarray) -> None:
+        try:
+            handle.write(np.ascontiguousarray(frames, dtype=np.float32))
+        except (sf.LibsndfileError, RuntimeError, OSError) as error:
+            raise AudioError(self.paths[stem][fmt], f"write failed: {error}") from error
 
     def commit(self) -> dict[str, dict[str, str]]:
         """Close every file and rename it into place; returns {stem: {format: path}}."""
+        for stem, fmt, _temporary, handle in self._files:
+            if fmt == "mp3" and self.mp3_rate != self.rate:  # what the resampler still holds
+                self._write(stem, fmt, handle, self._mp3_resamplers[stem].push(
+                    np.zeros((self.channels, 0), np.float32), last=True).T)
         for _stem, _fmt, _temporary, handle in self._files:
             handle.close()
         for stem, fmt, temporary, _handle in self._files:
