@@ -45,6 +45,11 @@ def make_library(data: Path):
     sf.write(folder / "S01.wav", song(5.0, rate=22050, channels=1)[0], 22050)
     sf.write(folder / "Keys.wav", 0.5 * song(5.0, rate=22050, channels=1, seed=2)[0], 22050)
     library.save(track)
+    second = Track(id="Second_Song", source="synthetic", title="Second Song", rate=22050, channels=1,
+                   duration_seconds=5.0, stems=[Stem("stems/G.wav", "guitar", "guitar")])
+    (library.track_dir(second.id) / "stems").mkdir(parents=True)
+    sf.write(library.track_dir(second.id) / "stems" / "G.wav", song(5.0, rate=22050, channels=1, seed=3)[0], 22050)
+    library.save(second)
     return library
 
 
@@ -230,3 +235,11 @@ def test_review_page_plays_parts_and_sets_marks_by_key(site, page):
     page.wait_for_function("!document.querySelector('button.confirm-class')")
     keys = next(s for s in site["library"].load("Review_Song").stems if s.file == "stems/Keys.wav")
     assert (keys.cls, keys.suggested) == ("piano", False)
+    # The open track is in the address: a reload (or a shared link) comes back to it.
+    page.keyboard.press("j")
+    page.wait_for_function("document.getElementById('review-title').textContent === 'Second Song'")
+    assert page.url.endswith("#Second_Song")
+    page.reload()
+    page.wait_for_function("document.getElementById('review-title').textContent === 'Second Song'")
+    page.evaluate("window.location.hash = '#Review_Song'")  # a link within the page
+    page.wait_for_function("document.getElementById('review-title').textContent === 'Review Song'")

@@ -106,6 +106,10 @@
         list.appendChild(item);
       });
       rows.forEach(function (r) { r.classList.toggle("open", r.dataset.track === track.id); });
+      // The open track in the address: a reload or a shared link comes back to it.
+      if (decodeURIComponent(window.location.hash.slice(1)) !== track.id) {
+        history.replaceState(null, "", "#" + encodeURIComponent(track.id));
+      }
       showClasses(track);
       showMarks(track);
       playPart(0, false);
@@ -150,7 +154,14 @@
     else return;
   });
 
-  const start = decodeURIComponent(window.location.hash.slice(1));
-  if (start && rows.some(function (r) { return r.dataset.track === start; })) open(start);
-  else if (rows.length) open(rows[0].dataset.track);
+  function openFromHash() {
+    const wanted = decodeURIComponent(window.location.hash.slice(1));
+    if (wanted && rows.some(function (r) { return r.dataset.track === wanted; })) {
+      if (!current || current.id !== wanted) open(wanted);
+      return true;
+    }
+    return false;
+  }
+  window.addEventListener("hashchange", openFromHash);  // a #track link on the page itself
+  if (!openFromHash() && rows.length) open(rows[0].dataset.track);
 })();
