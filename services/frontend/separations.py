@@ -365,15 +365,16 @@ class SeparationQueue:
         serving goes away under it, as a restart of the stack does."""
         from services.serving.client import ServingUnavailable
 
-        for attempt in range(SERVING_RETRIES + 1):
+        retries = 0
+        while True:
             self._wait_for_model(model, progress, should_stop)
             try:
                 return separate_song(song, folder, model, self.settings, progress, should_stop, start)
             except ServingUnavailable:
-                if attempt == SERVING_RETRIES or should_stop():
+                retries += 1
+                if retries > SERVING_RETRIES or should_stop():
                     raise
                 log.warning("serving went away during a separation; starting it again when serving is back")
-        raise AssertionError("unreachable")
 
     def _wait_for_model(self, model: str, progress: Progress, should_stop: Callable[[], bool]) -> None:
         """Wait (up to `serving_wait_seconds`) while serving starts or loads the model: after a

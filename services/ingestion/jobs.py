@@ -98,9 +98,9 @@ class IngestionJobs:
         link = not params.get("copy", False)
         if fmt == "solo":
             target = params.get("url") or str(self._path(params["path"]))
+            piece, shortest = _piece_lengths(params)
             report = solo.import_solo(
-                library, target, params["instrument"],
-                piece_seconds=_piece_lengths(params)[0], min_piece_seconds=_piece_lengths(params)[1],
+                library, target, params["instrument"], piece_seconds=piece, min_piece_seconds=shortest,
                 title=params.get("title", ""), progress=progress, should_stop=should_stop,
                 allow_hosts=self.allow_hosts, allow_ports=self.allow_ports)
             return _imported(report)

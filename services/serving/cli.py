@@ -130,10 +130,9 @@ def cmd_separate(args: argparse.Namespace) -> int:
         options["overlap"] = args.overlap
     try:
         client.check_segments(options.get("segment_seconds", client.DEFAULT_SEGMENT_SECONDS),
-                              options.get("overlap", client.DEFAULT_OVERLAP))
-    except ValueError as error:  # named as the flags are
-        raise CliError(str(error).replace("segment_seconds", "--segment-seconds").replace("overlap", "--overlap")) \
-            from None
+                              options.get("overlap", client.DEFAULT_OVERLAP), names=("--segment-seconds", "--overlap"))
+    except ValueError as error:
+        raise CliError(str(error)) from None
     printer = _ProgressPrinter(quiet=args.json)
     try:
         result = client.separate_file(

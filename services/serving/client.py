@@ -521,13 +521,15 @@ def separate_stream(
     return song_samples
 
 
-def check_segments(segment_seconds: float, overlap: float) -> None:
-    """Refuse segment settings that cannot work (or would send a song as millions of requests)."""
+def check_segments(segment_seconds: float, overlap: float,
+                   names: tuple[str, str] = ("segment_seconds", "overlap")) -> None:
+    """Refuse segment settings that cannot work (or would send a song as millions of requests);
+    `names`: what the caller calls the two (the CLI's flags)."""
     if not (np.isfinite(segment_seconds) and MIN_SEGMENT_SECONDS <= segment_seconds <= MAX_SEGMENT_SECONDS):
-        raise ValueError(f"segment_seconds must be between {MIN_SEGMENT_SECONDS:g} and {MAX_SEGMENT_SECONDS:g}, "
+        raise ValueError(f"{names[0]} must be between {MIN_SEGMENT_SECONDS:g} and {MAX_SEGMENT_SECONDS:g}, "
                          f"got {segment_seconds}")
     if not (np.isfinite(overlap) and 0 <= overlap <= MAX_OVERLAP):
-        raise ValueError(f"overlap must be between 0 and {MAX_OVERLAP:g}, got {overlap}")
+        raise ValueError(f"{names[1]} must be between 0 and {MAX_OVERLAP:g}, got {overlap}")
 
 
 def _float_samples(audio) -> np.ndarray:
