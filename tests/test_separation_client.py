@@ -362,3 +362,14 @@ def test_a_96_khz_song_gets_its_mp3_stems_at_48_khz_and_the_others_at_its_own_ra
     assert (wav_rate, mp3_rate) == (96000, 48000)
     assert abs(len(mp3) / mp3_rate - 2.0) < 0.06  # the whole song, the encoder's padding aside
     assert abs(np.sqrt(np.mean(mp3**2)) - np.sqrt(np.mean(wav**2))) < 0.01
+
+
+def test_a_call_the_server_cancels_while_stopping_counts_as_serving_gone_away(server):
+    # A server stopping mid-request answers CANCELLED, not UNAVAILABLE: the web's separation then
+    # failed instead of starting again once serving was back.
+    from services.serving.client import ServedModel, ServingUnavailable
+
+    with ServedModel("identity", server.grpc_address) as served:
+        assert isinstance(served._error("CANCELLED", "server shutting down"), ServingUnavailable)
+        assert isinstance(served._error("UNAVAILABLE", "connection refused"), ServingUnavailable)
+        assert not isinstance(served._error("INVALID_ARGUMENT", "bad shape"), ServingUnavailable)

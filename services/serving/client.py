@@ -227,6 +227,10 @@ class ServedModel:
     def _error(self, code: str, details: str) -> ServingError:
         if code == "UNAVAILABLE":
             return ServingUnavailable(f"serving is not reachable at {self.address} ({self.protocol}): {details}")
+        if code == "CANCELLED":
+            # This client never cancels a call: the server did, stopping while it answered
+            # (a restart of the stack); like UNAVAILABLE, trying again later may work.
+            return ServingUnavailable(f"serving at {self.address} stopped while it answered: {details}")
         if code == "NOT_FOUND":
             version = f" version {self.version}" if self.version is not None else ""
             return ServingError(f"model '{self.model}'{version} is not served at {self.address}: {details}")
